@@ -1,0 +1,54 @@
+"""Checkpoints: one .npz of plain arrays plus a JSON header, written atomically (temp file + rename)."""
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or does not fit what was asked for (one-line message)."""
+
+
+def save(path, meta, arrays):
+    """Write meta (JSON-able dict) and arrays (name → ndarray) to path; a crash leaves the old file intact."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".checkpoint-", suffix=".tmp")
+    os.chmod(tmp, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __meta__=np.array(json.dumps(dict(meta, version=VERSION))), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path):
+    """(meta, arrays) from path, or CheckpointError saying what is wrong."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable dpm checkpoint ({type(e).__name__})") from None
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {meta.get('version')}, expected {VERSION}")
+    for a in arrays.values():
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise CheckpointError(f"{path} holds non-finite values")
+    return meta, arrays
+
+
+def path_in(run):
+    """A run directory names its checkpoint; a file path is taken as it is."""
+    return os.path.join(run, "checkpoint.npz") if os.path.isdir(run) or not run.endswith(".npz") else run

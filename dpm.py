@@ -1,0 +1,196 @@
+"""Gaussian diffusion of Sohl-Dickstein et al. (ICML 2015), one function per equation, in NumPy float64.
+
+Indexing follows the paper: t = 1..T, x⁽⁰⁾ is data. Schedule arrays have length T + 1 and are read as
+beta[t], alpha_bar[t]; index 0 holds beta[0] = 0, alpha_bar[0] = 1. D is the data dimension.
+All log quantities are in nats; bits appear only where reported (divide by ln 2).
+"""
+import math
+
+import numpy as np
+
+LN2 = math.log(2.0)
+
+
+def logit(p):
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+# ---------------------------------------------------------------- schedule (§2.4.1, code §5.2–5.3)
+
+def temporal_basis(T, J):
+    """The code's J normalised Gaussian bumps over t (paper Eq. 63, code generate_temporal_basis).
+
+    Returns (J, T + 1); column t holds the weights of the bumps at step t and sums to 1.
+    """
+    xx = np.linspace(-1.0, 1.0, T)
+    c = np.linspace(-1.0, 1.0, J)
+    width = (c[1] - c[0]) / 2.0 if J > 1 else 1.0
+    k = np.exp(-((xx[None, :] - c[:, None]) ** 2) / (2.0 * width**2))
+    out = np.zeros((J, T + 1))
+    out[:, 1:] = k / k.sum(0)
+    return out
+
+
+def baseline_beta(T, beta1, beta_T):
+    """The fixed part of the schedule: geometric from beta1 to beta_T over t = 1..T."""
+    beta = np.zeros(T + 1)
+    beta[1:] = np.geomspace(beta1, beta_T, T)
+    return beta
+
+
+def beta_schedule(c, basis, base):
+    """§2.4.1: β₁ fixed; β_t = sigmoid(logit(base_t) + Σ_j c_j basis_jt) for t = 2..T (learned via c)."""
+    beta = base.copy()
+    beta[2:] = sigmoid(logit(base[2:]) + c @ basis[:, 2:])
+    return beta
+
+
+def alpha_bar(beta):
+    """ᾱ_t = Π_{s≤t} (1 − β_s), with ᾱ₀ = 1 (the closed form of §3.5 / Table App.1)."""
+    return np.cumprod(1.0 - beta)
+
+
+# ---------------------------------------------------------------- forward process (Eqs. 2–3)
+
+def q_step(x_prev, beta_t, eps):
+    """One forward step, Eq. 2 with Table App.1's Gaussian kernel: N(x⁽ᵗ⁾; x⁽ᵗ⁻¹⁾√(1−β_t), β_t I)."""
+    return np.sqrt(1.0 - beta_t) * x_prev + np.sqrt(beta_t) * eps
+
+
+def q_sample(x0, ab_t, eps):
+    """q(x⁽ᵗ⁾|x⁽⁰⁾) = N(√ᾱ_t x⁽⁰⁾, (1 − ᾱ_t) I), drawn with frozen noise eps (§2.4.1)."""
+    return np.sqrt(ab_t) * x0 + np.sqrt(1.0 - ab_t) * eps
+
+
+def q_posterior(x0, xt, beta_t, ab_t, ab_prev):
+    """q(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾, x⁽⁰⁾) = N(mu_tilde, beta_tilde I), the posterior inside Eq. 14's KL (App. B.3).
+
+    mu_tilde = √ᾱ_{t−1} β_t/(1−ᾱ_t) x⁽⁰⁾ + √(1−β_t)(1−ᾱ_{t−1})/(1−ᾱ_t) x⁽ᵗ⁾,
+    beta_tilde = β_t (1−ᾱ_{t−1})/(1−ᾱ_t).
+    """
+    c0 = np.sqrt(ab_prev) * beta_t / (1.0 - ab_t)
+    c1 = np.sqrt(1.0 - beta_t) * (1.0 - ab_prev) / (1.0 - ab_t)
+    return c0 * x0 + c1 * xt, beta_t * (1.0 - ab_prev) / (1.0 - ab_t)
+
+
+# ---------------------------------------------------------------- reverse process (Eq. 5, code §5.1)
+
+def reverse_mu_sigma(xt, a, b, beta_t, T):
+    """p(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾) = N(mu, diag sigma²) as a perturbation of the forward step (code get_mu_sigma):
+
+    mu = x⁽ᵗ⁾√(1−β_t) + a√β_t,   sigma² = Σ = sigmoid(b/√T + logit β_t).
+    With a = b = 0 the reverse kernel is the forward kernel read backwards.
+    """
+    mu = np.sqrt(1.0 - beta_t) * xt + np.sqrt(beta_t) * a
+    Sigma = sigmoid(b / math.sqrt(T) + logit(beta_t))
+    return mu, Sigma
+
+
+# ---------------------------------------------------------------- KL and entropies (Eq. 14, App. B)
+
+def gaussian_kl(mu_q, var_q, mu_p, var_p):
+    """D_KL(N(mu_q, var_q) ‖ N(mu_p, var_p)) per dimension, diagonal covariances, nats (Eq. 14's KL)."""
+    return 0.5 * (np.log(var_p) - np.log(var_q) + (var_q + (mu_q - mu_p) ** 2) / var_p - 1.0)
+
+
+def gaussian_entropy(var, D):
+    """H of N(·, var I_D) in nats: D/2 (1 + log 2π) + D/2 log var (H_q(X⁽¹⁾|X⁽⁰⁾), H_q(X⁽ᵀ⁾|X⁽⁰⁾), H_p(X⁽ᵀ⁾))."""
+    return 0.5 * D * (1.0 + math.log(2.0 * math.pi)) + 0.5 * D * np.log(var)
+
+
+def prior_and_edge_terms(x0, beta1, ab_T):
+    """Everything in K(x⁽⁰⁾) except the KL sum, exactly, per data point (nats), as K − L_null.
+
+    Eq. 14 has H_q(X⁽ᵀ⁾|X⁽⁰⁾) − H_q(X⁽¹⁾|X⁽⁰⁾) − H_p(X⁽ᵀ⁾). Its −H_p(X⁽ᵀ⁾) (App. B.1) and the dropped t = 1 term
+    (App. B.2) rely on unit-variance data; here both are kept exact for each x⁽⁰⁾:
+      E[log π(x⁽ᵀ⁾)|x⁽⁰⁾] = −D/2 log 2π − (ᾱ_T‖x⁽⁰⁾‖² + D(1 − ᾱ_T))/2,
+      E[log π(x⁽⁰⁾) − log π(x⁽¹⁾) | x⁽⁰⁾] = β₁(D − ‖x⁽⁰⁾‖²)/2.
+    Minus L_null = log π(x⁽⁰⁾) this is D/2 log((1 − ᾱ_T)/β₁) − (1 − ᾱ_T − β₁)(D − ‖x⁽⁰⁾‖²)/2.
+    """
+    D = x0.shape[-1]
+    r2 = np.sum(x0 * x0, axis=-1)
+    return 0.5 * D * math.log((1.0 - ab_T) / beta1) - 0.5 * (1.0 - ab_T - beta1) * (D - r2)
+
+
+def log_null(x0):
+    """L_null per point: log π(x⁽⁰⁾) with π = N(0, I) (Table 1 caption), nats."""
+    D = x0.shape[-1]
+    return -0.5 * D * math.log(2.0 * math.pi) - 0.5 * np.sum(x0 * x0, axis=-1)
+
+
+# ---------------------------------------------------------------- one minibatch of −K and its gradients
+
+def kl_terms(x0, xt, t, beta, ab, a, b, T):
+    """Per-sample KL_t of Eq. 14 (summed over dimensions), x⁽ᵗ⁾ drawn from q(x⁽ᵗ⁾|x⁽⁰⁾).
+
+    a, b are the network outputs at x⁽ᵗ⁾. Returns (KL (n,), everything the backward pass needs).
+    """
+    bt, abt, abp = beta[t][:, None], ab[t][:, None], ab[t - 1][:, None]
+    mu, Sigma = reverse_mu_sigma(xt, a, b, bt, T)
+    mu_t, beta_t = q_posterior(x0, xt, bt, abt, abp)
+    kl = gaussian_kl(mu_t, beta_t, mu, Sigma).sum(1)
+    return kl, (x0, xt, a, mu, Sigma, mu_t, beta_t, bt, abt, abp)
+
+
+def kl_backward(g_kl, cache, T):
+    """Hand-written backward of kl_terms: g_kl = ∂L/∂KL per sample.
+
+    Returns ∂L/∂a, ∂L/∂b, ∂L/∂x⁽ᵗ⁾ (direct part, not through the network), and per-sample
+    ∂L/∂β_t, ∂L/∂ᾱ_t, ∂L/∂ᾱ_{t−1} (frozen noise: x⁽ᵗ⁾ moves with ᾱ_t).
+    """
+    x0, xt, a, mu, Sigma, mu_t, beta_t, bt, abt, abp = cache
+    w = g_kl[:, None]
+    diff = mu_t - mu
+    g_Sigma = w * 0.5 * (1.0 / Sigma - (beta_t + diff**2) / Sigma**2)
+    g_betat = np.sum(w * 0.5 * (1.0 / Sigma - 1.0 / beta_t), 1, keepdims=True)
+    g_mut = w * diff / Sigma
+    g_mu = -g_mut
+    g_z = g_Sigma * Sigma * (1.0 - Sigma)           # Sigma = sigmoid(z), z = b/√T + logit β_t
+    g_b = g_z / math.sqrt(T)
+    sa, sb = np.sqrt(1.0 - bt), np.sqrt(bt)
+    g_a = g_mu * sb
+    one_m = 1.0 - abt
+    c1 = sa * (1.0 - abp) / one_m
+    g_xt = g_mu * sa + g_mut * c1
+    # scalars of the schedule, per sample
+    g_sa = np.sum(g_mu * xt, 1, keepdims=True)
+    g_sb = np.sum(g_mu * a, 1, keepdims=True)
+    g_c0 = np.sum(g_mut * x0, 1, keepdims=True)
+    g_c1 = np.sum(g_mut * xt, 1, keepdims=True)
+    g_logit = np.sum(g_z, 1, keepdims=True)
+    sqp = np.sqrt(abp)
+    g_bt = (g_logit / (bt * (1.0 - bt)) - g_sa * 0.5 / sa + g_sb * 0.5 / sb
+            + g_c0 * sqp / one_m - g_c1 * 0.5 / sa * (1.0 - abp) / one_m
+            + g_betat * (1.0 - abp) / one_m)
+    g_abp = (g_c0 * bt / (2.0 * sqp * one_m) - g_c1 * sa / one_m - g_betat * bt / one_m)
+    g_abt_direct = (g_c0 * sqp * bt / one_m**2 + g_c1 * sa * (1.0 - abp) / one_m**2
+                    + g_betat * bt * (1.0 - abp) / one_m**2)
+    return g_a, g_b, g_xt, g_bt[:, 0], g_abt_direct[:, 0], g_abp[:, 0]
+
+
+def d_xt_d_ab(x0, eps, abt):
+    """∂x⁽ᵗ⁾/∂ᾱ_t of q_sample with frozen noise."""
+    return x0 * (0.5 / np.sqrt(abt)) - eps * (0.5 / np.sqrt(1.0 - abt))
+
+
+def schedule_backward(g_beta, g_ab, beta, c_basis, base):
+    """Chain ∂L/∂β_t and ∂L/∂ᾱ_t (arrays over t = 0..T) back to the schedule coefficients c.
+
+    ᾱ_t = Π_{s≤t}(1 − β_s) gives ∂ᾱ_t/∂β_s = −ᾱ_t/(1 − β_s) for s ≤ t; β_t = sigmoid(logit base_t + c·basis_t).
+    """
+    ab = alpha_bar(beta)
+    rev = np.cumsum((g_ab * ab)[::-1])[::-1]          # Σ_{t≥s} g_ab[t] ᾱ_t
+    g_total = g_beta - rev / (1.0 - beta)
+    g_u = g_total[2:] * beta[2:] * (1.0 - beta[2:])
+    return c_basis[:, 2:] @ g_u
+
+
+# ---------------------------------------------------------------- sampling (Eq. 5, App. B.2)
+
+def p_step_fixed_first(x1, beta1, eps):
+    """The fixed last reverse step p(x⁽⁰⁾|x⁽¹⁾) = N(√(1−β₁) x⁽¹⁾, β₁ I), Eq. 44."""
+    return q_step(x1, beta1, eps)

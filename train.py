@@ -1,0 +1,253 @@
+"""Train the Gaussian diffusion model of Sohl-Dickstein et al. (2015) and report the bound K in bits.
+
+    python train.py --data swissroll
+
+Writes <out>/checkpoint.npz (atomically, at every evaluation, on Ctrl-C and at the end) and
+<out>/metrics.json. --steps is the run's total: --resume continues the run in --out up to it.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+import ckpt
+import data
+import dpm
+import mlp
+import model
+
+N_TRAIN = 200_000
+N_HELDOUT = 20_000
+HELDOUT_SEED = [0, 1]       # independent of every training seed [seed, 0]
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):              # one line, exit 2, instead of usage + message
+        raise UsageError(message)
+
+
+def positive(kind):
+    def check(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return v
+    return check
+
+
+def parse(argv):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="swissroll", help="dataset: " + ", ".join(data.DATASETS))
+    p.add_argument("--steps", type=positive(int), default=60_000, help="total training steps of the run")
+    p.add_argument("--batch-size", type=positive(int), default=512)
+    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam's initial learning rate")
+    p.add_argument("--lr-decay-steps", type=positive(int), default=20_000,
+                   help="the learning rate falls tenfold every this many steps (floor lr/1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", type=float, default=0.02, help="Swiss roll noise σ, before standardising")
+    p.add_argument("--T", type=positive(int), default=model.DEFAULTS["T"], help="diffusion steps")
+    p.add_argument("--beta1", type=positive(float), default=model.DEFAULTS["beta1"],
+                   help="the fixed first-step variance β₁ (§2.4.1)")
+    p.add_argument("--hidden", type=positive(int), default=model.DEFAULTS["H"], help="hidden units per layer")
+    p.add_argument("--out", default=None, help="run directory (default runs/<data>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
+    p.add_argument("--eval-every", type=positive(int), default=5000)
+    args = p.parse_args(argv)
+    if args.data not in data.DATASETS:
+        raise UsageError(f"unknown --data {args.data!r} (known: {', '.join(data.DATASETS)})")
+    if not (0 <= args.noise < 1):
+        raise UsageError(f"--noise must be in [0, 1), got {args.noise}")
+    if not args.beta1 < 1:
+        raise UsageError(f"--beta1 must be in (0, 1), got {args.beta1}")
+    if args.T < 3:
+        raise UsageError(f"--T must be at least 3, got {args.T}")
+    args.out = args.out or os.path.join("runs", args.data)
+    return args
+
+
+def learning_rate(args, step):
+    """Step-indexed (never dependent on --steps), so a resumed run retraces an uninterrupted one."""
+    return args.lr * max(1e-3, 0.1 ** (step / args.lr_decay_steps))
+
+
+class Run:
+    """Everything a training run carries from step to step, and its checkpoint form."""
+
+    def __init__(self, args):
+        self.args = args
+        self.cfg = dict(model.DEFAULTS, T=args.T, beta1=args.beta1, H=args.hidden)
+        self.k = model.Consts(self.cfg)
+        self.rng = np.random.default_rng([args.seed, 0])
+        self.params = model.init(self.cfg, self.rng)
+        self.opt = mlp.Adam(self.params)
+        self.step = 0
+        self.wall = 0.0
+
+    def meta(self):
+        a = self.args
+        return {"data": a.data, "noise": a.noise, "seed": a.seed, "cfg": self.cfg, "step": self.step,
+                "wall_seconds": self.wall, "adam_n": self.opt.n, "rng": self.rng.bit_generator.state,
+                "lr": a.lr, "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size}
+
+    def save(self, path):
+        arrays = {f"p/{k}": v for k, v in self.params.items()}
+        arrays.update({f"m/{k}": v for k, v in self.opt.m.items()})
+        arrays.update({f"v/{k}": v for k, v in self.opt.v.items()})
+        ckpt.save(path, self.meta(), arrays)
+
+    def restore(self, path):
+        meta, arrays = ckpt.load(path)
+        a = self.args
+        want = {"data": a.data, "noise": a.noise, "seed": a.seed, "cfg": self.cfg, "lr": a.lr,
+                "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size}
+        for key, value in want.items():
+            if meta.get(key) != value:
+                raise ckpt.CheckpointError(
+                    f"{path} was trained with {key}={meta.get(key)!r}, not {value!r}; resume with the same flags")
+        try:
+            for name in self.params:
+                for store, prefix in ((self.params, "p"), (self.opt.m, "m"), (self.opt.v, "v")):
+                    arr = arrays[f"{prefix}/{name}"]
+                    if arr.shape != store[name].shape:
+                        raise ckpt.CheckpointError(f"{path}: {prefix}/{name} has shape {arr.shape}")
+                    store[name] = arr.astype(np.float64)
+            self.rng.bit_generator.state = meta["rng"]
+            self.step, self.wall, self.opt.n = int(meta["step"]), float(meta["wall_seconds"]), int(meta["adam_n"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{path} is missing or has a malformed entry ({e})") from None
+        self.opt.m, self.opt.v = {k: self.opt.m[k] for k in self.params}, {k: self.opt.v[k] for k in self.params}
+
+
+def train_step(run, x_train):
+    """One minibatch: draw x⁽⁰⁾, t and frozen noise, then Adam on −(K − L_null). Returns the loss (nats)."""
+    a, rng = run.args, run.rng
+    x0 = x_train[rng.integers(0, len(x_train), a.batch_size)]
+    t = rng.integers(2, run.cfg["T"] + 1, a.batch_size)
+    eps = rng.standard_normal(x0.shape)
+    loss, grads = model.loss_and_grads(run.params, run.k, x0, eps, t)
+    if not (math.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())):
+        raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}")
+    run.opt.step(run.params, grads, learning_rate(a, run.step))
+    run.step += 1
+    return loss
+
+
+def report(run, x_heldout, n_draws):
+    """Held-out K − L_null in bits per point (full sum over t) and its standard error."""
+    rng = np.random.default_rng([run.args.seed, 2, run.step])
+    per_point, kl_t = model.evaluate(run.params, run.k, x_heldout, rng, n_draws)
+    return model.bits(per_point), model.bits(kl_t)
+
+
+class Progress:
+    """One line that rewrites itself on a terminal, plain lines otherwise."""
+
+    def __init__(self, total):
+        self.tty = sys.stdout.isatty()
+        self.total = total
+        self.every = 200 if self.tty else max(1, total // 20)
+
+    def show(self, step, rate, k_est):
+        if step % self.every and step != self.total:
+            return
+        eta = (self.total - step) / max(rate, 1e-9)
+        line = (f"step {step}/{self.total}  {rate:7.1f} steps/s  batch K-L_null ≈ {k_est:6.3f} bits"
+                f"  ETA {eta:5.0f}s")
+        print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def say(self, line):
+        print(("\r" if self.tty else "") + line + (" " * 20 if self.tty else ""), flush=True)
+
+
+def finish(run, x_heldout):
+    a = run.args
+    kmn, kl_t = report(run, x_heldout, n_draws=4)
+    l_null = model.bits(dpm.log_null(x_heldout))
+    K = kmn + l_null
+    beta, ab = run.k.schedule(run.params)
+    se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v)))
+    samples, _ = model.sample(run.params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
+    m = {
+        "data": a.data, "T": run.cfg["T"], "steps": run.step, "wall_seconds": round(run.wall, 2),
+        "K_bits": float(K.mean()), "K_stderr_bits": se(K),
+        "L_null_bits": float(l_null.mean()),
+        "K_minus_L_null_bits": float(kmn.mean()), "K_minus_L_null_stderr_bits": se(kmn),
+        "limit_bits": data.limit_bits(a.noise), "ceiling_bits": data.ceiling_bits(run.cfg["beta1"], a.noise),
+        "heldout_logdensity_bits": float(model.bits(data.log_density(x_heldout, a.noise)).mean()),
+        "sample_logdensity_bits": float(model.bits(data.log_density(samples, a.noise)).mean()),
+        "kl_per_t_bits": kl_t.tolist(), "beta": beta.tolist(), "alpha_bar_T": float(ab[-1]),
+        "beta1": run.cfg["beta1"], "noise": a.noise, "seed": a.seed, "heldout_points": len(x_heldout),
+        "noise_draws": 4,
+    }
+    with open(os.path.join(a.out, "metrics.json"), "w") as f:
+        json.dump(m, f, indent=1)
+    print(f"done: {a.data} T={m['T']} steps={m['steps']} in {m['wall_seconds']:.0f}s  "
+          f"K = {m['K_bits']:.3f} ± {m['K_stderr_bits']:.3f} bits  "
+          f"K-L_null = {m['K_minus_L_null_bits']:.3f} ± {m['K_minus_L_null_stderr_bits']:.3f}  "
+          f"(limit {m['limit_bits'] - m['L_null_bits']:.3f}, ceiling {m['ceiling_bits'] - m['L_null_bits']:.3f})  "
+          f"alpha_bar_T = {m['alpha_bar_T']:.3f}  -> {os.path.join(a.out, 'metrics.json')}")
+    return m
+
+
+def main(argv=None):
+    args = parse(argv)
+    path = os.path.join(args.out, "checkpoint.npz")
+    run = Run(args)
+    if args.resume:
+        run.restore(path)
+    elif os.path.exists(path):
+        raise UsageError(f"{path} exists: pass --resume to continue it, or another --out")
+    x_train = data.load(args.data, N_TRAIN, [args.seed, 0], args.noise)
+    x_heldout = data.load(args.data, N_HELDOUT, HELDOUT_SEED, args.noise)
+    x_quick = x_heldout[:4000]
+    prog = Progress(args.steps)
+    prog.say(f"{args.data}: T={run.cfg['T']} beta1={run.cfg['beta1']:g} batch={args.batch_size} "
+             f"from step {run.step} to {args.steps}; checkpoints in {path}")
+    t_prev, s_last, w_last, ema = time.perf_counter(), run.step, run.wall, None
+    try:
+        while run.step < args.steps:
+            loss = train_step(run, x_train)
+            ema = loss if ema is None else 0.99 * ema + 0.01 * loss
+            if run.step % prog.every == 0 or run.step == args.steps:
+                now = time.perf_counter()
+                run.wall, t_prev = run.wall + now - t_prev, now
+                rate = (run.step - s_last) / max(run.wall - w_last, 1e-9)
+                s_last, w_last = run.step, run.wall
+                prog.show(run.step, rate, -model.bits(ema))
+            if run.step % args.eval_every == 0 and run.step < args.steps:
+                kmn, _ = report(run, x_quick, 1)
+                prog.say(f"eval step {run.step}: held-out K-L_null = {kmn.mean():.3f} ± "
+                         f"{kmn.std() / math.sqrt(len(kmn)):.3f} bits (4000 points, 1 draw)")
+                run.save(path)
+    except KeyboardInterrupt:
+        run.wall += time.perf_counter() - t_prev
+        run.save(path)
+        prog.say(f"interrupted at step {run.step}: checkpoint saved to {path}; continue with --resume")
+        return 130
+    except FloatingPointError as e:
+        prog.say("")
+        print(f"train.py: diverged: {e}; the last good checkpoint is kept in {path}", file=sys.stderr)
+        return 3
+    run.wall += time.perf_counter() - t_prev
+    run.save(path)
+    finish(run, x_heldout)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (UsageError, ckpt.CheckpointError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
