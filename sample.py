@@ -131,8 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (train.UsageError, ckpt.CheckpointError, OSError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(train.cli(main, "sample.py"))

@@ -49,10 +49,10 @@ def positive(kind):
 def parse(argv):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="swissroll", help="dataset: " + ", ".join(data.DATASETS))
-    p.add_argument("--steps", type=positive(int), default=60_000, help="total training steps of the run")
+    p.add_argument("--steps", type=positive(int), default=100_000, help="total training steps of the run")
     p.add_argument("--batch-size", type=positive(int), default=512)
     p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam's initial learning rate")
-    p.add_argument("--lr-decay-steps", type=positive(int), default=20_000,
+    p.add_argument("--lr-decay-steps", type=positive(int), default=40_000,
                    help="the learning rate falls tenfold every this many steps (floor lr/1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=0.02, help="Swiss roll noise σ, before standardising")
@@ -63,8 +63,10 @@ def parse(argv):
     p.add_argument("--out", default=None, help="run directory (default runs/<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
     p.add_argument("--eval-every", type=positive(int), default=5000)
+    p.add_argument("--heldout", type=positive(int), default=N_HELDOUT, help="held-out points for the final K")
+    p.add_argument("--draws", type=positive(int), default=4, help="forward-noise draws per held-out point")
     args = p.parse_args(argv)
-    if args.data not in data.DATASETS:
+    if args.data not in data.DATASETS:  # argparse choices= would print the usage block too
         raise UsageError(f"unknown --data {args.data!r} (known: {', '.join(data.DATASETS)})")
     if not (0 <= args.noise < 1):
         raise UsageError(f"--noise must be in [0, 1), got {args.noise}")
@@ -172,7 +174,7 @@ class Progress:
 
 def finish(run, x_heldout):
     a = run.args
-    kmn, kl_t = report(run, x_heldout, n_draws=4)
+    kmn, kl_t = report(run, x_heldout, n_draws=a.draws)
     l_null = model.bits(dpm.log_null(x_heldout))
     K = kmn + l_null
     beta, ab = run.k.schedule(run.params)
@@ -188,7 +190,7 @@ def finish(run, x_heldout):
         "sample_logdensity_bits": float(model.bits(data.log_density(samples, a.noise)).mean()),
         "kl_per_t_bits": kl_t.tolist(), "beta": beta.tolist(), "alpha_bar_T": float(ab[-1]),
         "beta1": run.cfg["beta1"], "noise": a.noise, "seed": a.seed, "heldout_points": len(x_heldout),
-        "noise_draws": 4,
+        "noise_draws": a.draws,
     }
     with open(os.path.join(a.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
@@ -209,7 +211,7 @@ def main(argv=None):
     elif os.path.exists(path):
         raise UsageError(f"{path} exists: pass --resume to continue it, or another --out")
     x_train = data.load(args.data, N_TRAIN, [args.seed, 0], args.noise)
-    x_heldout = data.load(args.data, N_HELDOUT, HELDOUT_SEED, args.noise)
+    x_heldout = data.load(args.data, args.heldout, HELDOUT_SEED, args.noise)
     x_quick = x_heldout[:4000]
     prog = Progress(args.steps)
     prog.say(f"{args.data}: T={run.cfg['T']} beta1={run.cfg['beta1']:g} batch={args.batch_size} "
@@ -245,9 +247,14 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli(main, name, argv=None):
+    """Run main; bad input becomes one line on stderr and exit status 2, never a traceback."""
     try:
-        sys.exit(main())
-    except (UsageError, ckpt.CheckpointError, ValueError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return main(argv)
+    except (UsageError, ckpt.CheckpointError, OSError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main, "train.py"))

@@ -1,0 +1,15 @@
+import os
+import sys
+
+# Before anything imports numba (numba-notes §2): CUDA kernels, where any, run in the simulator.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# JIT compiles blow Hypothesis's 200 ms deadline on first calls (numba-notes §6); CI is derandomised.
+settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, max_examples=40,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))

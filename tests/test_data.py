@@ -1,0 +1,67 @@
+"""The Swiss roll generator, its closed-form standardisation, and its exact log-density."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import data
+
+
+def test_standardised_roll_has_zero_mean_and_unit_variance():
+    x = data.swissroll(400_000, 7)
+    r2 = (x**2).sum(1)
+    assert np.all(np.abs(x.mean(0)) < 4 * x.std(0) / math.sqrt(len(x)))
+    assert abs(r2.mean() - 2.0) < 4 * r2.std() / math.sqrt(len(x))
+    # the closed form, confirmed by quadrature over s (the issue text rounds it as 6.78985)
+    assert data.scale(0.02) == pytest.approx(6.789124, abs=1e-6)
+
+
+def test_sets_from_different_seeds_differ_and_same_seed_repeats():
+    assert np.array_equal(data.swissroll(10, 1), data.swissroll(10, 1))
+    assert not np.allclose(data.swissroll(10, 1), data.swissroll(10, 2))
+
+
+@given(st.lists(st.tuples(st.floats(-3, 3), st.floats(-3, 3)), min_size=1, max_size=4),
+       st.sampled_from([None, 1e-4, 0.05]))
+def test_jitted_log_density_equals_its_numpy_twin(points, var):
+    y = np.array(points)
+    fast = data.log_density(y, var=var)
+    slow = data.log_density_dense(y, var=var)
+    assert np.allclose(fast, slow, rtol=1e-9, atol=1e-6)
+
+
+def test_log_density_at_data_points_equals_its_numpy_twin_to_1e4_bits():
+    y = data.swissroll(30, 11)
+    assert np.abs(data.log_density(y) - data.log_density_dense(y)).max() / math.log(2) < 1e-4
+
+
+def test_blurred_density_integrates_to_one():
+    var = 0.02
+    g = np.linspace(-3.5, 3.5, 351)
+    h = g[1] - g[0]
+    pts = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    mass = np.exp(data.log_density(pts, var=var)).sum() * h * h
+    assert mass == pytest.approx(1.0, abs=1e-3)
+
+
+def test_entropy_quadrature_is_converged_to_1e4_bits():
+    coarse = data.neg_entropy_bits()
+    fine = data.neg_entropy_bits(n_s=12_000, n_gh=8)
+    assert abs(coarse - fine) < 1e-4
+
+
+def test_limit_and_ceiling_match_known_values_and_monte_carlo():
+    limit = data.limit_bits()
+    lnull = -math.log2(2 * math.pi * math.e)
+    assert limit - lnull == pytest.approx(6.80, abs=0.01)
+    y = data.swissroll(40_000, 12)
+    lp = data.log_density(y) / math.log(2)
+    assert abs(lp.mean() - limit) < 4 * lp.std() / math.sqrt(len(lp))
+    assert data.ceiling_bits(1.1e-5) - lnull == pytest.approx(6.2, abs=0.02)
+    assert data.ceiling_bits(1.1e-5) < limit
+
+
+def test_unknown_dataset_is_refused():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load("mnist", 10, 0, 0.02)
