@@ -155,3 +155,15 @@ def load(name, n, seed, noise):
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
     return swissroll(n, seed, noise)
+
+
+def sample_quality(x, x_ref, noise=0.02):
+    """True log-density of samples x beside that of real points x_ref (bits per point).
+
+    on_roll: the fraction of samples at least as likely as the least likely 1% of real points.
+    """
+    ls = log_density(x, noise) / math.log(2.0)
+    lr = log_density(x_ref, noise) / math.log(2.0)
+    return {"mean_bits": float(ls.mean()), "median_bits": float(np.median(ls)),
+            "data_mean_bits": float(lr.mean()), "data_median_bits": float(np.median(lr)),
+            "on_roll": float(np.mean(ls >= np.quantile(lr, 0.01)))}

@@ -10,7 +10,7 @@ import numpy as np
 import dpm
 import mlp
 
-DEFAULTS = {"T": 40, "J": 10, "H": 128, "D": 2, "M": 32, "fourier_scale": 3.0, "beta1": 1.1e-5, "beta_T": 0.5}
+DEFAULTS = {"T": 40, "J": 10, "H": 128, "D": 2, "M": 32, "fourier_scale": 3.0, "beta1": 2.5e-6, "beta_T": 0.5}
 
 
 def init(cfg, rng):

@@ -5,7 +5,6 @@
 Samples are in the standardised units in which K is reported; .csv output when --out ends in .csv.
 """
 import argparse
-import math
 import os
 import sys
 
@@ -118,11 +117,11 @@ def main(argv=None):
         write_atomic(args.out, lambda p: np.save(open(p, "wb"), x))
     noise = meta["noise"]
     x_real = data.load(meta["data"], args.n, train.HELDOUT_SEED, noise)
-    ls = model.bits(data.log_density(x, noise))
-    lr = model.bits(data.log_density(x_real, noise))
-    print(f"{args.n} samples -> {args.out}  mean true log-density {ls.mean():.3f} ± "
-          f"{ls.std() / math.sqrt(len(ls)):.3f} bits/point (held-out data: {lr.mean():.3f}); "
-          f"{np.mean(ls > np.quantile(lr, 0.01)):.1%} of samples are as likely as the data's top 99%")
+    q = data.sample_quality(x, x_real, noise)
+    print(f"{args.n} samples -> {args.out}  true log-density: mean {q['mean_bits']:.3f}, median "
+          f"{q['median_bits']:.3f} bits/point (held-out data: {q['data_mean_bits']:.3f}, "
+          f"{q['data_median_bits']:.3f}); {q['on_roll']:.1%} on the roll (at least as likely as the "
+          f"least likely 1% of data)")
     if args.figure:
         svg = figure(params, k, x_real, rng)
         write_atomic(args.figure, lambda p: open(p, "w", encoding="utf-8").write(svg))

@@ -60,6 +60,10 @@ def parse(argv):
     p.add_argument("--beta1", type=positive(float), default=model.DEFAULTS["beta1"],
                    help="the fixed first-step variance β₁ (§2.4.1)")
     p.add_argument("--hidden", type=positive(int), default=model.DEFAULTS["H"], help="hidden units per layer")
+    p.add_argument("--fourier", type=int, default=model.DEFAULTS["M"],
+                   help="random Fourier input features sin/cos(x F), F: 2 x this (0: none)")
+    p.add_argument("--fourier-scale", type=positive(float), default=model.DEFAULTS["fourier_scale"],
+                   help="standard deviation of the entries of F")
     p.add_argument("--out", default=None, help="run directory (default runs/<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
     p.add_argument("--eval-every", type=positive(int), default=5000)
@@ -72,6 +76,8 @@ def parse(argv):
         raise UsageError(f"--noise must be in [0, 1), got {args.noise}")
     if not args.beta1 < 1:
         raise UsageError(f"--beta1 must be in (0, 1), got {args.beta1}")
+    if args.fourier < 0:
+        raise UsageError(f"--fourier must be 0 or more, got {args.fourier}")
     if args.T < 3:
         raise UsageError(f"--T must be at least 3, got {args.T}")
     args.out = args.out or os.path.join("runs", args.data)
@@ -88,7 +94,8 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        self.cfg = dict(model.DEFAULTS, T=args.T, beta1=args.beta1, H=args.hidden)
+        self.cfg = dict(model.DEFAULTS, T=args.T, beta1=args.beta1, H=args.hidden, M=args.fourier,
+                        fourier_scale=args.fourier_scale)
         self.k = model.Consts(self.cfg)
         self.rng = np.random.default_rng([args.seed, 0])
         self.params = model.init(self.cfg, self.rng)
@@ -186,8 +193,7 @@ def finish(run, x_heldout):
         "L_null_bits": float(l_null.mean()),
         "K_minus_L_null_bits": float(kmn.mean()), "K_minus_L_null_stderr_bits": se(kmn),
         "limit_bits": data.limit_bits(a.noise), "ceiling_bits": data.ceiling_bits(run.cfg["beta1"], a.noise),
-        "heldout_logdensity_bits": float(model.bits(data.log_density(x_heldout, a.noise)).mean()),
-        "sample_logdensity_bits": float(model.bits(data.log_density(samples, a.noise)).mean()),
+        "sample_quality": data.sample_quality(samples, x_heldout[:len(samples)], a.noise),
         "kl_per_t_bits": kl_t.tolist(), "beta": beta.tolist(), "alpha_bar_T": float(ab[-1]),
         "beta1": run.cfg["beta1"], "noise": a.noise, "seed": a.seed, "heldout_points": len(x_heldout),
         "noise_draws": a.draws,
@@ -198,7 +204,8 @@ def finish(run, x_heldout):
           f"K = {m['K_bits']:.3f} ± {m['K_stderr_bits']:.3f} bits  "
           f"K-L_null = {m['K_minus_L_null_bits']:.3f} ± {m['K_minus_L_null_stderr_bits']:.3f}  "
           f"(limit {m['limit_bits'] - m['L_null_bits']:.3f}, ceiling {m['ceiling_bits'] - m['L_null_bits']:.3f})  "
-          f"alpha_bar_T = {m['alpha_bar_T']:.3f}  -> {os.path.join(a.out, 'metrics.json')}")
+          f"alpha_bar_T = {m['alpha_bar_T']:.3f}  samples on the roll {m['sample_quality']['on_roll']:.1%}  "
+          f"-> {os.path.join(a.out, 'metrics.json')}")
     return m
 
 

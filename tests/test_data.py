@@ -25,15 +25,25 @@ def test_sets_from_different_seeds_differ_and_same_seed_repeats():
 @given(st.lists(st.tuples(st.floats(-3, 3), st.floats(-3, 3)), min_size=1, max_size=4),
        st.sampled_from([None, 1e-4, 0.05]))
 def test_jitted_log_density_equals_its_numpy_twin(points, var):
+    """Anywhere in the plane to 1e-6 relative: far off the roll (log p ~ −3e4 nats) the density is an
+    endpoint tail narrower than either rule's nodes resolve exactly, and the dense rule at 4e5 nodes is off by
+    ~1.4e-6 relative there, so the oracle uses 2e6. Near the roll, where K's limit is computed, see below."""
     y = np.array(points)
     fast = data.log_density(y, var=var)
-    slow = data.log_density_dense(y, var=var)
-    assert np.allclose(fast, slow, rtol=1e-9, atol=1e-6)
+    slow = data.log_density_dense(y, var=var, n=2_000_001)
+    assert np.allclose(fast, slow, rtol=1e-6, atol=1e-6)
 
 
-def test_log_density_at_data_points_equals_its_numpy_twin_to_1e4_bits():
+@pytest.mark.parametrize("beta1", [None, 1.1e-5])
+def test_log_density_near_the_roll_equals_its_numpy_twin_to_1e6_bits(beta1):
+    """At data points, and at points of X⁽¹⁾ for the ceiling: absolute agreement."""
     y = data.swissroll(30, 11)
-    assert np.abs(data.log_density(y) - data.log_density_dense(y)).max() / math.log(2) < 1e-4
+    kw = {}
+    if beta1:
+        tau2 = (0.02 / data.scale(0.02)) ** 2
+        kw = {"gain": math.sqrt(1 - beta1), "var": (1 - beta1) * tau2 + beta1}
+        y = math.sqrt(1 - beta1) * y + math.sqrt(beta1) * np.random.default_rng(0).standard_normal(y.shape)
+    assert np.abs(data.log_density(y, **kw) - data.log_density_dense(y, **kw)).max() / math.log(2) < 1e-6
 
 
 def test_blurred_density_integrates_to_one():
