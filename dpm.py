@@ -113,7 +113,8 @@ def prior_and_edge_terms(x0, beta1, ab_T):
     """
     D = x0.shape[-1]
     r2 = np.sum(x0 * x0, axis=-1)
-    return 0.5 * D * math.log((1.0 - ab_T) / beta1) - 0.5 * (1.0 - ab_T - beta1) * (D - r2)
+    H_T, H_1 = gaussian_entropy(1.0 - ab_T, D), gaussian_entropy(beta1, D)  # H_q(X⁽ᵀ⁾|X⁽⁰⁾), H_q(X⁽¹⁾|X⁽⁰⁾)
+    return H_T - H_1 - 0.5 * (1.0 - ab_T - beta1) * (D - r2)
 
 
 def log_null(x0):

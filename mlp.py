@@ -48,8 +48,8 @@ def backward(p, cache, g_a, g_b):
     grads["W2"], grads["b2"] = h1.T @ g_h2, g_h2.sum(0)
     g_h1 = (g_h2 @ p["W2"].T) * (1.0 - h1 * h1)
     grads["W1"], grads["b1"] = u.T @ g_h1, g_h1.sum(0)
-    g_u = g_h1 @ p["W1"][:D + 2 * F.shape[1]].T
     M = F.shape[1]
+    g_u = g_h1 @ p["W1"][:D + 2 * M].T                        # the g(t) inputs need no gradient
     sin, cos = u[:, D:D + M], u[:, D + M:D + 2 * M]
     g_x = g_u[:, :D] + (g_u[:, D:D + M] * cos - g_u[:, D + M:] * sin) @ F.T
     return grads, g_x

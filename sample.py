@@ -36,13 +36,18 @@ def load_run(path, expect_data=None):
         k = model.Consts(cfg)
         want = model.init(cfg, np.random.default_rng(0))
         params = {name: arrays[f"p/{name}"] for name in want}
+        trained_on, noise = meta["data"], float(meta["noise"])
     except (KeyError, TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"{path} is missing or has a malformed entry ({e})") from None
     for name, arr in params.items():
         if arr.shape != want[name].shape:
             raise ckpt.CheckpointError(f"{path}: {name} has shape {arr.shape}, expected {want[name].shape}")
-    if expect_data is not None and meta.get("data") != expect_data:
-        raise ckpt.CheckpointError(f"{path} was trained on {meta.get('data')!r}, not {expect_data!r}")
+    if trained_on not in data.DATASETS:
+        raise ckpt.CheckpointError(f"{path} was trained on {trained_on!r}, which this dpm does not know")
+    if expect_data is not None and trained_on != expect_data:
+        raise ckpt.CheckpointError(f"{path} was trained on {trained_on!r}, not {expect_data!r}")
+    if not 0 <= noise < 1:
+        raise ckpt.CheckpointError(f"{path} has noise {noise}, outside [0, 1)")
     return meta, params, k
 
 
@@ -114,7 +119,10 @@ def main(argv=None):
     if args.out.endswith(".csv"):
         write_atomic(args.out, lambda p: np.savetxt(p, x, delimiter=",", header="x,y", comments=""))
     else:
-        write_atomic(args.out, lambda p: np.save(open(p, "wb"), x))
+        def write_npy(p):
+            with open(p, "wb") as f:
+                np.save(f, x)
+        write_atomic(args.out, write_npy)
     noise = meta["noise"]
     x_real = data.load(meta["data"], args.n, train.HELDOUT_SEED, noise)
     q = data.sample_quality(x, x_real, noise)
@@ -124,7 +132,10 @@ def main(argv=None):
           f"least likely 1% of data)")
     if args.figure:
         svg = figure(params, k, x_real, rng)
-        write_atomic(args.figure, lambda p: open(p, "w", encoding="utf-8").write(svg))
+        def write_svg(p):
+            with open(p, "w", encoding="utf-8") as f:
+                f.write(svg)
+        write_atomic(args.figure, write_svg)
         print(f"figure -> {args.figure}")
     return 0
 

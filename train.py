@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -135,7 +136,6 @@ class Run:
             self.step, self.wall, self.opt.n = int(meta["step"]), float(meta["wall_seconds"]), int(meta["adam_n"])
         except (KeyError, TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{path} is missing or has a malformed entry ({e})") from None
-        self.opt.m, self.opt.v = {k: self.opt.m[k] for k in self.params}, {k: self.opt.v[k] for k in self.params}
 
 
 def train_step(run, x_train):
@@ -153,7 +153,9 @@ def train_step(run, x_train):
 
 
 def report(run, x_heldout, n_draws):
-    """Held-out K − L_null in bits per point (full sum over t) and its standard error."""
+    """Held-out K − L_null in bits, per point (full sum over t), and the mean KL_t in bits for each t.
+
+    Its own RNG, seeded by the step, so evaluating never moves the training stream."""
     rng = np.random.default_rng([run.args.seed, 2, run.step])
     per_point, kl_t = model.evaluate(run.params, run.k, x_heldout, rng, n_draws)
     return model.bits(per_point), model.bits(kl_t)
@@ -168,8 +170,6 @@ class Progress:
         self.every = 200 if self.tty else max(1, total // 20)
 
     def show(self, step, rate, k_est):
-        if step % self.every and step != self.total:
-            return
         eta = (self.total - step) / max(rate, 1e-9)
         line = (f"step {step}/{self.total}  {rate:7.1f} steps/s  batch K-L_null ≈ {k_est:6.3f} bits"
                 f"  ETA {eta:5.0f}s")
@@ -224,8 +224,13 @@ def main(argv=None):
     prog.say(f"{args.data}: T={run.cfg['T']} beta1={run.cfg['beta1']:g} batch={args.batch_size} "
              f"from step {run.step} to {args.steps}; checkpoints in {path}")
     t_prev, s_last, w_last, ema = time.perf_counter(), run.step, run.wall, None
+    interrupted = []
+    # Ctrl-C only raises a flag, so the run stops between steps and its checkpoint is a whole step.
+    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
         while run.step < args.steps:
+            if interrupted:
+                raise KeyboardInterrupt
             loss = train_step(run, x_train)
             ema = loss if ema is None else 0.99 * ema + 0.01 * loss
             if run.step % prog.every == 0 or run.step == args.steps:
@@ -248,6 +253,8 @@ def main(argv=None):
         prog.say("")
         print(f"train.py: diverged: {e}; the last good checkpoint is kept in {path}", file=sys.stderr)
         return 3
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
     run.wall += time.perf_counter() - t_prev
     run.save(path)
     finish(run, x_heldout)

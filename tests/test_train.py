@@ -1,6 +1,7 @@
 """train.py and sample.py end to end: learning, exact resume, checkpoints, and every kind of bad input."""
 import json
 import os
+import signal
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -115,21 +116,41 @@ def test_existing_run_is_not_overwritten_without_resume(trained, tmp_path, capsy
     assert (trained / "checkpoint.npz").read_bytes() == before
 
 
-def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, monkeypatch, capsys):
-    real = train.train_step
+def test_ctrl_c_stops_between_steps_and_resume_is_exact(tmp_path, monkeypatch, capsys):
+    """A real SIGINT in the middle of step 37 (after its batch is drawn, before Adam): the run finishes that
+    step, saves it whole, exits 130; sample.py accepts the checkpoint, and resuming it gives the same
+    parameters as a run that was never interrupted."""
+    real = model.loss_and_grads
+    calls = {"n": 0}
 
-    def interrupted(run, x):
-        if run.step == 37:
-            raise KeyboardInterrupt
-        return real(run, x)
+    def interrupted(*a):
+        calls["n"] += 1
+        if calls["n"] == 37:
+            signal.raise_signal(signal.SIGINT)
+        return real(*a)
 
-    monkeypatch.setattr(train, "train_step", interrupted)
-    assert run_train(tmp_path, "--steps", "100") == 130
-    meta, _ = ckpt.load(str(tmp_path / "run" / "checkpoint.npz"))
+    monkeypatch.setattr(model, "loss_and_grads", interrupted)
+    assert run_train(tmp_path, "--steps", "100", out="a") == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    meta, _ = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
     assert meta["step"] == 37
-    assert run_sample(tmp_path / "run", "-n", "10", "--out", tmp_path / "s.npy") == 0
-    monkeypatch.setattr(train, "train_step", real)
-    assert run_train(tmp_path, "--steps", "60", "--resume") == 0
+    assert run_sample(tmp_path / "a", "-n", "10", "--out", tmp_path / "s.npy") == 0
+    monkeypatch.setattr(model, "loss_and_grads", real)
+    assert run_train(tmp_path, "--steps", "60", "--resume", out="a") == 0
+    assert run_train(tmp_path, "--steps", "60", out="b") == 0
+    _, a = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
+    _, b = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_naming_an_unknown_dataset_is_refused(trained, tmp_path, capsys):
+    meta, arrays = ckpt.load(str(trained / "checkpoint.npz"))
+    meta.pop("version")
+    ckpt.save(str(tmp_path / "odd.npz"), dict(meta, data="mnist"), arrays)
+    ckpt.save(str(tmp_path / "nonoise.npz"), {k: v for k, v in meta.items() if k != "noise"}, arrays)
+    for bad in ("odd.npz", "nonoise.npz"):
+        assert run_sample(tmp_path / bad, "--out", tmp_path / "s.npy") == 2
+        one_error_line(capsys)
 
 
 def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys):
