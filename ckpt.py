@@ -6,7 +6,7 @@ import zipfile
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2       # 2: the readout W3 is stored per bump, (J, 2D, H)
 
 
 class CheckpointError(Exception):

@@ -7,7 +7,8 @@ mean = (2, 2/(3π)) and scale = sqrt((9.75π² − 4 − 4/(9π²))/2 + noise²)
 import math
 
 import numpy as np
-from numba import njit
+
+from jitopts import kernel
 
 S_LO, S_HI = 1.5 * math.pi, 4.5 * math.pi
 MEAN = np.array([2.0, 2.0 / (3.0 * math.pi)])
@@ -30,13 +31,13 @@ def swissroll(n, seed, noise=0.02):
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(8)
 
 
-@njit(cache=True)
+@kernel
 def _centre(s, sc, gain):
     return (gain * (s * math.cos(s) - 2.0) / sc,
             gain * (s * math.sin(s) - 2.0 / (3.0 * math.pi)) / sc)
 
 
-@njit(cache=True)
+@kernel
 def _log_density(y, sc, gain, var, gl_x, gl_w, out):
     """Jitted twin of log_density_dense: the same integral, done only where it is not negligible.
 

@@ -16,7 +16,9 @@ def logit(p):
 
 
 def sigmoid(z):
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
+    """1/(1 + e^−z), accurate to full relative precision for very negative z (Σ and β near 1e-6)."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0, e) / (1.0 + e)
 
 
 # ---------------------------------------------------------------- schedule (§2.4.1, code §5.2–5.3)

@@ -3,7 +3,9 @@ forward and backward written by hand.
 
 input  u = [x⁽ᵗ⁾, sin(x⁽ᵗ⁾F), cos(x⁽ᵗ⁾F), g(t)]   (F: fixed Fourier frequencies, D × M; g(t): the J bump weights)
 hidden h1 = tanh(u W1 + b1), h2 = tanh(h1 W2 + b2)
-readout Z = h2 W3 + b3, reshaped (n, J, 2D); out = Σ_j g_j(t) Z_j, split into a (mean) and b (variance).
+readout Z_j = h2 W3_jᵀ + b3_j for each bump j (W3: J × 2D × H); out = Σ_j g_j(t) Z_j, split into
+        a (mean) and b (variance). Equivalently out = h2 W_eff(t)ᵀ + b_eff(t) with W_eff(t) = Σ_j g_j(t) W3_j,
+        which is how fast.py computes it.
 """
 import numpy as np
 
@@ -21,7 +23,7 @@ def init(rng, D, J, H, M=0):
         lim = np.sqrt(6.0 / (m + n))
         return rng.uniform(-lim, lim, (m, n))
     return {"W1": glorot(D + 2 * M + J, H), "b1": np.zeros(H), "W2": glorot(H, H), "b2": np.zeros(H),
-            "W3": np.zeros((H, J * 2 * D)), "b3": np.zeros(J * 2 * D)}
+            "W3": np.zeros((J, 2 * D, H)), "b3": np.zeros((J, 2 * D))}
 
 
 def forward(p, x, g, F):
@@ -32,7 +34,7 @@ def forward(p, x, g, F):
     u = np.concatenate([x, np.sin(xf), np.cos(xf), g], axis=1)
     h1 = np.tanh(u @ p["W1"] + p["b1"])
     h2 = np.tanh(h1 @ p["W2"] + p["b2"])
-    Z = (h2 @ p["W3"] + p["b3"]).reshape(n, J, 2 * D)
+    Z = (h2 @ p["W3"].reshape(J * 2 * D, -1).T).reshape(n, J, 2 * D) + p["b3"]
     out = np.einsum("nj,njk->nk", g, Z)
     return out[:, :D], out[:, D:], (u, h1, h2, g, F)
 
@@ -42,9 +44,10 @@ def backward(p, cache, g_a, g_b):
     u, h1, h2, g, F = cache
     D = g_a.shape[1]
     g_out = np.concatenate([g_a, g_b], axis=1)                 # (n, 2D)
+    W3 = p["W3"].reshape(-1, h2.shape[1])                       # (J·2D, H)
     g_Z = (g[:, :, None] * g_out[:, None, :]).reshape(len(g), -1)
-    grads = {"W3": h2.T @ g_Z, "b3": g_Z.sum(0)}
-    g_h2 = (g_Z @ p["W3"].T) * (1.0 - h2 * h2)
+    grads = {"W3": (g_Z.T @ h2).reshape(p["W3"].shape), "b3": g_Z.sum(0).reshape(p["b3"].shape)}
+    g_h2 = (g_Z @ W3) * (1.0 - h2 * h2)
     grads["W2"], grads["b2"] = h1.T @ g_h2, g_h2.sum(0)
     g_h1 = (g_h2 @ p["W2"].T) * (1.0 - h1 * h1)
     grads["W1"], grads["b1"] = u.T @ g_h1, g_h1.sum(0)

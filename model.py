@@ -40,6 +40,13 @@ def reverse(params, k, x, t, beta):
     return mu, Sigma, (a, b, cache)
 
 
+def draw_batch(rng, x_train, n, T):
+    """A training minibatch: n data points, t uniform on 2..T, and the frozen noise ε (§2.4.1)."""
+    x0 = x_train[rng.integers(0, len(x_train), n)]
+    t = rng.integers(2, T + 1, n)
+    return x0, t, rng.standard_normal(x0.shape)
+
+
 def loss_and_grads(params, k, x0, eps, t):
     """Minibatch estimate of −(K − L_null) in nats per point (Eq. 14, Σ_t as (T − 1)·KL_t with t uniform
     on 2..T per sample) and its gradient with respect to every entry of params."""

@@ -13,6 +13,7 @@ import numpy as np
 import ckpt
 import data
 import dpm
+import fast
 import model
 import train
 
@@ -79,7 +80,7 @@ def figure(params, k, x_data, rng, n=1000):
     h = T // 2
     x0 = x_data[:n]
     q = {t: dpm.q_sample(x0, ab[t], rng.standard_normal(x0.shape)) if t else x0 for t in (0, h, T)}
-    _, p = model.sample(params, k, n, rng, keep=(T, h, 1))
+    _, p = fast.sample(params, k, n, rng, keep=(T, h, 1))
     g = np.linspace(-BOX + 0.2, BOX - 0.2, 17)
     grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
     drift = {}
@@ -115,7 +116,7 @@ def main(argv=None):
         raise train.UsageError(f"--out must end in .npy or .csv, got {args.out!r}")
     meta, params, k = load_run(args.run, args.data)
     rng = np.random.default_rng(args.seed)
-    x, _ = model.sample(params, k, args.n, rng)
+    x, _ = fast.sample(params, k, args.n, rng)
     if args.out.endswith(".csv"):
         write_atomic(args.out, lambda p: np.savetxt(p, x, delimiter=",", header="x,y", comments=""))
     else:

@@ -18,6 +18,7 @@ import numpy as np
 import ckpt
 import data
 import dpm
+import fast
 import mlp
 import model
 
@@ -65,6 +66,8 @@ def parse(argv):
                    help="random Fourier input features sin/cos(x F), F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), default=model.DEFAULTS["fourier_scale"],
                    help="standard deviation of the entries of F")
+    p.add_argument("--backend", choices=("numba", "numpy"), default="numba",
+                   help="numba: fast.py, float32 training, float64 evaluation; numpy: the float64 reference")
     p.add_argument("--out", default=None, help="run directory (default runs/<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
     p.add_argument("--eval-every", type=positive(int), default=5000)
@@ -85,6 +88,12 @@ def parse(argv):
     return args
 
 
+def load_data(args):
+    """(training set, held-out set): independent draws, the held-out one the same for every seed."""
+    return (data.load(args.data, N_TRAIN, [args.seed, 0], args.noise),
+            data.load(args.data, args.heldout, HELDOUT_SEED, args.noise))
+
+
 def learning_rate(args, step):
     """Step-indexed (never dependent on --steps), so a resumed run retraces an uninterrupted one."""
     return args.lr * max(1e-3, 0.1 ** (step / args.lr_decay_steps))
@@ -99,55 +108,77 @@ class Run:
                         fourier_scale=args.fourier_scale)
         self.k = model.Consts(self.cfg)
         self.rng = np.random.default_rng([args.seed, 0])
-        self.params = model.init(self.cfg, self.rng)
-        self.opt = mlp.Adam(self.params)
+        params = model.init(self.cfg, self.rng)
+        if args.backend == "numba":
+            self.trainer = fast.Trainer(self.k, args.batch_size)
+            self.trainer.load(params)
+            self.params, self.m, self.v = self.trainer.params, self.trainer.m, self.trainer.v
+        else:
+            self.opt = mlp.Adam(params)
+            self.params, self.m, self.v = params, self.opt.m, self.opt.v
         self.step = 0
         self.wall = 0.0
+
+    @property
+    def adam_n(self):
+        return self.trainer.adam_n if self.args.backend == "numba" else self.opt.n
+
+    @adam_n.setter
+    def adam_n(self, n):
+        if self.args.backend == "numba":
+            self.trainer.adam_n = n
+        else:
+            self.opt.n = n
 
     def meta(self):
         a = self.args
         return {"data": a.data, "noise": a.noise, "seed": a.seed, "cfg": self.cfg, "step": self.step,
-                "wall_seconds": self.wall, "adam_n": self.opt.n, "rng": self.rng.bit_generator.state,
-                "lr": a.lr, "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size}
+                "wall_seconds": self.wall, "adam_n": self.adam_n, "rng": self.rng.bit_generator.state,
+                "lr": a.lr, "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size, "backend": a.backend}
 
     def save(self, path):
         arrays = {f"p/{k}": v for k, v in self.params.items()}
-        arrays.update({f"m/{k}": v for k, v in self.opt.m.items()})
-        arrays.update({f"v/{k}": v for k, v in self.opt.v.items()})
+        arrays.update({f"m/{k}": v for k, v in self.m.items()})
+        arrays.update({f"v/{k}": v for k, v in self.v.items()})
         ckpt.save(path, self.meta(), arrays)
 
     def restore(self, path):
         meta, arrays = ckpt.load(path)
         a = self.args
         want = {"data": a.data, "noise": a.noise, "seed": a.seed, "cfg": self.cfg, "lr": a.lr,
-                "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size}
+                "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size, "backend": a.backend}
         for key, value in want.items():
             if meta.get(key) != value:
                 raise ckpt.CheckpointError(
                     f"{path} was trained with {key}={meta.get(key)!r}, not {value!r}; resume with the same flags")
         try:
             for name in self.params:
-                for store, prefix in ((self.params, "p"), (self.opt.m, "m"), (self.opt.v, "v")):
+                for store, prefix in ((self.params, "p"), (self.m, "m"), (self.v, "v")):
                     arr = arrays[f"{prefix}/{name}"]
                     if arr.shape != store[name].shape:
                         raise ckpt.CheckpointError(f"{path}: {prefix}/{name} has shape {arr.shape}")
-                    store[name] = arr.astype(np.float64)
+                    store[name][...] = arr          # in place: the numba backend's arrays are views
             self.rng.bit_generator.state = meta["rng"]
-            self.step, self.wall, self.opt.n = int(meta["step"]), float(meta["wall_seconds"]), int(meta["adam_n"])
+            self.step, self.wall, self.adam_n = int(meta["step"]), float(meta["wall_seconds"]), int(meta["adam_n"])
         except (KeyError, TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{path} is missing or has a malformed entry ({e})") from None
 
 
 def train_step(run, x_train):
     """One minibatch: draw x⁽⁰⁾, t and frozen noise, then Adam on −(K − L_null). Returns the loss (nats)."""
-    a, rng = run.args, run.rng
-    x0 = x_train[rng.integers(0, len(x_train), a.batch_size)]
-    t = rng.integers(2, run.cfg["T"] + 1, a.batch_size)
-    eps = rng.standard_normal(x0.shape)
-    loss, grads = model.loss_and_grads(run.params, run.k, x0, eps, t)
-    if not (math.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())):
-        raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}")
-    run.opt.step(run.params, grads, learning_rate(a, run.step))
+    a = run.args
+    x0, t, eps = model.draw_batch(run.rng, x_train, a.batch_size, run.cfg["T"])
+    lr = learning_rate(a, run.step)
+    if a.backend == "numba":
+        try:
+            loss = run.trainer.step(x0, eps, t, lr)
+        except FloatingPointError:
+            raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}") from None
+    else:
+        loss, grads = model.loss_and_grads(run.params, run.k, x0, eps, t)
+        if not (math.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())):
+            raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}")
+        run.opt.step(run.params, grads, lr)
     run.step += 1
     return loss
 
@@ -157,7 +188,8 @@ def report(run, x_heldout, n_draws):
 
     Its own RNG, seeded by the step, so evaluating never moves the training stream."""
     rng = np.random.default_rng([run.args.seed, 2, run.step])
-    per_point, kl_t = model.evaluate(run.params, run.k, x_heldout, rng, n_draws)
+    evaluate = fast.evaluate if run.args.backend == "numba" else model.evaluate
+    per_point, kl_t = evaluate(run.params, run.k, x_heldout, rng, n_draws)
     return model.bits(per_point), model.bits(kl_t)
 
 
@@ -186,7 +218,8 @@ def finish(run, x_heldout):
     K = kmn + l_null
     beta, ab = run.k.schedule(run.params)
     se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v)))
-    samples, _ = model.sample(run.params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
+    sample = fast.sample if a.backend == "numba" else model.sample
+    samples, _ = sample(run.params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
     m = {
         "data": a.data, "T": run.cfg["T"], "steps": run.step, "wall_seconds": round(run.wall, 2),
         "K_bits": float(K.mean()), "K_stderr_bits": se(K),
@@ -196,7 +229,7 @@ def finish(run, x_heldout):
         "sample_quality": data.sample_quality(samples, x_heldout[:len(samples)], a.noise),
         "kl_per_t_bits": kl_t.tolist(), "beta": beta.tolist(), "alpha_bar_T": float(ab[-1]),
         "beta1": run.cfg["beta1"], "noise": a.noise, "seed": a.seed, "heldout_points": len(x_heldout),
-        "noise_draws": a.draws,
+        "noise_draws": a.draws, "backend": a.backend,
     }
     with open(os.path.join(a.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
@@ -217,8 +250,7 @@ def main(argv=None):
         run.restore(path)
     elif os.path.exists(path):
         raise UsageError(f"{path} exists: pass --resume to continue it, or another --out")
-    x_train = data.load(args.data, N_TRAIN, [args.seed, 0], args.noise)
-    x_heldout = data.load(args.data, args.heldout, HELDOUT_SEED, args.noise)
+    x_train, x_heldout = load_data(args)
     x_quick = x_heldout[:4000]
     prog = Progress(args.steps)
     prog.say(f"{args.data}: T={run.cfg['T']} beta1={run.cfg['beta1']:g} batch={args.batch_size} "

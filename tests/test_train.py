@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ckpt
+import fast
 import model
 import sample
 import train
@@ -116,28 +117,36 @@ def test_existing_run_is_not_overwritten_without_resume(trained, tmp_path, capsy
     assert (trained / "checkpoint.npz").read_bytes() == before
 
 
-def test_ctrl_c_stops_between_steps_and_resume_is_exact(tmp_path, monkeypatch, capsys):
+def patch_loss(monkeypatch, backend, wrapper):
+    """Route the backend's loss-and-gradient call through wrapper(real, *args)."""
+    owner = model if backend == "numpy" else fast.Trainer
+    real = owner.loss_and_grads
+    monkeypatch.setattr(owner, "loss_and_grads", lambda *a: wrapper(real, *a))
+    return owner, real
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_ctrl_c_stops_between_steps_and_resume_is_exact(tmp_path, monkeypatch, capsys, backend):
     """A real SIGINT in the middle of step 37 (after its batch is drawn, before Adam): the run finishes that
     step, saves it whole, exits 130; sample.py accepts the checkpoint, and resuming it gives the same
     parameters as a run that was never interrupted."""
-    real = model.loss_and_grads
     calls = {"n": 0}
 
-    def interrupted(*a):
+    def interrupted(real, *a):
         calls["n"] += 1
         if calls["n"] == 37:
             signal.raise_signal(signal.SIGINT)
         return real(*a)
 
-    monkeypatch.setattr(model, "loss_and_grads", interrupted)
-    assert run_train(tmp_path, "--steps", "100", out="a") == 130
+    owner, real = patch_loss(monkeypatch, backend, interrupted)
+    assert run_train(tmp_path, "--backend", backend, "--steps", "100", out="a") == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     meta, _ = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
     assert meta["step"] == 37
     assert run_sample(tmp_path / "a", "-n", "10", "--out", tmp_path / "s.npy") == 0
-    monkeypatch.setattr(model, "loss_and_grads", real)
-    assert run_train(tmp_path, "--steps", "60", "--resume", out="a") == 0
-    assert run_train(tmp_path, "--steps", "60", out="b") == 0
+    monkeypatch.setattr(owner, "loss_and_grads", real)
+    assert run_train(tmp_path, "--backend", backend, "--steps", "60", "--resume", out="a") == 0
+    assert run_train(tmp_path, "--backend", backend, "--steps", "60", out="b") == 0
     _, a = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
     _, b = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -153,17 +162,22 @@ def test_checkpoint_naming_an_unknown_dataset_is_refused(trained, tmp_path, caps
         one_error_line(capsys)
 
 
-def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real = model.loss_and_grads
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys, backend):
     calls = {"n": 0}
 
-    def poisoned(*a):
+    def poisoned(real, *a):
         calls["n"] += 1
-        loss, grads = real(*a)
-        return (float("nan") if calls["n"] > 75 else loss), grads
+        out = real(*a)
+        if calls["n"] <= 75:
+            return out
+        if backend == "numpy":
+            return float("nan"), out[1]
+        a[0].grad[3] = np.nan            # the numba path: a NaN gradient must stop it as well
+        return out
 
-    monkeypatch.setattr(model, "loss_and_grads", poisoned)
-    assert run_train(tmp_path, "--steps", "200") == 3
+    patch_loss(monkeypatch, backend, poisoned)
+    assert run_train(tmp_path, "--steps", "200", "--backend", backend) == 3
     assert "diverged" in one_error_line(capsys)
     meta, arrays = ckpt.load(str(tmp_path / "run" / "checkpoint.npz"))
     assert meta["step"] == 50 and all(np.all(np.isfinite(v)) for v in arrays.values())
@@ -183,3 +197,23 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     meta, arrays = ckpt.load(path)
     assert meta["a"] == 1 and np.array_equal(arrays["x"], np.arange(3.0))
     assert os.listdir(tmp_path) == ["c.npz"]
+
+
+def test_numpy_backend_trains_and_a_checkpoint_keeps_its_backend(tmp_path, capsys):
+    assert run_train(tmp_path, "--steps", "60", "--backend", "numpy", out="np") == 0
+    m = json.load(open(tmp_path / "np" / "metrics.json"))
+    assert m["backend"] == "numpy" and m["K_minus_L_null_bits"] > 0
+    assert run_train(tmp_path, "--steps", "80", "--resume", out="np") == 2          # default backend: numba
+    assert "backend" in one_error_line(capsys)
+
+
+def test_both_backends_learn_the_same_model(tmp_path):
+    """float32 (numba) and float64 (numpy) training from the same seed: the same batches, so after 150
+    steps the parameters still agree closely (Adam amplifies rounding only slowly)."""
+    assert run_train(tmp_path, "--steps", "150", "--backend", "numpy", out="np") == 0
+    assert run_train(tmp_path, "--steps", "150", "--backend", "numba", out="nb") == 0
+    _, a = ckpt.load(str(tmp_path / "np" / "checkpoint.npz"))
+    _, b = ckpt.load(str(tmp_path / "nb" / "checkpoint.npz"))
+    for k in a:
+        if k.startswith("p/"):
+            assert np.max(np.abs(a[k] - b[k])) < 1e-3 * max(1.0, np.max(np.abs(a[k]))), k

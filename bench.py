@@ -1,0 +1,155 @@
+"""Speed of dpm, one JSON object per line: name, median, p10, p90, unit (and what was measured).
+
+    python bench.py                    # the Numba path (fast.py)
+    python bench.py --backend numpy    # the plain NumPy reference (model.py, mlp.py), for the speedup
+
+train_step_* time the comparison model, whatever train.py's defaults are: 2 → 128 → 128 tanh MLP
+(inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40,
+Adam; one step = drawing the minibatch, forward, backward and the Adam update.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import model
+
+COMPARISON = dict(model.DEFAULTS, M=0)       # no Fourier features: the model the issue compares with PyTorch
+
+
+def stats(name, samples, unit, **extra):
+    q = np.percentile(samples, [50, 10, 90])
+    return dict(name=name, median=round(float(q[0]), 4), p10=round(float(q[1]), 4), p90=round(float(q[2]), 4),
+                unit=unit, n=len(samples), **extra)
+
+
+def make_trainer(backend, cfg, batch, seed=0):
+    """A function doing one training step as train.py does, for either backend."""
+    import data
+    import fast
+    import mlp
+    k = model.Consts(cfg)
+    rng = np.random.default_rng(seed)
+    x_train = data.swissroll(200_000, [seed, 0])
+    params = model.init(cfg, rng)
+    if backend == "numpy":
+        opt = mlp.Adam(params)
+
+        def step():
+            x0, t, eps = model.draw_batch(rng, x_train, batch, cfg["T"])
+            _, grads = model.loss_and_grads(params, k, x0, eps, t)
+            opt.step(params, grads, 1e-3)
+    else:
+        trainer = fast.Trainer(k, batch)
+        trainer.load(params)
+
+        def step():
+            x0, t, eps = model.draw_batch(rng, x_train, batch, cfg["T"])
+            trainer.step(x0, eps, t, 1e-3)
+    return step
+
+
+def timed(fn, repeat, warmup):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return np.array(out)
+
+
+def peak_gflops():
+    """This machine's FP32 peak: cores × clock × FLOPs per cycle (2 FMA units × SIMD lanes × 2)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+        mhz = max(float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        return None, "unknown"
+    lanes = 16 if " avx512f" in info else 8 if " avx2" in info else 4
+    cores = os.cpu_count()
+    return cores * mhz / 1e3 * 2 * lanes * 2, f"{cores} cores x {mhz / 1e3:.2f} GHz x {4 * lanes} FLOP/cycle"
+
+
+def bench_train(backend, batch, repeat):
+    step = make_trainer(backend, COMPARISON, batch)
+    return timed(step, repeat, warmup=20) * 1e3
+
+
+def cold_start(cache_dir):
+    """Seconds from process start to the end of train.py's first training step, in a fresh process."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    t0 = time.time()
+    out = subprocess.run([sys.executable, __file__, "--first-step"], env=env, capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1]) - t0
+
+
+def first_step():
+    """What train.py does before its first step, then that step (run in a child process by cold_start)."""
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        args = train.parse(["--data", "swissroll", "--out", d])
+        run = train.Run(args)
+        x_train = train.load_data(args)[0]
+        train.train_step(run, x_train)
+    print(time.time())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=("numba", "numpy"), default="numba")
+    p.add_argument("--repeat", type=int, default=300, help="timed training steps per batch size")
+    p.add_argument("--only", default="", help="comma-separated names to run (default: all)")
+    p.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.first_step:
+        return first_step()
+    import data
+    import fast
+    only = set(filter(None, a.only.split(",")))
+    want = lambda name: not only or name in only
+    emit = lambda d: print(json.dumps(d), flush=True)
+    b = a.backend
+    k = model.Consts(COMPARISON)
+    params = model.init(COMPARISON, np.random.default_rng(0))
+    for name, bs in (("train_step_b512", 512), ("train_step_b4096", 4096)):
+        if want(name) or (bs == 512 and want("train_step_gflops")):
+            ms = bench_train(b, bs, a.repeat)
+            if want(name):
+                emit(stats(name, ms, "ms", backend=b))
+            if bs == 512 and want("train_step_gflops"):
+                peak, how = peak_gflops()
+                flops = fast.step_flops(COMPARISON, 512)
+                emit(stats("train_step_gflops", flops / (ms * 1e-3) / 1e9, "GFLOP/s", backend=b,
+                           flop_per_step=flops, peak_gflops=peak, peak_is=how))
+    if want("eval_K_20000"):
+        x = data.swissroll(20_000, [0, 1])
+        ev = fast.evaluate if b == "numba" else model.evaluate
+        s = timed(lambda: ev(params, k, x, np.random.default_rng(0), n_draws=1), 3, 1)
+        emit(stats("eval_K_20000", s, "s", backend=b, draws=1, t_terms=COMPARISON["T"] - 1, dtype="float64"))
+    if want("sample_100000"):
+        sm = fast.sample if b == "numba" else model.sample
+        s = timed(lambda: sm(params, k, 100_000, np.random.default_rng(0)), 3, 1)
+        emit(stats("sample_100000", s, "s", backend=b, steps=COMPARISON["T"]))
+    if b == "numba" and (want("cold_start_cold_cache") or want("cold_start_warm_cache")):
+        cold, warm = [], []
+        for _ in range(3):
+            with tempfile.TemporaryDirectory() as d:
+                cold.append(cold_start(d))
+                warm.append(cold_start(d))
+        if want("cold_start_cold_cache"):
+            emit(stats("cold_start_cold_cache", cold, "s", what="process start to the end of train.py's first step"))
+        if want("cold_start_warm_cache"):
+            emit(stats("cold_start_warm_cache", warm, "s", what="process start to the end of train.py's first step"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The one place that decides how dpm's CPU kernels are compiled (see shared numba-notes §3, §5).
+
+Caching policy:
+- Compiled kernels are cached on disk (numba's cache=True): a warm start skips the 2-4 s of compiling.
+  numba keys the cache on the content of the file that defines a kernel, so a kernel may call only
+  kernels from its own file: a cached caller never sees a changed helper from another file.
+- Where no cache directory is writable (a read-only install with no writable HOME and no
+  NUMBA_CACHE_DIR), numba refuses cache=True at import; dpm then compiles in memory instead of failing.
+- DPM_JIT_CACHE=0 turns the disk cache off (for example to time a cold start).
+Kernels are single-threaded: the matrix products go to NumPy's BLAS, which has its own threads, and
+parallel=True costs seconds of compiling for no gain at these sizes (numba-notes §0).
+"""
+import os
+
+import numba
+
+# No nnan/ninf: a NaN must survive to the divergence check. reassoc lets reductions vectorise.
+FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+CACHE = os.environ.get("DPM_JIT_CACHE", "1") != "0"
+
+
+def kernel(fn):
+    """numba.njit with dpm's options; falls back to an in-memory compile where caching is impossible."""
+    opts = dict(fastmath=FASTMATH, error_model="numpy", nogil=True)
+    if CACHE:
+        try:
+            return numba.njit(cache=True, **opts)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            pass
+    return numba.njit(cache=False, **opts)(fn)

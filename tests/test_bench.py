@@ -1,0 +1,74 @@
+"""bench.py's output format, and that dpm runs from a read-only installation (the JIT caching policy).
+
+Speed itself is never asserted here: it lives in bench.py's figures."""
+import json
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_bench_prints_one_json_object_per_line(capsys, backend):
+    assert bench.main(["--backend", backend, "--repeat", "3", "--only", "train_step_b512,train_step_gflops"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["name"] for d in lines] == ["train_step_b512", "train_step_gflops"]
+    for d in lines:
+        assert {"name", "median", "p10", "p90", "unit"} <= d.keys()
+        assert 0 < d["p10"] <= d["median"] <= d["p90"]
+    assert lines[0]["unit"] == "ms" and lines[1]["unit"] == "GFLOP/s" and "peak_gflops" in lines[1]
+
+
+def run_as_unprivileged(cmd, cwd, env):
+    """Run cmd where permission bits apply: as uid 65534 when we are root, else as ourselves."""
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: permission bits would not apply")
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def open_tmp():
+    """A scratch folder that an unprivileged user can enter (pytest's tmp_path sits under a 0700 folder)."""
+    d = tempfile.mkdtemp()
+    os.chmod(d, 0o755)
+    yield pathlib.Path(d)
+    for root, dirs, _ in os.walk(d):
+        for x in dirs:
+            os.chmod(os.path.join(root, x), 0o755)
+    shutil.rmtree(d)
+
+
+def test_runs_from_a_read_only_install_with_no_writable_cache(open_tmp):
+    """numba-notes §3: cache=True raises at import where no cache directory is writable. jitopts must fall
+    back to compiling in memory, so a read-only install with no writable HOME still trains and samples."""
+    ro = open_tmp / "ro"
+    ro.mkdir()
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(ROOT, name), ro / name)
+            os.chmod(ro / name, 0o444)
+    os.chmod(ro, 0o555)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
+    env.update(HOME="/nonexistent", PYTHONDONTWRITEBYTECODE="1")
+    probe = run_as_unprivileged([sys.executable, "-c", "import numba"], str(ro), env)
+    if probe.returncode != 0:
+        pytest.skip(f"this interpreter cannot be run unprivileged here: {probe.stderr.strip()[-200:]}")
+    code = ("import numpy as np, model, fast\n"
+            "cfg = dict(model.DEFAULTS, H=8, J=3, T=5, M=2); k = model.Consts(cfg)\n"
+            "tr = fast.Trainer(k, 4); tr.load(model.init(cfg, np.random.default_rng(0)))\n"
+            "x = np.ones((4, 2)); tr.step(x, x, np.array([2, 3, 4, 5]), 1e-3)\n"
+            "fast.sample(tr.params, k, 5, np.random.default_rng(0)); print('ok')\n")
+    r = run_as_unprivileged([sys.executable, "-c", code], str(ro), env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert not any(n.endswith((".nbi", ".nbc")) or n == "__pycache__" for n in os.listdir(ro))

@@ -1,0 +1,186 @@
+"""fast.py (the Numba path) against its NumPy twins (model.py, mlp.py, dpm.py), at awkward sizes.
+
+In float64 the kernels must agree with the reference to rounding (1e-10 relative); in float32 (how
+train.py trains) to float32 rounding (1e-5 relative)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import dpm
+import fast
+import mlp
+import model
+
+
+def config(M):
+    return dict(model.DEFAULTS, M=M, H=16, J=4, T=9)
+
+
+def perturbed_params(cfg, rng, scale=0.3):
+    p = model.init(cfg, rng)
+    return {k: v + scale * rng.standard_normal(v.shape) for k, v in p.items()}
+
+
+def batch(rng, n, T):
+    return rng.standard_normal((n, 2)), rng.standard_normal((n, 2)), rng.integers(2, T + 1, n)
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(np.asarray(a) - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+# M = 0: the input layer runs in the kernels; M = 4 (10 inputs): it runs in BLAS (Net.blas_input)
+@pytest.mark.parametrize("M", [0, 4])
+@pytest.mark.parametrize("n", [1, 2, 37, 257])
+def test_training_step_matches_reference_in_float64(M, n):
+    cfg = config(M)
+    rng = np.random.default_rng(n + 10 * M)
+    k = model.Consts(cfg)
+    p = perturbed_params(cfg, rng)
+    x0, eps, t = batch(rng, n, cfg["T"])
+    loss, grads = model.loss_and_grads(p, k, x0, eps, t)
+    tr = fast.Trainer(k, n, np.float64)
+    tr.load(p)
+    assert tr.net.blas_input == (M > 0)
+    assert abs(tr.loss_and_grads(x0, eps, t) - loss) < 1e-10 * abs(loss)
+    for name in grads:
+        assert rel_err(tr.grads[name], grads[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("M", [0, 4])
+def test_training_step_in_float32_matches_reference(M):
+    cfg = config(M)
+    rng = np.random.default_rng(3)
+    k = model.Consts(cfg)
+    p = perturbed_params(cfg, rng)
+    x0, eps, t = batch(rng, 300, cfg["T"])
+    loss, grads = model.loss_and_grads(p, k, x0, eps, t)
+    tr = fast.Trainer(k, 300, np.float32)
+    tr.load(p)
+    assert abs(tr.loss_and_grads(x0, eps, t) - loss) < 1e-5 * abs(loss)
+    for name in grads:
+        assert tr.grads[name].dtype == np.float32
+        assert rel_err(tr.grads[name], grads[name]) < 1e-5, name
+
+
+@settings(max_examples=15)
+@given(n=st.integers(1, 60), seed=st.integers(0, 2**31 - 1), M=st.sampled_from([0, 4]))
+def test_training_step_matches_reference_for_any_batch(n, seed, M):
+    cfg = config(M)
+    rng = np.random.default_rng(seed)
+    k = model.Consts(cfg)
+    p = perturbed_params(cfg, rng, scale=1.0)
+    x0, eps, t = batch(rng, n, cfg["T"])
+    loss, grads = model.loss_and_grads(p, k, x0, eps, t)
+    tr = fast.Trainer(k, n, np.float64)
+    tr.load(p)
+    assert abs(tr.loss_and_grads(x0, eps, t) - loss) < 1e-9 * max(1.0, abs(loss))
+    for name in grads:
+        assert rel_err(tr.grads[name], grads[name]) < 1e-9, name
+
+
+def test_adam_kernel_matches_mlp_adam_over_several_steps():
+    cfg = config(0)
+    rng = np.random.default_rng(4)
+    k = model.Consts(cfg)
+    p = perturbed_params(cfg, rng)
+    ref = {name: v.copy() for name, v in p.items()}
+    opt = mlp.Adam(ref)
+    tr = fast.Trainer(k, 33, np.float64)
+    tr.load(p)
+    for step in range(5):
+        x0, eps, t = batch(rng, 33, cfg["T"])
+        _, grads = model.loss_and_grads(ref, k, x0, eps, t)
+        opt.step(ref, grads, 1e-2)
+        tr.step(x0, eps, t, 1e-2)
+    for name in ref:
+        assert rel_err(tr.params[name], ref[name]) < 1e-9, name
+        assert rel_err(tr.m[name], opt.m[name]) < 1e-9, name
+        assert rel_err(tr.v[name], opt.v[name]) < 1e-9, name
+    assert tr.adam_n == opt.n == 5
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_gradient_is_refused_and_changes_nothing(bad):
+    cfg = config(0)
+    tr = fast.Trainer(model.Consts(cfg), 5, np.float32)
+    tr.load(perturbed_params(cfg, np.random.default_rng(5)))
+    before = tr.theta.copy()
+    tr.grad[:] = 0.1
+    tr.grad[17] = bad
+    assert not fast._adam(tr.theta, tr.grad, tr.m_flat, tr.v_flat, np.float32(1e-3), *tr.hyper, 1)
+    assert np.array_equal(tr.theta, before) and not tr.m_flat.any()
+
+
+def test_schedule_kernel_matches_dpm():
+    cfg = config(0)
+    rng = np.random.default_rng(6)
+    k = model.Consts(cfg)
+    p = perturbed_params(cfg, rng, scale=2.0)
+    net = fast.Net(k, 1, np.float64)
+    net.tables(p)
+    beta, ab = k.schedule(p)
+    assert rel_err(net.beta, beta) < 1e-14 and rel_err(net.ab, ab) < 1e-14
+    t = np.arange(2, cfg["T"] + 1)
+    c0 = np.sqrt(ab[t - 1]) * beta[t] / (1 - ab[t])
+    mu_t, beta_til = dpm.q_posterior(1.0, 0.0, beta[t], ab[t], ab[t - 1])
+    assert rel_err(net.coef[t, 5], mu_t) < 1e-14 and rel_err(net.coef[t, 5], c0) < 1e-14
+    assert rel_err(net.coef[t, 7], beta_til) < 1e-14
+    assert rel_err(net.coef[t, 4], dpm.logit(beta[t])) < 1e-12
+
+
+@pytest.mark.parametrize("with_u", [True, False])
+def test_first_layer_and_its_backward_match_numpy(with_u):
+    rng = np.random.default_rng(7)
+    n, In, H, T = 13, 3, 5, 6
+    u, W1u, b1 = rng.standard_normal((n, In)), rng.standard_normal((In, H)), rng.standard_normal(H)
+    table1, t = rng.standard_normal((T + 1, H)), rng.integers(2, T + 1, n)
+    want = u @ W1u + table1[t] + b1
+    P1 = np.zeros((n, H)) if with_u else u @ W1u
+    fast._first_layer(u, W1u, b1, table1, t, P1, with_u)
+    assert rel_err(P1, want) < 1e-14
+    h1, g = np.tanh(want), rng.standard_normal((n, H))
+    g_pre = g * (1 - h1 * h1)
+    Gt1, gb1, gW1u, g_u = np.zeros((T + 1, H)), np.zeros(H), np.zeros((In, H)), np.zeros((n, In))
+    fast._layer1_back(g.copy(), h1, u, W1u, t, Gt1, gb1, gW1u, g_u, with_u)
+    assert rel_err(Gt1, np.stack([g_pre[t == s].sum(0) for s in range(T + 1)])) < 1e-14
+    assert rel_err(gb1, g_pre.sum(0)) < 1e-14
+    if with_u:
+        assert rel_err(gW1u, u.T @ g_pre) < 1e-14 and rel_err(g_u, g_pre @ W1u.T) < 1e-14
+
+
+@pytest.mark.parametrize("M", [0, 4])
+def test_evaluation_matches_reference(M):
+    """Same RNG draws, 250 points in batches of 64 (the last one short)."""
+    cfg = config(M)
+    rng = np.random.default_rng(8)
+    k = model.Consts(cfg)
+    p = perturbed_params(cfg, rng)
+    x = rng.standard_normal((250, 2))
+    a, kl_a = model.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
+    b, kl_b = fast.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
+    assert rel_err(b, a) < 1e-10 and rel_err(kl_b, kl_a) < 1e-10
+
+
+@pytest.mark.parametrize("M", [0, 4])
+def test_sampling_matches_reference(M):
+    cfg = config(M)
+    rng = np.random.default_rng(9)
+    k = model.Consts(cfg)
+    p = perturbed_params(cfg, rng)
+    keep = (cfg["T"], 3, 1)
+    a, ka = model.sample(p, k, 101, np.random.default_rng(2), keep=keep)
+    b, kb = fast.sample(p, k, 101, np.random.default_rng(2), keep=keep, batch=32, dtype=np.float64)
+    assert rel_err(b, a) < 1e-10 and all(rel_err(kb[t], ka[t]) < 1e-10 for t in ka)
+    c, _ = fast.sample(p, k, 101, np.random.default_rng(2), batch=32, dtype=np.float32)
+    assert np.max(np.abs(c - a)) < 1e-4
+
+
+def test_trainer_params_are_views_of_one_flat_vector():
+    cfg = config(4)
+    tr = fast.Trainer(model.Consts(cfg), 3)
+    ref = model.init(cfg, np.random.default_rng(0))
+    assert set(tr.params) == set(ref)
+    for name, v in tr.params.items():
+        assert v.shape == ref[name].shape and np.shares_memory(v, tr.theta)
+    assert tr.theta.size == sum(v.size for v in ref.values())
