@@ -133,7 +133,8 @@ def main(argv=None):
         x = data.swissroll(20_000, [0, 1])
         ev = fast.evaluate if b == "numba" else model.evaluate
         s = timed(lambda: ev(params, k, x, np.random.default_rng(0), n_draws=1), 3, 1)
-        emit(stats("eval_K_20000", s, "s", backend=b, draws=1, t_terms=COMPARISON["T"] - 1, dtype="float64"))
+        emit(stats("eval_K_20000", s, "s", backend=b, draws=1, t_terms=COMPARISON["T"] - 1,
+                   network=("float32" if b == "numba" else "float64"), kl_arithmetic="float64"))
     if want("sample_100000"):
         sm = fast.sample if b == "numba" else model.sample
         s = timed(lambda: sm(params, k, 100_000, np.random.default_rng(0)), 3, 1)

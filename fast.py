@@ -11,7 +11,7 @@ Work per training step (batch n; the same maths as model.loss_and_grads):
   _schedule           β, ᾱ from c (§2.4.1), and the per-t constants of q_sample, q_posterior, reverse_mu_sigma
   BLAS                per-t tables: g(t)·W1_g, and the readout folded over the bumps, W_eff(t) = Σ_j g_j(t) W3_j
   _noised             x⁽ᵗ⁾ = √ᾱ_t x⁽⁰⁾ + √(1−ᾱ_t) ε (frozen noise)
-  _first_layer, BLAS, np.tanh   the two hidden layers (np.tanh is SIMD; numba's scalar tanh is 50x slower)
+  _first_layer, BLAS, _bias_act the two hidden layers, tanh fused in (_tanh32 in float32)
   _head               a, b = readout; μ, Σ (Eq. 5); μ̃, β̃ (App. B.3); KL (Eq. 14) and its gradient;
                       the readout's backward, accumulated per t
   BLAS, _layer1_back  the hidden layers' backward
@@ -105,24 +105,59 @@ def _noised(x0, eps, t, coef, xt, x_net):
 
 
 @kernel
-def _first_layer(u, W1u, b1, table1, t, P1, with_u):
-    """The first layer's pre-activation P1 = u W1_u + g(t)·W1_g + b1, with g(t)·W1_g from table1[t].
+def _first_layer(u, W1u, table1, t, P1, with_u, exact, h1):
+    """h1 = tanh(u W1_u + g(t)·W1_g + b1), with g(t)·W1_g + b1 from table1[t] (mlp.forward's first layer).
 
-    with_u False: P1 already holds u W1_u (from BLAS, for wide inputs); only the rest is added."""
+    with_u False: P1 already holds u W1_u (from BLAS, for wide inputs); with_u True: computed here."""
+    H = table1.shape[1]
     for i in range(u.shape[0]):
-        p = P1[i]
-        r = table1[t[i]]
-        if not with_u:
-            for h in range(p.shape[0]):
-                p[h] += r[h] + b1[h]
-            continue
-        for h in range(p.shape[0]):
-            p[h] = r[h] + b1[h]
-        for c in range(u.shape[1]):
-            uc = u[i, c]
-            w = W1u[c]
-            for h in range(p.shape[0]):
-                p[h] += uc * w[h]
+        r, p = table1[t[i]], P1[i]
+        if with_u:
+            for h in range(H):
+                p[h] = r[h]
+            for j in range(u.shape[1]):
+                uj = u[i, j]
+                w = W1u[j]
+                for h in range(H):
+                    p[h] += uj * w[h]
+            for h in range(H):
+                h1[i, h] = _act(p[h], exact)
+        else:
+            for h in range(H):
+                h1[i, h] = _act(p[h] + r[h], exact)
+
+
+@kernel
+def _tanh32(x):
+    """tanh to float32 precision (max error 3e-7) as a rational function, which vectorises: numba's
+    math.tanh is a scalar libm call, 50 times slower. (The minimax coefficients used by Eigen.)"""
+    f = np.float32
+    x = min(max(f(x), f(-7.90531110763549805)), f(7.90531110763549805))
+    x2 = x * x
+    p = x2 * f(-2.76076847742355e-16) + f(2.00018790482477e-13)
+    p = x2 * p + f(-8.60467152213735e-11)
+    p = x2 * p + f(5.12229709037114e-08)
+    p = x2 * p + f(1.48572235717979e-05)
+    p = x2 * p + f(6.37261928875436e-04)
+    p = x2 * p + f(4.89352455891786e-03)
+    q = x2 * f(1.19825839466702e-06) + f(1.18534705686654e-04)
+    q = x2 * q + f(2.26843463243900e-03)
+    q = x2 * q + f(4.89352518554385e-03)
+    return x * p / q
+
+
+@kernel
+def _act(z, exact):
+    """The hidden units' tanh: exact (libm) for float64 checks, _tanh32 for float32 work."""
+    return math.tanh(z) if exact else _tanh32(z)
+
+
+@kernel
+def _bias_act(P, b, exact, out):
+    """out = tanh(P + b): the second hidden layer after its matrix product."""
+    for i in range(P.shape[0]):
+        for h in range(P.shape[1]):
+            out[i, h] = _act(P[i, h] + b[h], exact)
 
 
 @kernel
@@ -342,6 +377,7 @@ class Net:
         self.u, self.P1, self.h1, self.h2 = z(n, self.In), z(n, H), z(n, H), z(n, H)
         self.xF = z(n, M)
         self.blas_input = self.In > 8      # narrow inputs (x alone) are cheaper in the kernels
+        self.exact = dtype == np.float64  # float64 (for checking) uses libm's tanh, float32 _tanh32
         self.xt, self.x_net = np.zeros((n, D)), z(n, D)
 
     def tables(self, p):
@@ -351,6 +387,7 @@ class Net:
                   self.beta, self.ab, self.coef)
         J = self.basis_T.shape[1]
         np.matmul(self.basis_T, p["W1"][self.In:], out=self.table1)
+        self.table1 += p["b1"]
         np.matmul(self.basis_T, p["W3"].reshape(J, -1), out=self.Weff.reshape(self.T + 1, -1))
         np.matmul(self.basis_T, p["b3"], out=self.beff)
 
@@ -367,11 +404,9 @@ class Net:
         W1u = p["W1"][:self.In]
         if self.blas_input:
             np.matmul(u, W1u, out=P1)
-        _first_layer(u, W1u, p["b1"], self.table1, t, P1, not self.blas_input)
-        np.tanh(P1, out=h1)
+        _first_layer(u, W1u, self.table1, t, P1, not self.blas_input, self.exact, h1)
         np.matmul(h1, p["W2"], out=P1)
-        P1 += p["b2"]
-        np.tanh(P1, out=h2)
+        _bias_act(P1, p["b2"], self.exact, h2)
         return u, h1, h2
 
 
@@ -441,8 +476,10 @@ class Trainer:
         return loss
 
 
-def evaluate(params, k, x0, rng, n_draws=4, batch=8192, dtype=np.float64):
-    """model.evaluate through the kernels: per-point K − L_null (nats) and the mean KL_t; the same RNG draws."""
+def evaluate(params, k, x0, rng, n_draws=4, batch=8192, dtype=np.float32):
+    """model.evaluate through the kernels: per-point K − L_null (nats) and the mean KL_t; the same RNG draws.
+
+    The network runs in dtype (float32: the model as trained); the KL arithmetic is float64 either way."""
     T, D = k.T, k.D
     net = Net(k, min(batch, len(x0)), dtype)
     p = {name: np.asarray(v, dtype) for name, v in params.items()}
