@@ -99,6 +99,11 @@ def gaussian_kl(mu_q, var_q, mu_p, var_p):
     return 0.5 * (np.log(var_p) - np.log(var_q) + (var_q + (mu_q - mu_p) ** 2) / var_p - 1.0)
 
 
+def gaussian_logpdf(x, mu, var):
+    """log N(x; mu, diag var), summed over the last axis (nats): the factors of Eq. 9's integrand."""
+    return -0.5 * np.sum(np.log(2.0 * math.pi * var) + (x - mu) ** 2 / var, axis=-1)
+
+
 def gaussian_entropy(var, D):
     """H of N(·, var I_D) in nats: D/2 (1 + log 2π) + D/2 log var (H_q(X⁽¹⁾|X⁽⁰⁾), H_q(X⁽ᵀ⁾|X⁽⁰⁾), H_p(X⁽ᵀ⁾))."""
     return 0.5 * D * (1.0 + math.log(2.0 * math.pi)) + 0.5 * D * np.log(var)
@@ -190,6 +195,21 @@ def schedule_backward(g_beta, g_ab, beta, c_basis, base):
     g_total = g_beta - rev / (1.0 - beta)
     g_u = g_total[2:] * beta[2:] * (1.0 - beta[2:])
     return c_basis[:, 2:] @ g_u
+
+
+def entropy_bounds(beta, ab, D):
+    """§2.6, Eq. 24, for Gaussian diffusion: H_q(X⁽ᵗ⁾|X⁽ᵗ⁻¹⁾) + H_q(X⁽ᵗ⁻¹⁾|X⁽⁰⁾) − H_q(X⁽ᵗ⁾|X⁽⁰⁾) ≤
+    H_q(X⁽ᵗ⁻¹⁾|X⁽ᵗ⁾) ≤ H_q(X⁽ᵗ⁾|X⁽ᵗ⁻¹⁾). With Gaussian kernels the lower bound is the entropy of the
+    posterior variance β̃_t = β_t(1 − ᾱ_{t−1})/(1 − ᾱ_t) and the upper one that of β_t (nats, (T + 1,),
+    entries for t ≥ 1; the upper bound assumes unit-variance data, §2.6)."""
+    T = len(beta) - 1
+    lower, upper = np.zeros(T + 1), np.zeros(T + 1)
+    t = np.arange(1, T + 1)
+    H = lambda var: gaussian_entropy(var, D)
+    lower[t] = H(beta[t]) + np.where(t > 1, H(np.maximum(1.0 - ab[t - 1], 1e-300)), -np.inf) - H(1.0 - ab[t])
+    lower[1] = -np.inf            # X⁽⁰⁾ given X⁽⁰⁾ is a point: no lower bound at t = 1
+    upper[t] = H(beta[t])
+    return lower, upper
 
 
 # ---------------------------------------------------------------- sampling (Eq. 5, App. B.2)

@@ -352,6 +352,24 @@ def _head_sample(h2, Weff, beff, x, t, coef, sqrt_T, noise, x_out):
             x_out[i, d] = mu + math.sqrt(Sigma) * noise[i, d]
 
 
+@kernel
+def _reverse_logpdf(h2, Weff, beff, x, t, coef, sqrt_T, x_prev, out):
+    """out_i += log p(x_prev_i | x_i) for the learned kernel of Eq. 5 (dpm.reverse_mu_sigma), nats."""
+    n, D = x.shape
+    r = np.empty(2 * D, h2.dtype)
+    for i in range(n):
+        ti = t[i]
+        _readout(h2, Weff, beff, ti, i, r)
+        s = 0.0
+        for d in range(D):
+            mu = coef[ti, 2] * x[i, d] + coef[ti, 3] * r[d]
+            z = r[D + d] / sqrt_T + coef[ti, 4]
+            log_Sigma = -math.log1p(math.exp(-z))
+            diff = x_prev[i, d] - mu
+            s -= 0.5 * (math.log(2.0 * math.pi) + log_Sigma + diff * diff * math.exp(-log_Sigma))
+        out[i] += s
+
+
 # ---------------------------------------------------------------- host side
 
 class Net:
@@ -529,3 +547,34 @@ def sample(params, k, n, rng, keep=(), batch=8192, dtype=np.float32):
     x = dpm.p_step_fixed_first(x, net.beta[1], rng.standard_normal(x.shape))
     kept[0] = x
     return x, kept
+
+
+def log_weights(params, k, x0, rng, n_traj, batch=8192, dtype=np.float32):
+    """model.log_weights (Eq. 9's integrand along forward trajectories) through the kernels; the same RNG
+    draws. The network runs in dtype, the log densities in float64."""
+    T, D, n = k.T, k.D, len(x0)
+    net = Net(k, min(batch, n), dtype)
+    p = {name: np.asarray(v, dtype) for name, v in params.items()}
+    net.tables(p)
+    beta = net.beta
+    out = np.zeros((n, n_traj))
+    col = np.zeros(n)
+    tt = np.zeros(net.n, np.int64)
+    for j in range(n_traj):
+        x, col[:] = x0, 0.0
+        for t in range(1, T + 1):
+            x_new = dpm.q_step(x, beta[t], rng.standard_normal(x.shape))
+            col -= dpm.gaussian_logpdf(x_new, np.sqrt(1.0 - beta[t]) * x, beta[t])
+            if t == 1:
+                col += dpm.gaussian_logpdf(x, np.sqrt(1.0 - beta[1]) * x_new, beta[1])
+            else:
+                tt[:] = t
+                for s in range(0, n, batch):
+                    m = min(batch, n - s)
+                    net.x_net[:m] = x_new[s:s + m]
+                    _, _, h2 = net.hidden(p, tt[:m], m)
+                    _reverse_logpdf(h2, net.Weff, net.beff, x_new[s:s + m], tt[:m], net.coef, net.sqrt_T,
+                                    x[s:s + m], col[s:s + m])
+            x = x_new
+        out[:, j] = col + dpm.gaussian_logpdf(x, 0.0, 1.0)
+    return out

@@ -93,6 +93,43 @@ def evaluate(params, k, x0, rng, n_draws=4, batch=8192):
     return dpm.prior_and_edge_terms(x0, k.cfg["beta1"], ab[T]) - kl_sum, kl_t
 
 
+def log_weights(params, k, x0, rng, n_traj):
+    """Eq. 9's integrand along n_traj forward trajectories per point, in logs (nats, (n, n_traj)):
+
+    log w = log π(x⁽ᵀ⁾) + Σ_t [log p(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾) − log q(x⁽ᵗ⁾|x⁽ᵗ⁻¹⁾)], x⁽¹…ᵀ⁾ ~ q(·|x⁽⁰⁾).
+    log mean_j exp(log w_j) estimates log p(x⁽⁰⁾); E[log w] is K(x⁽⁰⁾) (Eq. 12 = Eq. 14)."""
+    T, D, n = k.T, k.D, len(x0)
+    beta, _ = k.schedule(params)
+    out = np.zeros((n, n_traj))
+    for j in range(n_traj):
+        x = x0
+        for t in range(1, T + 1):
+            x_new = dpm.q_step(x, beta[t], rng.standard_normal(x.shape))
+            out[:, j] -= dpm.gaussian_logpdf(x_new, np.sqrt(1.0 - beta[t]) * x, beta[t])
+            if t == 1:                                  # the fixed first step, Eq. 44
+                mu, Sigma = np.sqrt(1.0 - beta[1]) * x_new, beta[1]
+            else:
+                mu, Sigma, _ = reverse(params, k, x_new, np.full(n, t), beta)
+            out[:, j] += dpm.gaussian_logpdf(x, mu, Sigma)
+            x = x_new
+        out[:, j] += dpm.gaussian_logpdf(x, 0.0, 1.0)   # π = N(0, I)
+    return out
+
+
+def reverse_entropy(params, k, x0, rng):
+    """E over q(x⁽ᵗ⁾) of H(p(X⁽ᵗ⁻¹⁾|x⁽ᵗ⁾)) for each t (nats, (T + 1,)): the learned kernel's entropy, which §2.6's
+    bounds (dpm.entropy_bounds) bracket. t = 1 is the fixed step N(·, β₁ I)."""
+    T, D, n = k.T, k.D, len(x0)
+    beta, ab = k.schedule(params)
+    H = np.zeros(T + 1)
+    H[1] = dpm.gaussian_entropy(beta[1], D)
+    for t in range(2, T + 1):
+        xt = dpm.q_sample(x0, ab[t], rng.standard_normal(x0.shape))
+        _, Sigma, _ = reverse(params, k, xt, np.full(n, t), beta)
+        H[t] = np.mean(0.5 * D * (1.0 + math.log(2.0 * math.pi)) + 0.5 * np.sum(np.log(Sigma), axis=1))
+    return H
+
+
 def sample(params, k, n, rng, keep=()):
     """Ancestral sampling, Eq. 5: x⁽ᵀ⁾ ~ π = N(0, I), learned steps t = T..2, then the fixed step of Eq. 44.
 
@@ -110,6 +147,56 @@ def sample(params, k, n, rng, keep=()):
     x = dpm.p_step_fixed_first(x, beta[1], rng.standard_normal(x.shape))
     kept[0] = x
     return x, kept
+
+
+def parse_condition(text, D):
+    """--condition text → ("gauss", m (D,), s) for r = N(m, s² I), or ("clamp", {coordinate: value})."""
+    if text.startswith("gauss:"):
+        v = [float(s) for s in text[6:].split(",")]
+        if len(v) != D + 1 or not v[-1] > 0 or not all(map(math.isfinite, v)):
+            raise ValueError(f"gauss: needs {D} means and a positive width, e.g. gauss:0.5,-0.2,0.3")
+        return "gauss", np.array(v[:D]), v[D]
+    names = "xyz"[:D]
+    clamp = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in names or not value or not math.isfinite(float(value)):
+            raise ValueError(f"expected gauss:MX,MY,S or coordinate=value such as x=0.5, got {text!r}")
+        clamp[names.index(name.strip())] = float(value)
+    if len(clamp) == D:
+        raise ValueError("clamping every coordinate leaves nothing to sample")
+    return "clamp", clamp
+
+
+def sample_conditioned(params, k, n, rng, condition):
+    """Ancestral sampling of p̃(x⁽⁰⁾) ∝ p(x⁽⁰⁾) r(x⁽⁰⁾), §2.5, with r_t = r at every t (Eq. 23).
+
+    ("gauss", m, s): r = N(m, s² I). p̃(x⁽ᵀ⁾) ∝ π r is N(m/(1+s²), s²/(1+s²) I) exactly; every reverse step,
+    the fixed last one too, takes the perturbed mean of Eq. 61, μ + Σ ∂log r/∂x at x = μ, with Σ unchanged.
+    ("clamp", {i: v}): r is a delta on coordinates i (inpainting, §2.5.3): they are v at every step, so the
+    network sees them, and the other coordinates follow the learned kernel unchanged."""
+    T, D = k.T, k.D
+    beta, _ = k.schedule(params)
+    kind = condition[0]
+    if kind == "gauss":
+        m, s = condition[1], condition[2]
+        x = m / (1 + s * s) + math.sqrt(s * s / (1 + s * s)) * rng.standard_normal((n, D))
+        shift = lambda mu, Sigma: mu + Sigma * (m - mu) / (s * s)
+    else:
+        idx = list(condition[1])
+        val = np.array([condition[1][i] for i in idx])
+        x = rng.standard_normal((n, D))
+        x[:, idx] = val
+        shift = lambda mu, Sigma: mu
+    for t in range(T, 0, -1):
+        if t == 1:                                   # the fixed step of Eq. 44
+            mu, Sigma = np.sqrt(1.0 - beta[1]) * x, np.full_like(x, beta[1])
+        else:
+            mu, Sigma, _ = reverse(params, k, x, np.full(n, t), beta)
+        x = shift(mu, Sigma) + np.sqrt(Sigma) * rng.standard_normal(x.shape)
+        if kind == "clamp":
+            x[:, idx] = val
+    return x
 
 
 def bits(nats):

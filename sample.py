@@ -5,6 +5,7 @@
 Samples are in the standardised units in which K is reported; .csv output when --out ends in .csv.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -26,6 +27,9 @@ def parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--figure", default=None, help="write the paper's Figure 1 layout as SVG here")
     p.add_argument("--data", default=None, help="fail unless the checkpoint was trained on this dataset")
+    p.add_argument("--condition", default=None,
+                   help="sample p(x) r(x) (§2.5): gauss:MX,MY,S for r = N(m, S² I), or x=V / y=V to clamp a "
+                        "coordinate (inpainting)")
     return p.parse_args(argv)
 
 
@@ -104,6 +108,72 @@ def figure(params, k, x_data, rng, n=1000):
     return "\n".join([head] + body + ["</svg>\n"])
 
 
+def entropy_figure(lower, upper, learned):
+    """§2.6's bounds on H_q(X⁽ᵗ⁻¹⁾|X⁽ᵗ⁾) (Eq. 24) and the learned reverse kernel's entropy, against t, as SVG."""
+    t = np.arange(2, len(upper))
+    series = [("lower bound H(β̃_t)", lower[t], "#1f4e9e"), ("upper bound H(β_t)", upper[t], "#b22"),
+              ("learned E H(p(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾))", learned[t], "#222")]
+    lo = min(v.min() for _, v, _ in series)
+    hi = max(v.max() for _, v, _ in series)
+    W, H, L, B = 560, 320, 60, 40
+    px = lambda s: L + (s - t[0]) / max(t[-1] - t[0], 1) * (W - L - 20)
+    py = lambda v: 20 + (hi - v) / max(hi - lo, 1e-12) * (H - 20 - B)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H + 60}" font-family="sans-serif">',
+           f'<rect x="{L}" y="20" width="{W - L - 20}" height="{H - 20 - B}" fill="white" stroke="#888"/>',
+           f'<text x="{W / 2}" y="{H + 5}" text-anchor="middle" font-size="12">t</text>',
+           f'<text x="10" y="{H / 2}" font-size="12" transform="rotate(-90 10 {H / 2})">nats per point</text>']
+    for v in np.linspace(lo, hi, 5):
+        out.append(f'<text x="{L - 4}" y="{py(v) + 4:.1f}" text-anchor="end" font-size="10">{v:.1f}</text>')
+    for s in (t[0], t[len(t) // 2], t[-1]):
+        out.append(f'<text x="{px(s):.1f}" y="{H - B + 14}" text-anchor="middle" font-size="10">{s}</text>')
+    for i, (name, v, colour) in enumerate(series):
+        pts = " ".join(f"{px(s):.1f},{py(y):.1f}" for s, y in zip(t, v))
+        out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        out.append(f'<text x="{L + 10}" y="{H + 20 + 14 * i}" font-size="11" fill="{colour}">{name}</text>')
+    return "\n".join(out + ["</svg>\n"])
+
+
+def exact_conditional(condition, noise, n, rng):
+    """Exact draws from p_data(x) r(x) and, for a clamp, the masses of the roll's crossings.
+
+    clamp: the free coordinate on a grid of 60,001 points over [-3, 3] under the data's exact density;
+    crossings are the density's modes, each owning the interval between its neighbouring minima.
+    gauss: 400,000 roll points resampled with weights r (sampling-importance-resampling)."""
+    if condition[0] == "gauss":
+        m, s_ = condition[1], condition[2]
+        pool = data.swissroll(400_000, [9, 9], noise)
+        w = np.exp(-0.5 * np.sum((pool - m) ** 2, 1) / s_**2)
+        return pool[rng.choice(len(pool), n, p=w / w.sum())], None
+    (i, v), = condition[1].items()
+    grid = np.linspace(-3, 3, 60_001)
+    pts = np.zeros((len(grid), 2))
+    pts[:, i], pts[:, 1 - i] = v, grid
+    w = np.exp(data.log_density(pts, noise) - data.log_density(pts, noise).max())
+    w /= w.sum()
+    mode = np.flatnonzero((w[1:-1] > w[:-2]) & (w[1:-1] >= w[2:]) & (w[1:-1] > 1e-8)) + 1
+    cuts = [grid[np.argmin(w[a:b]) + a] for a, b in zip(mode[:-1], mode[1:])]
+    masses = [float(w[(grid >= lo) & (grid < hi)].sum()) for lo, hi in zip([-np.inf] + cuts, cuts + [np.inf])]
+    draws = np.zeros((n, 2))
+    draws[:, i], draws[:, 1 - i] = v, rng.choice(grid, n, p=w)
+    return draws, {"modes": grid[mode].tolist(), "cuts": cuts, "masses": masses, "free": 1 - i}
+
+
+def condition_summary(x, condition, noise, rng):
+    """How close conditioned samples are to the exact p_data r: mean true log-density (bits) of both and,
+    for a clamp, the share of samples at each crossing of the roll against its exact mass."""
+    exact, cross = exact_conditional(condition, noise, len(x), rng)
+    lb = lambda v: data.log_density(v, noise) / math.log(2.0)
+    out = {"samples_mean_log_density_bits": float(lb(x).mean()),
+           "exact_mean_log_density_bits": float(lb(exact).mean()),
+           "samples_mean": x.mean(0).tolist(), "exact_mean": exact.mean(0).tolist()}
+    if cross:
+        free = x[:, cross["free"]]
+        edges = [-np.inf] + cross["cuts"] + [np.inf]
+        out["crossings"] = [{"at": mo, "exact_share": ma, "sample_share": float(np.mean((free >= lo) & (free < hi)))}
+                            for mo, ma, lo, hi in zip(cross["modes"], cross["masses"], edges[:-1], edges[1:])]
+    return out
+
+
 def write_atomic(path, write):
     tmp = path + ".tmp"
     write(tmp)
@@ -116,7 +186,15 @@ def main(argv=None):
         raise train.UsageError(f"--out must end in .npy or .csv, got {args.out!r}")
     meta, params, k = load_run(args.run, args.data)
     rng = np.random.default_rng(args.seed)
-    x, _ = fast.sample(params, k, args.n, rng)
+    condition = None
+    if args.condition:
+        try:
+            condition = model.parse_condition(args.condition, k.D)
+        except ValueError as e:
+            raise train.UsageError(f"--condition: {e}") from None
+        x = model.sample_conditioned(params, k, args.n, rng, condition)
+    else:
+        x, _ = fast.sample(params, k, args.n, rng)
     if args.out.endswith(".csv"):
         write_atomic(args.out, lambda p: np.savetxt(p, x, delimiter=",", header="x,y", comments=""))
     else:
@@ -131,6 +209,13 @@ def main(argv=None):
           f"{q['median_bits']:.3f} bits/point (held-out data: {q['data_mean_bits']:.3f}, "
           f"{q['data_median_bits']:.3f}); {q['on_roll']:.1%} on the roll (at least as likely as the "
           f"least likely 1% of data)")
+    if condition:
+        c = condition_summary(x, condition, noise, rng)
+        print(f"conditioned on {args.condition}: mean true log-density {c['samples_mean_log_density_bits']:.3f} bits "
+              f"(exact conditional draws: {c['exact_mean_log_density_bits']:.3f}); mean "
+              f"{np.round(c['samples_mean'], 3).tolist()} (exact {np.round(c['exact_mean'], 3).tolist()})")
+        for cr in c.get("crossings", []):
+            print(f"  crossing at {cr['at']:+.3f}: {cr['sample_share']:.1%} of samples, exact {cr['exact_share']:.1%}")
     if args.figure:
         svg = figure(params, k, x_real, rng)
         def write_svg(p):

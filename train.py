@@ -220,6 +220,11 @@ def finish(run, x_heldout):
     se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v)))
     sample = fast.sample if a.backend == "numba" else model.sample
     samples, _ = sample(run.params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
+    H_lower, H_upper = dpm.entropy_bounds(beta, ab, run.cfg["D"])
+    H_learned = model.reverse_entropy({n: np.asarray(v, np.float64) for n, v in run.params.items()}, run.k,
+                                      x_heldout[:4000], np.random.default_rng([a.seed, 4]))
+    t_all = np.arange(2, run.cfg["T"] + 1)
+    outside = [int(t) for t in t_all if not H_lower[t] - 1e-9 <= H_learned[t] <= H_upper[t] + 1e-9]
     m = {
         "data": a.data, "T": run.cfg["T"], "steps": run.step, "wall_seconds": round(run.wall, 2),
         "K_bits": float(K.mean()), "K_stderr_bits": se(K),
@@ -227,12 +232,17 @@ def finish(run, x_heldout):
         "K_minus_L_null_bits": float(kmn.mean()), "K_minus_L_null_stderr_bits": se(kmn),
         "limit_bits": data.limit_bits(a.noise), "ceiling_bits": data.ceiling_bits(run.cfg["beta1"], a.noise),
         "sample_quality": data.sample_quality(samples, x_heldout[:len(samples)], a.noise),
-        "kl_per_t_bits": kl_t.tolist(), "beta": beta.tolist(), "alpha_bar_T": float(ab[-1]),
+        "kl_per_t_bits": kl_t.tolist(),
+        "entropy_bounds_nats": {"lower": [None] * 2 + H_lower[2:].tolist(), "upper": [None] + H_upper[1:].tolist(),
+                                "learned": [None] + H_learned[1:].tolist(), "t_outside_bounds": outside}, "beta": beta.tolist(), "alpha_bar_T": float(ab[-1]),
         "beta1": run.cfg["beta1"], "noise": a.noise, "seed": a.seed, "heldout_points": len(x_heldout),
         "noise_draws": a.draws, "backend": a.backend,
     }
     with open(os.path.join(a.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
+    import sample as sample_py                  # sample.py imports train.py
+    with open(os.path.join(a.out, "entropy.svg"), "w") as f:
+        f.write(sample_py.entropy_figure(H_lower, H_upper, H_learned))
     print(f"done: {a.data} T={m['T']} steps={m['steps']} in {m['wall_seconds']:.0f}s  "
           f"K = {m['K_bits']:.3f} ± {m['K_stderr_bits']:.3f} bits  "
           f"K-L_null = {m['K_minus_L_null_bits']:.3f} ± {m['K_minus_L_null_stderr_bits']:.3f}  "
