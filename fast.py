@@ -112,7 +112,11 @@ def _first_layer(u, W1u, table1, t, P1, with_u, exact, h1):
     H = table1.shape[1]
     for i in range(u.shape[0]):
         r, p = table1[t[i]], P1[i]
-        if with_u:
+        if with_u and u.shape[1] == 2:              # x alone: one pass
+            u0, u1, w0, w1 = u[i, 0], u[i, 1], W1u[0], W1u[1]
+            for h in range(H):
+                h1[i, h] = _act(r[h] + u0 * w0[h] + u1 * w1[h], exact)
+        elif with_u:
             for h in range(H):
                 p[h] = r[h]
             for j in range(u.shape[1]):
@@ -161,13 +165,13 @@ def _bias_act(P, b, exact, out):
 
 
 @kernel
-def _readout(h2, Weff, beff, ti, i, out):
-    """out = W_eff(t) h2_i + b_eff(t) (mlp.forward's readout), in the network dtype."""
+def _readout(h, Weff, beff, ti, out):
+    """out = W_eff(t) h + b_eff(t) for one row h of the last hidden layer (mlp.forward's readout)."""
     for k in range(out.shape[0]):
         acc = beff[ti, k]
         w = Weff[ti, k]
-        for h in range(h2.shape[1]):
-            acc += w[h] * h2[i, h]
+        for j in range(h.shape[0]):
+            acc += w[j] * h[j]
         out[k] = acc
 
 
@@ -189,7 +193,7 @@ def _head(h2, Weff, beff, x0, xt, t, coef, sqrt_T, weight, g_h2, G, Gb, gb2, g_x
     inv_sqrt_T = 1.0 / sqrt_T
     for i in range(n):
         ti = t[i]
-        _readout(h2, Weff, beff, ti, i, out)
+        _readout(h2[i], Weff, beff, ti, out)
         sa, sb, lb, c0, c1 = coef[ti, 2], coef[ti, 3], coef[ti, 4], coef[ti, 5], coef[ti, 6]
         bt_til, log_bt_til = coef[ti, 7], coef[ti, 8]
         for d in range(D):
@@ -327,7 +331,7 @@ def _head_kl(h2, Weff, beff, x0, xt, t, coef, sqrt_T, kl):
     out = np.empty(2 * D)
     for i in range(n):
         ti = t[i]
-        _readout(h2, Weff, beff, ti, i, out)
+        _readout(h2[i], Weff, beff, ti, out)
         s = 0.0
         for d in range(D):
             mu = coef[ti, 2] * xt[i, d] + coef[ti, 3] * out[d]
@@ -339,13 +343,17 @@ def _head_kl(h2, Weff, beff, x0, xt, t, coef, sqrt_T, kl):
 
 
 @kernel
-def _head_sample(h2, Weff, beff, x, t, coef, sqrt_T, noise, x_out):
-    """One ancestral step (Eq. 5): x⁽ᵗ⁻¹⁾ = μ + √Σ ε with μ, Σ from dpm.reverse_mu_sigma."""
+def _head_sample(P2, b2, exact, Weff, beff, x, t, coef, sqrt_T, noise, x_out):
+    """One ancestral step (Eq. 5): x⁽ᵗ⁻¹⁾ = μ + √Σ ε with μ, Σ from dpm.reverse_mu_sigma. P2 is the second
+    layer before its bias and tanh, which are applied here row by row (one pass less over memory)."""
     n, D = x.shape
     out = np.empty(2 * D)
+    h = np.empty(P2.shape[1], P2.dtype)
     for i in range(n):
         ti = t[i]
-        _readout(h2, Weff, beff, ti, i, out)
+        for j in range(h.shape[0]):
+            h[j] = _act(P2[i, j] + b2[j], exact)
+        _readout(h, Weff, beff, ti, out)
         for d in range(D):
             mu = coef[ti, 2] * x[i, d] + coef[ti, 3] * out[d]
             Sigma = 1.0 / (1.0 + math.exp(-(out[D + d] / sqrt_T + coef[ti, 4])))
@@ -359,7 +367,7 @@ def _reverse_logpdf(h2, Weff, beff, x, t, coef, sqrt_T, x_prev, out):
     r = np.empty(2 * D, h2.dtype)
     for i in range(n):
         ti = t[i]
-        _readout(h2, Weff, beff, ti, i, r)
+        _readout(h2[i], Weff, beff, ti, r)
         s = 0.0
         for d in range(D):
             mu = coef[ti, 2] * x[i, d] + coef[ti, 3] * r[d]
@@ -409,8 +417,9 @@ class Net:
         np.matmul(self.basis_T, p["W3"].reshape(J, -1), out=self.Weff.reshape(self.T + 1, -1))
         np.matmul(self.basis_T, p["b3"], out=self.beff)
 
-    def hidden(self, p, t, m):
-        """The two tanh layers for the first m rows of x_net."""
+    def hidden(self, p, t, m, last_act=True):
+        """The two tanh layers for the first m rows of x_net (last_act False: the second layer's matrix
+        product only, for a kernel that adds b2 and applies tanh itself)."""
         u, P1, h1, h2, D = self.u[:m], self.P1[:m], self.h1[:m], self.h2[:m], self.D
         u[:, :D] = self.x_net[:m]
         if self.In > D:                    # u = [x, sin(xF), cos(xF)] (mlp.forward)
@@ -424,6 +433,8 @@ class Net:
             np.matmul(u, W1u, out=P1)
         _first_layer(u, W1u, self.table1, t, P1, not self.blas_input, self.exact, h1)
         np.matmul(h1, p["W2"], out=P1)
+        if not last_act:
+            return u, h1, P1
         _bias_act(P1, p["b2"], self.exact, h2)
         return u, h1, h2
 
@@ -538,8 +549,8 @@ def sample(params, k, n, rng, keep=(), batch=8192, dtype=np.float32):
         for s in range(0, n, batch):
             m = min(batch, n - s)
             net.x_net[:m] = x[s:s + m]
-            _, _, h2 = net.hidden(p, tt[:m], m)
-            _head_sample(h2, net.Weff, net.beff, x[s:s + m], tt[:m], net.coef, net.sqrt_T,
+            _, _, P2 = net.hidden(p, tt[:m], m, last_act=False)
+            _head_sample(P2, p["b2"], net.exact, net.Weff, net.beff, x[s:s + m], tt[:m], net.coef, net.sqrt_T,
                          noise[s:s + m], x_new[s:s + m])
         x, x_new = x_new, x
     if 1 in keep:

@@ -129,10 +129,10 @@ def test_schedule_kernel_matches_dpm():
     assert rel_err(net.coef[t, 4], dpm.logit(beta[t])) < 1e-12
 
 
-@pytest.mark.parametrize("with_u", [True, False])
-def test_first_layer_and_its_backward_match_numpy(with_u):
+@pytest.mark.parametrize("with_u,In", [(True, 2), (True, 3), (False, 3)])
+def test_first_layer_and_its_backward_match_numpy(with_u, In):
     rng = np.random.default_rng(7)
-    n, In, H, T = 13, 3, 5, 6
+    n, H, T = 13, 5, 6
     u, W1u, b1 = rng.standard_normal((n, In)), rng.standard_normal((In, H)), rng.standard_normal(H)
     table1, t = rng.standard_normal((T + 1, H)), rng.integers(2, T + 1, n)
     want = np.tanh(u @ W1u + table1[t] + b1)
