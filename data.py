@@ -13,6 +13,7 @@ from jitopts import kernel
 S_LO, S_HI = 1.5 * math.pi, 4.5 * math.pi
 MEAN = np.array([2.0, 2.0 / (3.0 * math.pi)])
 DATASETS = ("swissroll",)
+HEARTBEAT_BITS, HEARTBEAT_PERIOD = 20, 5
 
 
 def scale(noise):
@@ -150,6 +151,33 @@ def ceiling_bits(beta1, noise=0.02):
     """−H(X⁽¹⁾) in bits: K can never exceed it because p(x⁽⁰⁾|x⁽¹⁾) is fixed (Appendix B.2)."""
     tau2 = (noise / scale(noise)) ** 2
     return neg_entropy_bits(noise, math.sqrt(1.0 - beta1), (1.0 - beta1) * tau2 + beta1)
+
+
+def heartbeat_sequences():
+    """The 5 true heartbeat sequences (§3.1.2, App. D.1.2): 20 bins, a 1 every 5th bin, first pulse in
+    bins 0..4. (5, 20) of 0/1."""
+    x = np.zeros((HEARTBEAT_PERIOD, HEARTBEAT_BITS))
+    for phase in range(HEARTBEAT_PERIOD):
+        x[phase, phase::HEARTBEAT_PERIOD] = 1.0
+    return x
+
+
+def heartbeat(n, seed):
+    """n heartbeat sequences with the phase uniform over the 5 (so each sequence has probability 1/5)."""
+    return heartbeat_sequences()[np.random.default_rng(seed).integers(0, HEARTBEAT_PERIOD, n)]
+
+
+def heartbeat_ceiling_bits(T, m=0.2):
+    """−H(X⁽¹⁾) in bits per sequence, exactly, by enumerating the 2²⁰ values of x⁽¹⁾: the most K can be
+    when the last reverse step is fixed to the forward kernel with β₁ = 1/T (App. B.2)."""
+    beta1 = 1.0 / T
+    seqs = heartbeat_sequences()
+    states = ((np.arange(2**HEARTBEAT_BITS)[:, None] >> np.arange(HEARTBEAT_BITS)) & 1).astype(np.float64)
+    r = seqs * (1.0 - beta1) + m * beta1                       # q(x⁽¹⁾ᵢ = 1|x⁽⁰⁾), (5, 20)
+    log_p = states @ np.log(r).T + (1.0 - states) @ np.log1p(-r).T    # (2²⁰, 5)
+    top = log_p.max(axis=1, keepdims=True)
+    log_mix = top[:, 0] + np.log(np.mean(np.exp(log_p - top), axis=1))
+    return float(np.sum(np.exp(log_mix) * log_mix) / math.log(2.0))
 
 
 def load(name, n, seed, noise):

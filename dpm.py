@@ -217,3 +217,80 @@ def entropy_bounds(beta, ab, D):
 def p_step_fixed_first(x1, beta1, eps):
     """The fixed last reverse step p(x⁽⁰⁾|x⁽¹⁾) = N(√(1−β₁) x⁽¹⁾, β₁ I), Eq. 44."""
     return q_step(x1, beta1, eps)
+
+
+# ---------------------------------------------------------------- binomial diffusion (§2.2, §2.4.1, App. D.1.2)
+# Bits x ∈ {0, 1}; B(x; r) is one Bernoulli trial with P(x = 1) = r. The forward kernel mixes towards m,
+# the data's mean activity (App. D.1.2: m = 0.2 for the heartbeat; Table App.1's 0.5 contradicts it).
+
+def binomial_beta(T):
+    """§2.4.1: β_t = 1/(T − t + 1), which erases a fraction 1/T of the signal per step; β_T = 1. (T + 1,)"""
+    beta = np.zeros(T + 1)
+    beta[1:] = 1.0 / (T - np.arange(1, T + 1) + 1.0)
+    return beta
+
+
+def binomial_alpha_bar(T):
+    """ᾱ_t = Π_{s≤t}(1 − β_s) = (T − t)/T for β_t = 1/(T − t + 1), exactly (no rounding from a product)."""
+    return (T - np.arange(T + 1)) / T
+
+
+def binomial_q_rate(x_prev, beta_t, m):
+    """Eq. 2 with Table App.1's binomial kernel: q(x⁽ᵗ⁾ = 1|x⁽ᵗ⁻¹⁾) = x⁽ᵗ⁻¹⁾(1 − β_t) + m β_t."""
+    return x_prev * (1.0 - beta_t) + m * beta_t
+
+
+def binomial_marginal(x0, ab_t, m):
+    """The closed form of Eq. 3 for binomial diffusion: q(x⁽ᵗ⁾ = 1|x⁽⁰⁾) = ᾱ_t x⁽⁰⁾ + (1 − ᾱ_t) m."""
+    return ab_t * x0 + (1.0 - ab_t) * m
+
+
+def binomial_posterior(x0, xt, beta_t, ab_prev, m):
+    """q(x⁽ᵗ⁻¹⁾ = 1|x⁽ᵗ⁾, x⁽⁰⁾) by Bayes' rule bit by bit (the posterior inside Eq. 14's KL):
+    a k1 / (a k1 + (1 − a) k0) with a = q(x⁽ᵗ⁻¹⁾ = 1|x⁽⁰⁾), k_b = q(x⁽ᵗ⁾|x⁽ᵗ⁻¹⁾ = b)."""
+    a = binomial_marginal(x0, ab_prev, m)
+    k1 = np.where(xt > 0.5, 1.0 - beta_t + m * beta_t, beta_t - m * beta_t)
+    k0 = np.where(xt > 0.5, m * beta_t, 1.0 - m * beta_t)
+    return a * k1 / (a * k1 + (1.0 - a) * k0)
+
+
+def binomial_reverse_rate(xt, z, beta_t, m):
+    """The learned reverse kernel p(x⁽ᵗ⁻¹⁾ = 1|x⁽ᵗ⁾) = f_b (Eq. 5, Table App.1) as a perturbation of the
+    forward kernel read backwards: f_b = sigmoid(logit(x⁽ᵗ⁾(1 − β_t) + m β_t) + z). With z = 0 it is that
+    kernel, the exact reverse when the data come from π (the chain is then stationary and reversible)."""
+    return sigmoid(logit(binomial_q_rate(xt, beta_t, m)) + z)
+
+
+def bernoulli_kl(q, p):
+    """D_KL(B(q) ‖ B(p)) per bit, nats: q log(q/p) + (1 − q) log((1 − q)/(1 − p)), with 0 log 0 = 0."""
+    q = np.asarray(q, dtype=float)
+    # the ratios first: for q = p each log is exactly 0, where log q − log p can round below 0
+    t1 = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0) / p), 0.0)
+    t0 = np.where(q < 1, (1 - q) * np.log(np.where(q < 1, 1 - q, 1.0) / (1 - p)), 0.0)
+    # Gibbs: KL ≥ 0. For p within an ulp or so of q the two terms cancel to rounding (1e-28 for q = 1e-12)
+    return np.maximum(t1 + t0, 0.0)
+
+
+def bernoulli_kl_grad_logit(q, p):
+    """∂ D_KL(B(q) ‖ B(p)) / ∂z for p = sigmoid(z + const): p − q (the gradient training needs for f_b)."""
+    return p - q
+
+
+def bernoulli_entropy(r):
+    """H_b(r) in nats, with 0 log 0 = 0: the entropy of one bit of q(x⁽ᵗ⁾|x⁽⁰⁾) or π."""
+    return math.log(2.0) - bernoulli_kl(r, 0.5)
+
+
+def binomial_edge_terms(x0, beta1, m):
+    """Everything in K(x⁽⁰⁾) but the KL sum, exactly, per sequence (nats), for β_T = 1 (so ᾱ_T = 0).
+
+    Eq. 12 per point is E log π(x⁽ᵀ⁾) + H_q(X⁽ᵀ⁾|x⁽⁰⁾) + E[log p(x⁽⁰⁾|x⁽¹⁾)|x⁽⁰⁾] − Σ_{t≥2} E KL_t. With
+    ᾱ_T = 0, x⁽ᵀ⁾ ~ π whatever x⁽⁰⁾ is, so the first two cancel (§3.6 of shared/paper.md). The last step is
+    fixed to the forward kernel (App. B.2): p(x⁽⁰⁾ = 1|x⁽¹⁾) = x⁽¹⁾(1 − β₁) + m β₁, averaged here over
+    both values of each bit of x⁽¹⁾. (Eq. 14's −H_q(X⁽¹⁾|X⁽⁰⁾) is this term's value for data from π.)"""
+    total = 0.0
+    for b in (0.0, 1.0):
+        q_b = np.where(b > 0.5, binomial_q_rate(x0, beta1, m), 1.0 - binomial_q_rate(x0, beta1, m))
+        r = binomial_q_rate(b, beta1, m)
+        total = total + q_b * np.where(x0 > 0.5, math.log(r), math.log1p(-r))
+    return np.sum(total, axis=-1)

@@ -1,0 +1,106 @@
+"""Binomial diffusion (§2.2, §3.6 of shared/paper.md) and the heartbeat data: closed forms against
+brute force, the Bernoulli KL, and the known answer of the reverse-equals-forward model."""
+import math
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+import data
+import dpm
+
+rates = st.floats(1e-12, 1 - 1e-12)
+
+
+@settings(max_examples=30)
+@given(T=st.integers(2, 300), m=st.floats(0.01, 0.99), x0=st.sampled_from([0.0, 1.0]))
+def test_marginal_matches_iterated_single_steps(T, m, x0):
+    beta, ab = dpm.binomial_beta(T), dpm.binomial_alpha_bar(T)
+    assert np.allclose(ab, np.cumprod(1 - beta), rtol=0, atol=1e-12) and ab[T] == 0 and beta[T] == 1
+    p1 = x0                                      # P(x⁽ᵗ⁾ = 1), one step at a time
+    for t in range(1, T + 1):
+        p1 = p1 * dpm.binomial_q_rate(1.0, beta[t], m) + (1 - p1) * dpm.binomial_q_rate(0.0, beta[t], m)
+        assert math.isclose(p1, dpm.binomial_marginal(x0, ab[t], m), rel_tol=1e-12, abs_tol=1e-13)
+
+
+@settings(max_examples=30)
+@given(T=st.integers(2, 300), m=st.floats(0.01, 0.99), data_=st.data())
+def test_posterior_matches_bayes_by_enumeration(T, m, data_):
+    t = data_.draw(st.integers(2, T))
+    beta, ab = dpm.binomial_beta(T), dpm.binomial_alpha_bar(T)
+    for x0 in (0.0, 1.0):
+        for xt in (0.0, 1.0):
+            joint = []
+            for b in (0.0, 1.0):                 # P(x⁽ᵗ⁻¹⁾ = b|x⁽⁰⁾) q(x⁽ᵗ⁾|x⁽ᵗ⁻¹⁾ = b)
+                prior = dpm.binomial_marginal(x0, ab[t - 1], m)
+                prior = prior if b else 1 - prior
+                k = dpm.binomial_q_rate(b, beta[t], m)
+                joint.append(prior * (k if xt else 1 - k))
+            want = joint[1] / (joint[0] + joint[1])
+            got = dpm.binomial_posterior(x0, xt, beta[t], ab[t - 1], m)
+            assert math.isclose(got, want, rel_tol=1e-12, abs_tol=1e-15)
+
+
+@settings(max_examples=60)
+@given(q=rates, p=rates)
+def test_bernoulli_kl_is_nonnegative_finite_and_zero_only_when_equal(q, p):
+    kl = dpm.bernoulli_kl(q, p)
+    assert np.isfinite(kl) and kl >= 0
+    assert (kl == 0) == (q == p) or (abs(q - p) < 1e-8 and kl < 1e-12)
+    for edge in (0.0, 1.0):                      # a certain posterior bit: 0 log 0 = 0
+        assert np.isfinite(dpm.bernoulli_kl(edge, p)) and dpm.bernoulli_kl(edge, p) >= 0
+    assert 0 <= dpm.bernoulli_entropy(q) <= math.log(2) + 1e-15
+
+
+@settings(max_examples=30)
+@given(z=st.floats(-40, 40), xt=st.sampled_from([0.0, 1.0]), q=rates, t_frac=st.floats(0, 1))
+def test_reverse_rate_and_kl_gradient_stay_finite_near_0_and_1(z, xt, q, t_frac):
+    T = 2000
+    t = 2 + int(t_frac * (T - 2))
+    p = dpm.binomial_reverse_rate(xt, z, dpm.binomial_beta(T)[t], 0.2)
+    assert 0 <= p <= 1 and np.isfinite(dpm.bernoulli_kl(q, np.clip(p, 1e-300, 1 - 1e-16)))
+    assert np.isfinite(dpm.bernoulli_kl_grad_logit(q, p))
+
+
+def test_kl_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        q, base, z = rng.uniform(0.01, 0.99), rng.normal(), rng.normal()
+        f = lambda z_: dpm.bernoulli_kl(q, dpm.sigmoid(base + z_))
+        h = 1e-6
+        num = (f(z + h) - f(z - h)) / (2 * h)
+        assert abs(num - dpm.bernoulli_kl_grad_logit(q, dpm.sigmoid(base + z))) < 1e-8
+
+
+def test_reverse_equal_to_forward_gives_K_equal_to_L_null_exactly():
+    """§3.5's known answer for binomial diffusion: with f_b the forward kernel read backwards (z = 0),
+    every trajectory has log w = log π(x⁽⁰⁾), so K(x⁽⁰⁾) = log π(x⁽⁰⁾) for any x⁽⁰⁾. Bits are independent
+    given x⁽⁰⁾ here, so each E_{x⁽ᵗ⁾|x⁽⁰⁾} KL_t is a sum over the two values of each bit: no sampling."""
+    rng = np.random.default_rng(1)
+    for T, m in ((2, 0.5), (50, 0.2), (2000, 0.2), (137, 0.73)):
+        beta, ab = dpm.binomial_beta(T), dpm.binomial_alpha_bar(T)
+        x0 = rng.integers(0, 2, (7, 20)).astype(float)
+        kl = np.zeros(len(x0))
+        for t in range(2, T + 1):
+            for b in (0.0, 1.0):
+                p_b = dpm.binomial_marginal(x0, ab[t], m)
+                p_b = p_b if b else 1 - p_b
+                post = dpm.binomial_posterior(x0, b, beta[t], ab[t - 1], m)
+                kl += np.sum(p_b * dpm.bernoulli_kl(post, dpm.binomial_reverse_rate(b, 0.0, beta[t], m)), axis=1)
+        K = dpm.binomial_edge_terms(x0, beta[1], m) - kl
+        L_null = np.sum(x0 * math.log(m) + (1 - x0) * math.log1p(-m), axis=1)
+        assert np.allclose(K, L_null, rtol=0, atol=1e-9), (T, m)
+
+
+def test_heartbeat_data_and_its_known_figures():
+    seqs = data.heartbeat_sequences()
+    assert seqs.shape == (5, 20) and np.all(seqs.sum(1) == 4) and len({s.tobytes() for s in seqs}) == 5
+    x = data.heartbeat(50_000, 0)
+    counts = np.array([np.all(x == s, axis=1).sum() for s in seqs])
+    assert counts.sum() == len(x) and np.all(np.abs(counts / len(x) - 0.2) < 0.01)
+    assert abs(x.mean() - 0.2) < 1e-12
+    L_null = np.sum(seqs[0] * math.log2(0.2) + (1 - seqs[0]) * math.log2(0.8))
+    assert abs(L_null - (-14.4386)) < 1e-4                                  # Table 1 caption
+    assert abs(data.heartbeat_ceiling_bits(2000) - (-2.3659)) < 1e-4      # −H(X⁽¹⁾), by enumeration
+    assert data.heartbeat_ceiling_bits(2000) < math.log2(1 / 5)            # below the true log-likelihood
+    edge = dpm.binomial_edge_terms(seqs, 1 / 2000, 0.2) / math.log(2)
+    assert np.allclose(edge, -0.0439, atol=1e-4)                          # §3.6: 0.044 bits/seq
