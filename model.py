@@ -199,5 +199,50 @@ def sample_conditioned(params, k, n, rng, condition):
     return x
 
 
+def sample_clamped_smc(params, k, n, rng, clamp, particles):
+    """Draws from the model's own conditional p(x⁽⁰⁾ | x⁽⁰⁾ᵢ = vᵢ) by sequential Monte Carlo (beyond the
+    paper: §2.5's clamping with r_t = r distorts the conditional; see README).
+
+    Proposal: the free coordinates follow the learned kernel; a clamped one follows the forward process's
+    bridge to its value, x⁽ᵀ⁾ᵢ ~ q(·|x⁽⁰⁾ᵢ = v) and x⁽ᵗ⁻¹⁾ᵢ ~ q(·|x⁽ᵗ⁾ᵢ, x⁽⁰⁾ᵢ = v) (App. B.3), ending at v.
+    Weights: the model's path density over the proposal's, π(x⁽ᵀ⁾ᵢ)/q(x⁽ᵀ⁾ᵢ|v), then at every step
+    p(x⁽ᵗ⁻¹⁾ᵢ|x⁽ᵗ⁾)/q(x⁽ᵗ⁻¹⁾ᵢ|x⁽ᵗ⁾ᵢ, v), and p(x⁽⁰⁾ᵢ = v|x⁽¹⁾) at the end. Resampled (multinomial) whenever
+    the effective sample size falls below half the particles; n draws from the final weighted set.
+    Returns (samples (n, D), the final effective sample size, log Ẑ): Ẑ, the product over resampling epochs
+    of the mean weight, is an unbiased estimate of the model's marginal density of the clamped values."""
+    T, D = k.T, k.D
+    beta, ab = k.schedule(params)
+    idx = list(clamp)
+    v = np.array([clamp[i] for i in idx])
+    logpdf = lambda y, mu, var: -0.5 * (np.log(2 * math.pi * var) + (y - mu) ** 2 / var)
+    x = rng.standard_normal((particles, D))
+    x[:, idx] = math.sqrt(ab[T]) * v + math.sqrt(1 - ab[T]) * rng.standard_normal((particles, len(idx)))
+    logw = np.sum(logpdf(x[:, idx], 0.0, 1.0) - logpdf(x[:, idx], math.sqrt(ab[T]) * v, 1 - ab[T]), 1)
+    ess, log_Z = float(particles), 0.0
+    for t in range(T, 0, -1):
+        if t == 1:
+            mu, Sigma = np.sqrt(1.0 - beta[1]) * x, np.full_like(x, beta[1])
+        else:
+            mu, Sigma, _ = reverse(params, k, x, np.full(particles, t), beta)
+        x_new = mu + np.sqrt(Sigma) * rng.standard_normal(x.shape)
+        if t > 1:
+            mu_b, var_b = dpm.q_posterior(v, x[:, idx], beta[t], ab[t], ab[t - 1])
+            x_new[:, idx] = mu_b + np.sqrt(var_b) * rng.standard_normal((particles, len(idx)))
+            logw += np.sum(logpdf(x_new[:, idx], mu[:, idx], Sigma[:, idx]) - logpdf(x_new[:, idx], mu_b, var_b), 1)
+        else:
+            x_new[:, idx] = v
+            logw += np.sum(logpdf(v, mu[:, idx], Sigma[:, idx]), 1)
+        x = x_new
+        w = np.exp(logw - logw.max())
+        w /= w.sum()
+        ess = float(1.0 / np.sum(w * w))
+        if (ess < particles / 2 and t > 1) or t == 1:
+            top = logw.max()
+            log_Z += top + math.log(np.mean(np.exp(logw - top)))
+        if ess < particles / 2 and t > 1:
+            x, logw = x[rng.choice(particles, particles, p=w)], np.zeros(particles)
+    return x[rng.choice(particles, n, p=w)], ess, log_Z
+
+
 def bits(nats):
     return nats / math.log(2.0)

@@ -30,6 +30,9 @@ def parse(argv):
     p.add_argument("--condition", default=None,
                    help="sample p(x) r(x) (§2.5): gauss:MX,MY,S for r = N(m, S² I), or x=V / y=V to clamp a "
                         "coordinate (inpainting)")
+    p.add_argument("--particles", type=train.positive(int), default=None,
+                   help="with x=V / y=V: sample the model's exact conditional by sequential Monte Carlo "
+                        "with this many particles instead of clamping at every step")
     return p.parse_args(argv)
 
 
@@ -192,7 +195,13 @@ def main(argv=None):
             condition = model.parse_condition(args.condition, k.D)
         except ValueError as e:
             raise train.UsageError(f"--condition: {e}") from None
-        x = model.sample_conditioned(params, k, args.n, rng, condition)
+        if args.particles and condition[0] == "clamp":
+            x, ess, _ = model.sample_clamped_smc(params, k, args.n, rng, condition[1], args.particles)
+            print(f"sequential Monte Carlo: {args.particles} particles, final effective sample size {ess:.0f}")
+        elif args.particles:
+            raise train.UsageError("--particles applies to x=V / y=V conditions")
+        else:
+            x = model.sample_conditioned(params, k, args.n, rng, condition)
     else:
         x, _ = fast.sample(params, k, args.n, rng)
     if args.out.endswith(".csv"):

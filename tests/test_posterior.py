@@ -117,3 +117,47 @@ def test_evaluate_cli_writes_estimates_and_refuses_bad_samples(tmp_path, capsys)
     for bad in (["--samples", "0"], ["--samples", "a,b"], ["--points", "-1"]):
         assert train.cli(evaluate.main, "evaluate.py", [run, *bad]) == 2
         one_error_line(capsys)
+
+
+def test_smc_conditional_is_exact_on_a_model_with_known_conditional():
+    """The untrained model on its own noise is exactly N(0, I), so y | x = v is N(0, 1). Resampling makes
+    SMC draws correlated, so the Monte Carlo error is taken from 8 independent runs, not from n."""
+    cfg, k = small(T=12)
+    p = model.init(cfg, np.random.default_rng(0))
+    means, variances = [], []
+    for seed in range(8):
+        x, ess, _ = model.sample_clamped_smc(p, k, 6000, np.random.default_rng(seed), {0: 0.7}, 6000)
+        assert np.all(x[:, 0] == 0.7) and 0 < ess <= 6000
+        means.append(x[:, 1].mean())
+        variances.append(x[:, 1].var())
+    for got, want in ((means, 0.0), (variances, 1.0)):
+        got = np.array(got)
+        assert abs(got.mean() - want) < 4 * got.std(ddof=1) / math.sqrt(len(got)) + 1e-3, (got, want)
+
+
+def test_smc_matches_the_models_conditional_from_unconditioned_samples():
+    """A random model where x and y depend on each other. Oracle: 10⁶ ancestral samples (model.sample),
+    kept where |x − v| < 0.03, give the marginal density Z = p(x = v) and E[y | x = v]. The SMC's Ẑ and
+    sample mean must agree, within errors from 6 independent SMC runs plus the oracle's own."""
+    cfg, k = small(T=9)
+    rng = np.random.default_rng(12)
+    p = {n: v + 0.4 * rng.standard_normal(v.shape) for n, v in model.init(cfg, rng).items()}
+    v, half = 0.4, 0.03
+    x, _ = model.sample(p, k, 1_000_000, np.random.default_rng(13))
+    near = x[np.abs(x[:, 0] - v) < half, 1]
+    Z, Ey = len(near) / len(x) / (2 * half), near.mean()
+    Z_se, Ey_se = Z / math.sqrt(len(near)), near.std() / math.sqrt(len(near))
+    runs = [model.sample_clamped_smc(p, k, 40_000, np.random.default_rng(20 + s), {0: v}, 40_000) for s in range(6)]
+    Zs = np.exp([r[2] for r in runs])
+    Eys = np.array([r[0][:, 1].mean() for r in runs])
+    assert abs(Zs.mean() - Z) < 4 * math.hypot(Zs.std(ddof=1) / math.sqrt(6), Z_se), (Zs, Z)
+    assert abs(Eys.mean() - Ey) < 4 * math.hypot(Eys.std(ddof=1) / math.sqrt(6), Ey_se), (Eys, Ey)
+
+
+def test_smc_on_a_trained_shape_keeps_the_clamp_and_is_reproducible():
+    cfg, k = small(M=4)
+    rng = np.random.default_rng(10)
+    p = {n: v + 0.5 * rng.standard_normal(v.shape) for n, v in model.init(cfg, rng).items()}
+    a, _, _ = model.sample_clamped_smc(p, k, 300, np.random.default_rng(11), {1: -0.3}, 500)
+    b, _, _ = model.sample_clamped_smc(p, k, 300, np.random.default_rng(11), {1: -0.3}, 500)
+    assert np.all(a[:, 1] == -0.3) and np.array_equal(a, b) and np.all(np.isfinite(a))
