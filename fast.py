@@ -325,6 +325,12 @@ def _adam(theta, grad, m, v, lr, b1, b2, eps, n):
 
 
 @kernel
+def _mu_z(coef, ti, x, a, b, sqrt_T):
+    """dpm.reverse_mu_sigma for one coordinate: μ = x√(1−β_t) + a√β_t, and z with Σ = sigmoid(z)."""
+    return coef[ti, 2] * x + coef[ti, 3] * a, b / sqrt_T + coef[ti, 4]
+
+
+@kernel
 def _head_kl(h2, Weff, beff, x0, xt, t, coef, sqrt_T, kl):
     """The forward half of _head: KL_t of Eq. 14 per sample into kl (for evaluation)."""
     n, D = x0.shape
@@ -334,8 +340,7 @@ def _head_kl(h2, Weff, beff, x0, xt, t, coef, sqrt_T, kl):
         _readout(h2[i], Weff, beff, ti, out)
         s = 0.0
         for d in range(D):
-            mu = coef[ti, 2] * xt[i, d] + coef[ti, 3] * out[d]
-            z = out[D + d] / sqrt_T + coef[ti, 4]
+            mu, z = _mu_z(coef, ti, xt[i, d], out[d], out[D + d], sqrt_T)
             diff = coef[ti, 5] * x0[i, d] + coef[ti, 6] * xt[i, d] - mu
             s += 0.5 * (-math.log1p(math.exp(-z)) - coef[ti, 8]
                         + (coef[ti, 7] + diff * diff) * (1.0 + math.exp(-z)) - 1.0)
@@ -355,9 +360,8 @@ def _head_sample(P2, b2, exact, Weff, beff, x, t, coef, sqrt_T, noise, x_out):
             h[j] = _act(P2[i, j] + b2[j], exact)
         _readout(h, Weff, beff, ti, out)
         for d in range(D):
-            mu = coef[ti, 2] * x[i, d] + coef[ti, 3] * out[d]
-            Sigma = 1.0 / (1.0 + math.exp(-(out[D + d] / sqrt_T + coef[ti, 4])))
-            x_out[i, d] = mu + math.sqrt(Sigma) * noise[i, d]
+            mu, z = _mu_z(coef, ti, x[i, d], out[d], out[D + d], sqrt_T)
+            x_out[i, d] = mu + math.sqrt(1.0 / (1.0 + math.exp(-z))) * noise[i, d]
 
 
 @kernel
@@ -370,8 +374,7 @@ def _reverse_logpdf(h2, Weff, beff, x, t, coef, sqrt_T, x_prev, out):
         _readout(h2[i], Weff, beff, ti, r)
         s = 0.0
         for d in range(D):
-            mu = coef[ti, 2] * x[i, d] + coef[ti, 3] * r[d]
-            z = r[D + d] / sqrt_T + coef[ti, 4]
+            mu, z = _mu_z(coef, ti, x[i, d], r[d], r[D + d], sqrt_T)
             log_Sigma = -math.log1p(math.exp(-z))
             diff = x_prev[i, d] - mu
             s -= 0.5 * (math.log(2.0 * math.pi) + log_Sigma + diff * diff * math.exp(-log_Sigma))
