@@ -199,25 +199,32 @@ def sample_conditioned(params, k, n, rng, condition):
     return x
 
 
-def sample_clamped_smc(params, k, n, rng, clamp, particles):
-    """Draws from the model's own conditional p(x⁽⁰⁾ | x⁽⁰⁾ᵢ = vᵢ) by sequential Monte Carlo (beyond the
-    paper: §2.5's clamping with r_t = r distorts the conditional; see README).
+def sample_smc(params, k, n, rng, condition, particles):
+    """Draws from p̃(x⁽⁰⁾) ∝ p(x⁽⁰⁾) r(x⁽⁰⁾) itself, by sequential Monte Carlo (beyond the paper: sampling
+    with r_t = r, §2.5.4, is an approximation that can be far off; see README).
 
-    Proposal: the free coordinates follow the learned kernel; a clamped one follows the forward process's
-    bridge to its value, x⁽ᵀ⁾ᵢ ~ q(·|x⁽⁰⁾ᵢ = v) and x⁽ᵗ⁻¹⁾ᵢ ~ q(·|x⁽ᵗ⁾ᵢ, x⁽⁰⁾ᵢ = v) (App. B.3), ending at v.
-    Weights: the model's path density over the proposal's, π(x⁽ᵀ⁾ᵢ)/q(x⁽ᵀ⁾ᵢ|v), then at every step
-    p(x⁽ᵗ⁻¹⁾ᵢ|x⁽ᵗ⁾)/q(x⁽ᵗ⁻¹⁾ᵢ|x⁽ᵗ⁾ᵢ, v), and p(x⁽⁰⁾ᵢ = v|x⁽¹⁾) at the end. Resampled (multinomial) whenever
-    the effective sample size falls below half the particles; n draws from the final weighted set.
-    Returns (samples (n, D), the final effective sample size, log Ẑ): Ẑ, the product over resampling epochs
-    of the mean weight, is an unbiased estimate of the model's marginal density of the clamped values."""
+    Proposals, by condition:
+      ("gauss", m, s): the chain of sample_conditioned (p̃(x⁽ᵀ⁾) ∝ π r, Eq. 61 at every step);
+      ("clamp", {i: v}): the free coordinates follow the learned kernel; a clamped one follows the forward
+      process's bridge to its value, x⁽ᵀ⁾ᵢ ~ q(·|x⁽⁰⁾ᵢ = v), x⁽ᵗ⁻¹⁾ᵢ ~ q(·|x⁽ᵗ⁾ᵢ, x⁽⁰⁾ᵢ = v) (App. B.3).
+    Weights: the model's path density (times r(x⁽⁰⁾)) over the proposal's, one factor per step. Resampled
+    (multinomial) whenever the effective sample size falls below half the particles; n draws from the
+    final weighted set. Returns (samples (n, D), the final effective sample size, log Ẑ), where Ẑ (the
+    product over resampling epochs of the mean weight) estimates ∫ p r without bias: for a clamp, the
+    model's marginal density of the clamped values."""
     T, D = k.T, k.D
     beta, ab = k.schedule(params)
-    idx = list(clamp)
-    v = np.array([clamp[i] for i in idx])
-    logpdf = lambda y, mu, var: -0.5 * (np.log(2 * math.pi * var) + (y - mu) ** 2 / var)
+    logpdf = lambda y, mu, var: np.sum(-0.5 * (np.log(2 * math.pi * var) + (y - mu) ** 2 / var), axis=1)
     x = rng.standard_normal((particles, D))
-    x[:, idx] = math.sqrt(ab[T]) * v + math.sqrt(1 - ab[T]) * rng.standard_normal((particles, len(idx)))
-    logw = np.sum(logpdf(x[:, idx], 0.0, 1.0) - logpdf(x[:, idx], math.sqrt(ab[T]) * v, 1 - ab[T]), 1)
+    if condition[0] == "gauss":
+        m, s = condition[1], condition[2]
+        x = m / (1 + s * s) + math.sqrt(s * s / (1 + s * s)) * x
+        logw = logpdf(x, 0.0, 1.0) - logpdf(x, m / (1 + s * s), s * s / (1 + s * s))
+    else:
+        idx = list(condition[1])
+        v = np.array([condition[1][i] for i in idx])
+        x[:, idx] = math.sqrt(ab[T]) * v + math.sqrt(1 - ab[T]) * rng.standard_normal((particles, len(idx)))
+        logw = logpdf(x[:, idx], 0.0, 1.0) - logpdf(x[:, idx], math.sqrt(ab[T]) * v, 1 - ab[T])
     ess, log_Z = float(particles), 0.0
     for t in range(T, 0, -1):
         if t == 1:
@@ -225,13 +232,19 @@ def sample_clamped_smc(params, k, n, rng, clamp, particles):
         else:
             mu, Sigma, _ = reverse(params, k, x, np.full(particles, t), beta)
         x_new = mu + np.sqrt(Sigma) * rng.standard_normal(x.shape)
-        if t > 1:
+        if condition[0] == "gauss":
+            shifted = mu + Sigma * (m - mu) / (s * s)
+            x_new += shifted - mu
+            logw += logpdf(x_new, mu, Sigma) - logpdf(x_new, shifted, Sigma)
+            if t == 1:
+                logw += logpdf(x_new, m, np.full(D, s * s))
+        elif t > 1:
             mu_b, var_b = dpm.q_posterior(v, x[:, idx], beta[t], ab[t], ab[t - 1])
             x_new[:, idx] = mu_b + np.sqrt(var_b) * rng.standard_normal((particles, len(idx)))
-            logw += np.sum(logpdf(x_new[:, idx], mu[:, idx], Sigma[:, idx]) - logpdf(x_new[:, idx], mu_b, var_b), 1)
+            logw += logpdf(x_new[:, idx], mu[:, idx], Sigma[:, idx]) - logpdf(x_new[:, idx], mu_b, var_b)
         else:
             x_new[:, idx] = v
-            logw += np.sum(logpdf(v, mu[:, idx], Sigma[:, idx]), 1)
+            logw += logpdf(v[None, :], mu[:, idx], Sigma[:, idx])
         x = x_new
         w = np.exp(logw - logw.max())
         w /= w.sum()

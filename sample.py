@@ -31,8 +31,8 @@ def parse(argv):
                    help="sample p(x) r(x) (§2.5): gauss:MX,MY,S for r = N(m, S² I), or x=V / y=V to clamp a "
                         "coordinate (inpainting)")
     p.add_argument("--particles", type=train.positive(int), default=None,
-                   help="with x=V / y=V: sample the model's exact conditional by sequential Monte Carlo "
-                        "with this many particles instead of clamping at every step")
+                   help="with --condition: draw from p r itself by sequential Monte Carlo with this many "
+                        "particles, instead of the paper's r_t = r chain")
     return p.parse_args(argv)
 
 
@@ -195,11 +195,9 @@ def main(argv=None):
             condition = model.parse_condition(args.condition, k.D)
         except ValueError as e:
             raise train.UsageError(f"--condition: {e}") from None
-        if args.particles and condition[0] == "clamp":
-            x, ess, _ = model.sample_clamped_smc(params, k, args.n, rng, condition[1], args.particles)
+        if args.particles:
+            x, ess, _ = model.sample_smc(params, k, args.n, rng, condition, args.particles)
             print(f"sequential Monte Carlo: {args.particles} particles, final effective sample size {ess:.0f}")
-        elif args.particles:
-            raise train.UsageError("--particles applies to x=V / y=V conditions")
         else:
             x = model.sample_conditioned(params, k, args.n, rng, condition)
     else:

@@ -126,7 +126,7 @@ def test_smc_conditional_is_exact_on_a_model_with_known_conditional():
     p = model.init(cfg, np.random.default_rng(0))
     means, variances = [], []
     for seed in range(8):
-        x, ess, _ = model.sample_clamped_smc(p, k, 6000, np.random.default_rng(seed), {0: 0.7}, 6000)
+        x, ess, _ = model.sample_smc(p, k, 6000, np.random.default_rng(seed), ("clamp", {0: 0.7}), 6000)
         assert np.all(x[:, 0] == 0.7) and 0 < ess <= 6000
         means.append(x[:, 1].mean())
         variances.append(x[:, 1].var())
@@ -147,7 +147,7 @@ def test_smc_matches_the_models_conditional_from_unconditioned_samples():
     near = x[np.abs(x[:, 0] - v) < half, 1]
     Z, Ey = len(near) / len(x) / (2 * half), near.mean()
     Z_se, Ey_se = Z / math.sqrt(len(near)), near.std() / math.sqrt(len(near))
-    runs = [model.sample_clamped_smc(p, k, 40_000, np.random.default_rng(20 + s), {0: v}, 40_000) for s in range(6)]
+    runs = [model.sample_smc(p, k, 40_000, np.random.default_rng(20 + s), ("clamp", {0: v}), 40_000) for s in range(6)]
     Zs = np.exp([r[2] for r in runs])
     Eys = np.array([r[0][:, 1].mean() for r in runs])
     assert abs(Zs.mean() - Z) < 4 * math.hypot(Zs.std(ddof=1) / math.sqrt(6), Z_se), (Zs, Z)
@@ -158,6 +158,25 @@ def test_smc_on_a_trained_shape_keeps_the_clamp_and_is_reproducible():
     cfg, k = small(M=4)
     rng = np.random.default_rng(10)
     p = {n: v + 0.5 * rng.standard_normal(v.shape) for n, v in model.init(cfg, rng).items()}
-    a, _, _ = model.sample_clamped_smc(p, k, 300, np.random.default_rng(11), {1: -0.3}, 500)
-    b, _, _ = model.sample_clamped_smc(p, k, 300, np.random.default_rng(11), {1: -0.3}, 500)
+    a, _, _ = model.sample_smc(p, k, 300, np.random.default_rng(11), ("clamp", {1: -0.3}), 500)
+    b, _, _ = model.sample_smc(p, k, 300, np.random.default_rng(11), ("clamp", {1: -0.3}), 500)
     assert np.all(a[:, 1] == -0.3) and np.array_equal(a, b) and np.all(np.isfinite(a))
+
+
+def test_smc_with_a_gaussian_r_matches_the_closed_form_product():
+    """Data N(0, I) and the untrained model (exactly N(0, I)); r = N(m, s² I). p r is N(m/(1+s²), s²/(1+s²) I)
+    in closed form. Eq. 61's chain alone misses it (the previous test pins what it gives instead); SMC
+    reweighted to p r must hit it within the spread of 6 independent runs."""
+    cfg, k = small(T=12)
+    p = model.init(cfg, np.random.default_rng(0))
+    m, s = np.array([0.8, -0.4]), 0.7
+    runs = [model.sample_smc(p, k, 20_000, np.random.default_rng(30 + r), ("gauss", m, s), 20_000)
+            for r in range(6)]
+    means = np.array([x.mean(0) for x, _, _ in runs])
+    variances = np.array([x.var(0) for x, _, _ in runs])
+    Zs = np.exp([z for _, _, z in runs])
+    for got, want in ((means, m / (1 + s * s)), (variances, np.full(2, s * s / (1 + s * s)))):
+        assert np.all(np.abs(got.mean(0) - want) < 4 * got.std(0, ddof=1) / math.sqrt(6) + 2e-3), (got, want)
+    # ∫ N(x; 0, I) N(x; m, s² I) dx = N(m; 0, (1 + s²) I)
+    Z = math.exp(-0.5 * m @ m / (1 + s * s)) / (2 * math.pi * (1 + s * s))
+    assert abs(Zs.mean() - Z) < 4 * Zs.std(ddof=1) / math.sqrt(6) + 1e-3 * Z, (Zs, Z)
