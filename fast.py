@@ -237,27 +237,45 @@ def _head(h2, Weff, beff, x0, xt, t, coef, sqrt_T, weight, g_h2, G, Gb, gb2, g_x
 def _layer1_back(g_h1, h1, u, W1u, t, Gt1, gb1, gW1u, g_u, with_u):
     """The first layer's backward (mlp.backward): g ← g·(1 − h1²) in place; its sum per t into Gt1 and
     over samples into gb1; gW1u = uᵀ g; g_u = g W1_uᵀ (with_u False: those two are left to BLAS)."""
-    gb1[:] = 0.0
     gW1u[:] = 0.0
+    H = g_h1.shape[1]
     for i in range(g_h1.shape[0]):
         g, hi = g_h1[i], h1[i]
         r = Gt1[t[i]]
-        for h in range(g.shape[0]):
+        if with_u and u.shape[1] == 2:              # x alone: one pass
+            u0, u1, w0, w1, gw0, gw1 = u[i, 0], u[i, 1], W1u[0], W1u[1], gW1u[0], gW1u[1]
+            s0 = g_u[i, 0] = 0.0                     # accumulate in g_u's dtype
+            s1 = g_u[i, 1] = 0.0
+            for h in range(H):
+                v = g[h] * (1.0 - hi[h] * hi[h])
+                g[h] = v
+                r[h] += v
+                gw0[h] += u0 * v
+                gw1[h] += u1 * v
+                s0 += v * w0[h]
+                s1 += v * w1[h]
+            g_u[i, 0], g_u[i, 1] = s0, s1
+            continue
+        for h in range(H):
             v = g[h] * (1.0 - hi[h] * hi[h])
             g[h] = v
             r[h] += v
-            gb1[h] += v
         if not with_u:
             continue
         for c in range(u.shape[1]):
             uc = u[i, c]
             w = W1u[c]
             gw = gW1u[c]
-            s = g_u[i, c] = 0.0                      # accumulates in g_u's dtype
-            for h in range(g.shape[0]):
+            s = g_u[i, c] = 0.0
+            for h in range(H):
                 gw[h] += uc * g[h]
                 s += g[h] * w[h]
             g_u[i, c] = s
+    for h in range(H):                               # b1's gradient: the per-t sums, summed
+        acc = Gt1[0, h] - Gt1[0, h]
+        for s_ in range(Gt1.shape[0]):
+            acc += Gt1[s_, h]
+        gb1[h] = acc
 
 
 @kernel
