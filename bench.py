@@ -132,12 +132,12 @@ def main(argv=None):
     if want("eval_K_20000"):
         x = data.swissroll(20_000, [0, 1])
         ev = fast.evaluate if b == "numba" else model.evaluate
-        s = timed(lambda: ev(params, k, x, np.random.default_rng(0), n_draws=1), 3, 1)
+        s = timed(lambda: ev(params, k, x, np.random.default_rng(0), n_draws=1), 5, 1)
         emit(stats("eval_K_20000", s, "s", backend=b, draws=1, t_terms=COMPARISON["T"] - 1,
                    network=("float32" if b == "numba" else "float64"), kl_arithmetic="float64"))
     if want("sample_100000"):
         sm = fast.sample if b == "numba" else model.sample
-        s = timed(lambda: sm(params, k, 100_000, np.random.default_rng(0)), 3, 1)
+        s = timed(lambda: sm(params, k, 100_000, np.random.default_rng(0)), 5, 1)
         emit(stats("sample_100000", s, "s", backend=b, steps=COMPARISON["T"]))
     if b == "numba" and (want("cold_start_cold_cache") or want("cold_start_warm_cache")):
         cold, warm = [], []

@@ -552,7 +552,7 @@ def evaluate(params, k, x0, rng, n_draws=4, batch=8192, dtype=np.float32):
     return dpm.prior_and_edge_terms(x0, k.cfg["beta1"], net.ab[T]) - kl_sum, kl_t
 
 
-def sample(params, k, n, rng, keep=(), batch=8192, dtype=np.float32):
+def sample(params, k, n, rng, keep=(), batch=16384, dtype=np.float32):
     """model.sample through the kernels (Eq. 5 then Eq. 44), with the same RNG draws."""
     T, D = k.T, k.D
     net = Net(k, min(batch, n), dtype)
@@ -562,10 +562,11 @@ def sample(params, k, n, rng, keep=(), batch=8192, dtype=np.float32):
     x_new = np.empty_like(x)
     tt = np.zeros(net.n, np.int64)
     kept = {}
+    noise = np.empty_like(x)
     for t in range(T, 1, -1):
         if t in keep:
             kept[t] = x.copy()
-        noise = rng.standard_normal(x.shape)
+        rng.standard_normal(out=noise)
         tt[:] = t
         for s in range(0, n, batch):
             m = min(batch, n - s)
