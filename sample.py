@@ -187,6 +187,8 @@ def main(argv=None):
     args = parse(argv)
     if not args.out.endswith((".npy", ".csv")):
         raise train.UsageError(f"--out must end in .npy or .csv, got {args.out!r}")
+    if args.particles and not args.condition:
+        raise train.UsageError("--particles needs --condition")
     meta, params, k = load_run(args.run, args.data)
     rng = np.random.default_rng(args.seed)
     condition = None

@@ -98,13 +98,14 @@ def test_gaussian_condition_follows_eq_61_exactly_on_gaussian_data():
     assert np.all(np.abs(x.var(0) / var - 1) < 4 * math.sqrt(2 / n))
 
 
-@pytest.mark.parametrize("bad", ["gauss:1,2", "gauss:1,2,-1", "q=1", "x=1,y=2", "x=abc"])
+@pytest.mark.parametrize("bad", [["--condition", "gauss:1,2"], ["--condition", "gauss:1,2,-1"],
+                                 ["--condition", "q=1"], ["--condition", "x=1,y=2"], ["--condition", "x=abc"],
+                                 ["--particles", "100"], ["--condition", "x=1", "--particles", "0"]])
 def test_bad_condition_is_one_line(tmp_path, capsys, bad):
     import sample
     from test_train import one_error_line, run_train
     assert run_train(tmp_path, "--steps", "3") == 0
-    assert train.cli(sample.main, "sample.py", [str(tmp_path / "run"), "--condition", bad,
-                                                "--out", str(tmp_path / "s.npy")]) == 2
+    assert train.cli(sample.main, "sample.py", [str(tmp_path / "run"), *bad, "--out", str(tmp_path / "s.npy")]) == 2
     one_error_line(capsys)
 
 
