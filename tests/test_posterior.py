@@ -98,21 +98,27 @@ def test_gaussian_condition_follows_eq_61_exactly_on_gaussian_data():
     assert np.all(np.abs(x.var(0) / var - 1) < 4 * math.sqrt(2 / n))
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from test_train import run_train
+    d = tmp_path_factory.mktemp("tiny")
+    assert run_train(d, "--steps", "30") == 0
+    return d / "run"
+
+
 @pytest.mark.parametrize("bad", [["--condition", "gauss:1,2"], ["--condition", "gauss:1,2,-1"],
                                  ["--condition", "q=1"], ["--condition", "x=1,y=2"], ["--condition", "x=abc"],
                                  ["--particles", "100"], ["--condition", "x=1", "--particles", "0"]])
-def test_bad_condition_is_one_line(tmp_path, capsys, bad):
+def test_bad_condition_is_one_line(tiny_run, tmp_path, capsys, bad):
     import sample
-    from test_train import one_error_line, run_train
-    assert run_train(tmp_path, "--steps", "3") == 0
-    assert train.cli(sample.main, "sample.py", [str(tmp_path / "run"), *bad, "--out", str(tmp_path / "s.npy")]) == 2
+    from test_train import one_error_line
+    assert train.cli(sample.main, "sample.py", [str(tiny_run), *bad, "--out", str(tmp_path / "s.npy")]) == 2
     one_error_line(capsys)
 
 
-def test_evaluate_cli_writes_estimates_and_refuses_bad_samples(tmp_path, capsys):
-    from test_train import one_error_line, run_train
-    assert run_train(tmp_path, "--steps", "30") == 0
-    run = str(tmp_path / "run")
+def test_evaluate_cli_writes_estimates_and_refuses_bad_samples(tiny_run, capsys):
+    from test_train import one_error_line
+    run = str(tiny_run)
     assert train.cli(evaluate.main, "evaluate.py", [run, "--samples", "1,4", "--points", "50"]) == 0
     assert "N = 4" in capsys.readouterr().out
     for bad in (["--samples", "0"], ["--samples", "a,b"], ["--points", "-1"]):
