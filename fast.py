@@ -468,13 +468,13 @@ class Trainer:
     def __init__(self, k, n, dtype=np.float32, b1=0.9, b2=0.999, eps=1e-8):
         cfg = k.cfg
         D, H, T = cfg["D"], cfg["H"], cfg["T"]
-        self.k, self.n, self.net = k, n, Net(k, n, dtype)
+        self.k, self.batch, self.net = k, n, Net(k, n, dtype)
         self.theta, self.params = flat_views(cfg, dtype)
         self.grad, self.grads = flat_views(cfg, dtype)
         self.m_flat, self.m = flat_views(cfg, dtype)
         self.v_flat, self.v = flat_views(cfg, dtype)
         self.hyper = tuple(dtype(h) for h in (b1, b2, eps))
-        self.adam_n = 0
+        self.n = 0                          # Adam's step count, as mlp.Adam.n
         z = lambda *s: np.zeros(s, dtype)
         self.G, self.Gb, self.Gt1 = z(T + 1, 2 * D, H), z(T + 1, 2 * D), z(T + 1, H)
         self.g_h2, self.g_h1, self.g_u = z(n, H), z(n, H), z(n, self.net.In)
@@ -520,9 +520,9 @@ class Trainer:
         loss = self.loss_and_grads(x0, eps, t)
         lr = self.theta.dtype.type(lr)
         if not (math.isfinite(loss) and _adam(self.theta, self.grad, self.m_flat, self.v_flat, lr,
-                                              *self.hyper, self.adam_n + 1)):
+                                              *self.hyper, self.n + 1)):
             raise FloatingPointError("the loss or its gradient is not finite")
-        self.adam_n += 1
+        self.n += 1
         return loss
 
 

@@ -67,7 +67,7 @@ def parse(argv):
     p.add_argument("--fourier-scale", type=positive(float), default=model.DEFAULTS["fourier_scale"],
                    help="standard deviation of the entries of F")
     p.add_argument("--backend", choices=("numba", "numpy"), default="numba",
-                   help="numba: fast.py, float32 training, float64 evaluation; numpy: the float64 reference")
+                   help="numba: fast.py, float32 network, float64 KL arithmetic; numpy: the float64 reference")
     p.add_argument("--out", default=None, help="run directory (default runs/<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
     p.add_argument("--eval-every", type=positive(int), default=5000)
@@ -109,37 +109,26 @@ class Run:
         self.k = model.Consts(self.cfg)
         self.rng = np.random.default_rng([args.seed, 0])
         params = model.init(self.cfg, self.rng)
-        if args.backend == "numba":
-            self.trainer = fast.Trainer(self.k, args.batch_size)
-            self.trainer.load(params)
-            self.params, self.m, self.v = self.trainer.params, self.trainer.m, self.trainer.v
+        if args.backend == "numba":           # fast.Trainer: the step and Adam, on views of flat vectors
+            self.opt = fast.Trainer(self.k, args.batch_size)
+            self.opt.load(params)
+            self.params = self.opt.params
         else:
             self.opt = mlp.Adam(params)
-            self.params, self.m, self.v = params, self.opt.m, self.opt.v
+            self.params = params
         self.step = 0
         self.wall = 0.0
-
-    @property
-    def adam_n(self):
-        return self.trainer.adam_n if self.args.backend == "numba" else self.opt.n
-
-    @adam_n.setter
-    def adam_n(self, n):
-        if self.args.backend == "numba":
-            self.trainer.adam_n = n
-        else:
-            self.opt.n = n
 
     def meta(self):
         a = self.args
         return {"data": a.data, "noise": a.noise, "seed": a.seed, "cfg": self.cfg, "step": self.step,
-                "wall_seconds": self.wall, "adam_n": self.adam_n, "rng": self.rng.bit_generator.state,
+                "wall_seconds": self.wall, "adam_n": self.opt.n, "rng": self.rng.bit_generator.state,
                 "lr": a.lr, "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size, "backend": a.backend}
 
     def save(self, path):
         arrays = {f"p/{k}": v for k, v in self.params.items()}
-        arrays.update({f"m/{k}": v for k, v in self.m.items()})
-        arrays.update({f"v/{k}": v for k, v in self.v.items()})
+        arrays.update({f"m/{k}": v for k, v in self.opt.m.items()})
+        arrays.update({f"v/{k}": v for k, v in self.opt.v.items()})
         ckpt.save(path, self.meta(), arrays)
 
     def restore(self, path):
@@ -153,13 +142,13 @@ class Run:
                     f"{path} was trained with {key}={meta.get(key)!r}, not {value!r}; resume with the same flags")
         try:
             for name in self.params:
-                for store, prefix in ((self.params, "p"), (self.m, "m"), (self.v, "v")):
+                for store, prefix in ((self.params, "p"), (self.opt.m, "m"), (self.opt.v, "v")):
                     arr = arrays[f"{prefix}/{name}"]
                     if arr.shape != store[name].shape:
                         raise ckpt.CheckpointError(f"{path}: {prefix}/{name} has shape {arr.shape}")
                     store[name][...] = arr          # in place: the numba backend's arrays are views
             self.rng.bit_generator.state = meta["rng"]
-            self.step, self.wall, self.adam_n = int(meta["step"]), float(meta["wall_seconds"]), int(meta["adam_n"])
+            self.step, self.wall, self.opt.n = int(meta["step"]), float(meta["wall_seconds"]), int(meta["adam_n"])
         except (KeyError, TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{path} is missing or has a malformed entry ({e})") from None
 
@@ -171,7 +160,7 @@ def train_step(run, x_train):
     lr = learning_rate(a, run.step)
     if a.backend == "numba":
         try:
-            loss = run.trainer.step(x0, eps, t, lr)
+            loss = run.opt.step(x0, eps, t, lr)
         except FloatingPointError:
             raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}") from None
     else:

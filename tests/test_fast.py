@@ -97,7 +97,7 @@ def test_adam_kernel_matches_mlp_adam_over_several_steps():
         assert rel_err(tr.params[name], ref[name]) < 1e-9, name
         assert rel_err(tr.m[name], opt.m[name]) < 1e-9, name
         assert rel_err(tr.v[name], opt.v[name]) < 1e-9, name
-    assert tr.adam_n == opt.n == 5
+    assert tr.n == opt.n == 5
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
