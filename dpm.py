@@ -197,6 +197,17 @@ def schedule_backward(g_beta, g_ab, beta, c_basis, base):
     return c_basis[:, 2:] @ g_u
 
 
+def gaussian_r_start(m, s):
+    """§2.5.1, Eq. 16 at t = T for r = N(m, s² I): π r = N(0, I) N(m, s² I) ∝ N(m/(1+s²), s²/(1+s²) I).
+    Returns (mean, variance)."""
+    return m / (1.0 + s * s), s * s / (1.0 + s * s)
+
+
+def gaussian_r_mean(mu, Sigma, m, s):
+    """Eq. 61 for r = N(m, s² I): the perturbed reverse mean μ + Σ ∂log r/∂x at x = μ, = μ + Σ (m − μ)/s²."""
+    return mu + Sigma * (m - mu) / (s * s)
+
+
 def entropy_bounds(beta, ab, D):
     """§2.6, Eq. 24, for Gaussian diffusion: H_q(X⁽ᵗ⁾|X⁽ᵗ⁻¹⁾) + H_q(X⁽ᵗ⁻¹⁾|X⁽⁰⁾) − H_q(X⁽ᵗ⁾|X⁽⁰⁾) ≤
     H_q(X⁽ᵗ⁻¹⁾|X⁽ᵗ⁾) ≤ H_q(X⁽ᵗ⁾|X⁽ᵗ⁻¹⁾). With Gaussian kernels the lower bound is the entropy of the

@@ -360,8 +360,8 @@ def _head_kl(h2, Weff, beff, x0, xt, t, coef, sqrt_T, kl):
         for d in range(D):
             mu, z = _mu_z(coef, ti, xt[i, d], out[d], out[D + d], sqrt_T)
             diff = coef[ti, 5] * x0[i, d] + coef[ti, 6] * xt[i, d] - mu
-            s += 0.5 * (-math.log1p(math.exp(-z)) - coef[ti, 8]
-                        + (coef[ti, 7] + diff * diff) * (1.0 + math.exp(-z)) - 1.0)
+            e = math.exp(-z)                                # Σ = 1/(1 + e)
+            s += 0.5 * (-math.log1p(e) - coef[ti, 8] + (coef[ti, 7] + diff * diff) * (1.0 + e) - 1.0)
         kl[i] = s
 
 

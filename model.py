@@ -180,8 +180,9 @@ def sample_conditioned(params, k, n, rng, condition):
     kind = condition[0]
     if kind == "gauss":
         m, s = condition[1], condition[2]
-        x = m / (1 + s * s) + math.sqrt(s * s / (1 + s * s)) * rng.standard_normal((n, D))
-        shift = lambda mu, Sigma: mu + Sigma * (m - mu) / (s * s)
+        mean0, var0 = dpm.gaussian_r_start(m, s)
+        x = mean0 + math.sqrt(var0) * rng.standard_normal((n, D))
+        shift = lambda mu, Sigma: dpm.gaussian_r_mean(mu, Sigma, m, s)
     else:
         idx = list(condition[1])
         val = np.array([condition[1][i] for i in idx])
@@ -218,8 +219,9 @@ def sample_smc(params, k, n, rng, condition, particles):
     x = rng.standard_normal((particles, D))
     if condition[0] == "gauss":
         m, s = condition[1], condition[2]
-        x = m / (1 + s * s) + math.sqrt(s * s / (1 + s * s)) * x
-        logw = logpdf(x, 0.0, 1.0) - logpdf(x, m / (1 + s * s), s * s / (1 + s * s))
+        mean0, var0 = dpm.gaussian_r_start(m, s)
+        x = mean0 + math.sqrt(var0) * x
+        logw = logpdf(x, 0.0, 1.0) - logpdf(x, mean0, var0)
     else:
         idx = list(condition[1])
         v = np.array([condition[1][i] for i in idx])
@@ -233,7 +235,7 @@ def sample_smc(params, k, n, rng, condition, particles):
             mu, Sigma, _ = reverse(params, k, x, np.full(particles, t), beta)
         x_new = mu + np.sqrt(Sigma) * rng.standard_normal(x.shape)
         if condition[0] == "gauss":
-            shifted = mu + Sigma * (m - mu) / (s * s)
+            shifted = dpm.gaussian_r_mean(mu, Sigma, m, s)
             x_new += shifted - mu
             logw += logpdf(x_new, mu, Sigma) - logpdf(x_new, shifted, Sigma)
             if t == 1:

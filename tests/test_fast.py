@@ -21,6 +21,13 @@ def perturbed_params(cfg, rng, scale=0.3):
     return {k: v + scale * rng.standard_normal(v.shape) for k, v in p.items()}
 
 
+def setup(M, seed, scale=0.3):
+    """A small config, its constants and perturbed parameters (so nothing is at a symmetric zero)."""
+    cfg = config(M)
+    rng = np.random.default_rng(seed)
+    return cfg, model.Consts(cfg), perturbed_params(cfg, rng, scale), rng
+
+
 def batch(rng, n, T):
     return rng.standard_normal((n, 2)), rng.standard_normal((n, 2)), rng.integers(2, T + 1, n)
 
@@ -29,54 +36,37 @@ def rel_err(a, b):
     return float(np.max(np.abs(np.asarray(a) - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
+def compare_step(M, seed, n, dtype, tol, scale=0.3, loss_floor=0.0):
+    """fast.Trainer's loss and every gradient against model.loss_and_grads on one random batch."""
+    cfg, k, p, rng = setup(M, seed, scale)
+    x0, eps, t = batch(rng, n, cfg["T"])
+    loss, grads = model.loss_and_grads(p, k, x0, eps, t)
+    tr = fast.Trainer(k, n, dtype)
+    tr.load(p)
+    assert abs(tr.loss_and_grads(x0, eps, t) - loss) < tol * max(loss_floor, abs(loss))
+    for name in grads:
+        assert tr.grads[name].dtype == dtype
+        assert rel_err(tr.grads[name], grads[name]) < tol, name
+    return tr
+
+
 # M = 0: the input layer runs in the kernels; M = 4 (10 inputs): it runs in BLAS (Net.blas_input)
 @pytest.mark.parametrize("M", [0, 4])
 @pytest.mark.parametrize("n", [1, 2, 37, 257])
 def test_training_step_matches_reference_in_float64(M, n):
-    cfg = config(M)
-    rng = np.random.default_rng(n + 10 * M)
-    k = model.Consts(cfg)
-    p = perturbed_params(cfg, rng)
-    x0, eps, t = batch(rng, n, cfg["T"])
-    loss, grads = model.loss_and_grads(p, k, x0, eps, t)
-    tr = fast.Trainer(k, n, np.float64)
-    tr.load(p)
+    tr = compare_step(M, n + 10 * M, n, np.float64, 1e-10)
     assert tr.net.blas_input == (M > 0)
-    assert abs(tr.loss_and_grads(x0, eps, t) - loss) < 1e-10 * abs(loss)
-    for name in grads:
-        assert rel_err(tr.grads[name], grads[name]) < 1e-10, name
 
 
 @pytest.mark.parametrize("M", [0, 4])
 def test_training_step_in_float32_matches_reference(M):
-    cfg = config(M)
-    rng = np.random.default_rng(3)
-    k = model.Consts(cfg)
-    p = perturbed_params(cfg, rng)
-    x0, eps, t = batch(rng, 300, cfg["T"])
-    loss, grads = model.loss_and_grads(p, k, x0, eps, t)
-    tr = fast.Trainer(k, 300, np.float32)
-    tr.load(p)
-    assert abs(tr.loss_and_grads(x0, eps, t) - loss) < 1e-5 * abs(loss)
-    for name in grads:
-        assert tr.grads[name].dtype == np.float32
-        assert rel_err(tr.grads[name], grads[name]) < 1e-5, name
+    compare_step(M, 3, 300, np.float32, 1e-5)
 
 
 @settings(max_examples=15)
 @given(n=st.integers(1, 60), seed=st.integers(0, 2**31 - 1), M=st.sampled_from([0, 4]))
 def test_training_step_matches_reference_for_any_batch(n, seed, M):
-    cfg = config(M)
-    rng = np.random.default_rng(seed)
-    k = model.Consts(cfg)
-    p = perturbed_params(cfg, rng, scale=1.0)
-    x0, eps, t = batch(rng, n, cfg["T"])
-    loss, grads = model.loss_and_grads(p, k, x0, eps, t)
-    tr = fast.Trainer(k, n, np.float64)
-    tr.load(p)
-    assert abs(tr.loss_and_grads(x0, eps, t) - loss) < 1e-9 * max(1.0, abs(loss))
-    for name in grads:
-        assert rel_err(tr.grads[name], grads[name]) < 1e-9, name
+    compare_step(M, seed, n, np.float64, 1e-9, scale=1.0, loss_floor=1.0)
 
 
 def test_adam_kernel_matches_mlp_adam_over_several_steps():
@@ -155,10 +145,7 @@ def test_first_layer_and_its_backward_match_numpy(with_u, In):
 @pytest.mark.parametrize("M", [0, 4])
 def test_evaluation_matches_reference(M):
     """Same RNG draws, 250 points in batches of 64 (the last one short)."""
-    cfg = config(M)
-    rng = np.random.default_rng(8)
-    k = model.Consts(cfg)
-    p = perturbed_params(cfg, rng)
+    cfg, k, p, rng = setup(M, 8)
     x = rng.standard_normal((250, 2))
     a, kl_a = model.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
     b, kl_b = fast.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64, dtype=np.float64)
@@ -170,10 +157,7 @@ def test_evaluation_matches_reference(M):
 
 @pytest.mark.parametrize("M", [0, 4])
 def test_sampling_matches_reference(M):
-    cfg = config(M)
-    rng = np.random.default_rng(9)
-    k = model.Consts(cfg)
-    p = perturbed_params(cfg, rng)
+    cfg, k, p, rng = setup(M, 9)
     keep = (cfg["T"], 3, 1)
     a, ka = model.sample(p, k, 101, np.random.default_rng(2), keep=keep)
     b, kb = fast.sample(p, k, 101, np.random.default_rng(2), keep=keep, batch=32, dtype=np.float64)
