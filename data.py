@@ -12,7 +12,7 @@ from jitopts import kernel
 
 S_LO, S_HI = 1.5 * math.pi, 4.5 * math.pi
 MEAN = np.array([2.0, 2.0 / (3.0 * math.pi)])
-DATASETS = ("swissroll",)
+DATASETS = ("swissroll", "heartbeat")
 HEARTBEAT_BITS, HEARTBEAT_PERIOD = 20, 5
 
 
@@ -180,10 +180,28 @@ def heartbeat_ceiling_bits(T, m=0.2):
     return float(np.sum(np.exp(log_mix) * log_mix) / math.log(2.0))
 
 
+def heartbeat_quality(x, r1=None):
+    """How well binary samples x (n, 20) match the heartbeat: the fraction that are one of the 5 true
+    sequences, and how those are shared among the 5 phases. exact_shares are the truth: 1/5 each, or, for
+    samples conditioned on clamped bits (r1 entries 0 or 1; 0.5 free), equal among the sequences that
+    agree with the clamp."""
+    seqs = heartbeat_sequences()
+    match = np.all(x[:, None, :] == seqs[None], axis=2)              # (n, 5)
+    true = match.any(1)
+    shares = match.sum(0) / max(int(true.sum()), 1)
+    agree = np.ones(len(seqs), bool)
+    if r1 is not None:
+        clamped = r1 != 0.5
+        agree = np.all(seqs[:, clamped] == r1[clamped], axis=1)
+    exact = agree / max(int(agree.sum()), 1)
+    return {"true_fraction": float(true.mean()), "phase_shares": shares.tolist(), "exact_shares": exact.tolist(),
+            "max_phase_deviation": float(np.max(np.abs(shares - exact)))}
+
+
 def load(name, n, seed, noise):
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
-    return swissroll(n, seed, noise)
+    return heartbeat(n, seed) if name == "heartbeat" else swissroll(n, seed, noise)
 
 
 def sample_quality(x, x_ref, noise=0.02):

@@ -265,11 +265,27 @@ def binomial_posterior(x0, xt, beta_t, ab_prev, m):
     return a * k1 / (a * k1 + (1.0 - a) * k0)
 
 
-def binomial_reverse_rate(xt, z, beta_t, m):
-    """The learned reverse kernel p(x⁽ᵗ⁻¹⁾ = 1|x⁽ᵗ⁾) = f_b (Eq. 5, Table App.1) as a perturbation of the
-    forward kernel read backwards: f_b = sigmoid(logit(x⁽ᵗ⁾(1 − β_t) + m β_t) + z). With z = 0 it is that
-    kernel, the exact reverse when the data come from π (the chain is then stationary and reversible)."""
-    return sigmoid(logit(binomial_q_rate(xt, beta_t, m)) + z)
+def binomial_evidence(xt, ab_t, m):
+    """The evidence that x⁽ᵗ⁾ carries about one bit of x⁽⁰⁾, from the closed-form marginal (§3.6):
+    e = log q(x⁽ᵗ⁾|x⁽⁰⁾ = 1) − log q(x⁽ᵗ⁾|x⁽⁰⁾ = 0). Bits are independent given x⁽⁰⁾, so
+    q(x⁽⁰⁾|x⁽ᵗ⁾) ∝ q(x⁽⁰⁾) exp(Σᵢ x⁽⁰⁾ᵢ eᵢ): e is all that x⁽ᵗ⁾ and t say about x⁽⁰⁾. 0 at ᾱ_t = 0."""
+    r1, r0 = binomial_marginal(1.0, ab_t, m), binomial_marginal(0.0, ab_t, m)
+    return np.where(xt > 0.5, np.log(r1) - np.log(r0), np.log1p(-r1) - np.log1p(-r0))
+
+
+def binomial_reverse_rate_x0(post0, post1, x0_hat):
+    """The reverse kernel's Bernoulli rate f_b = p(x⁽ᵗ⁻¹⁾ = 1|x⁽ᵗ⁾) (Eq. 5, Table App.1) from an estimate
+    x̂ of P(x⁽⁰⁾ = 1|x⁽ᵗ⁾): the forward posterior averaged over x⁽⁰⁾, (1 − x̂) post0 + x̂ post1, with
+    post_b = q(x⁽ᵗ⁻¹⁾ = 1|x⁽ᵗ⁾, x⁽⁰⁾ = b) (binomial_posterior). Given x⁽⁰⁾ the bits are independent, so with
+    x̂ exact this is the true marginal reverse rate of each bit."""
+    return post0 + (post1 - post0) * x0_hat
+
+
+def binomial_perturbed_rate(c, d):
+    """Table App.1's perturbed binomial kernel (§2.5.3): p̃(x⁽ᵗ⁻¹⁾ᵢ = 1) = c d / (c d + (1 − c)(1 − d)), the
+    product of B(c), the reverse rate c = f_b, and r(x_i = 1) = d, normalised. d = 1 or 0 clamps the bit;
+    d = 1/2 leaves it unchanged."""
+    return c * d / (c * d + (1.0 - c) * (1.0 - d))
 
 
 def bernoulli_kl(q, p):

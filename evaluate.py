@@ -52,6 +52,8 @@ def estimates(lw, ns):
 def main(argv=None):
     args = parse(argv)
     meta, params, k = sample.load_run(args.run)
+    if meta["data"] != "swissroll":
+        raise train.UsageError(f"evaluate.py (Eq. 9) covers the Swiss roll only; {args.run} is a {meta['data']} run")
     x = data.load(meta["data"], args.points, train.HELDOUT_SEED, meta["noise"])
     rng = np.random.default_rng([args.seed, 5])
     kmn, _ = fast.evaluate(params, k, x, rng, n_draws=4)

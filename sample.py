@@ -15,6 +15,7 @@ import ckpt
 import data
 import dpm
 import fast
+import heartbeat
 import model
 import train
 
@@ -25,11 +26,12 @@ def parse(argv):
     p.add_argument("-n", type=train.positive(int), default=10_000, help="number of samples")
     p.add_argument("--out", default="samples.npy", help=".npy, or .csv")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--figure", default=None, help="write the paper's Figure 1 layout as SVG here")
+    p.add_argument("--figure", default=None,
+                   help="write the paper's Figure 1 layout (Swiss roll) or Figure 2 layout (heartbeat) as SVG here")
     p.add_argument("--data", default=None, help="fail unless the checkpoint was trained on this dataset")
     p.add_argument("--condition", default=None,
                    help="sample p(x) r(x) (§2.5): gauss:MX,MY,S for r = N(m, S² I), or x=V / y=V to clamp a "
-                        "coordinate (inpainting)")
+                        "coordinate (inpainting); heartbeat: bits=1,?,0,... (20 entries: 0, 1 or ?) clamps bits")
     p.add_argument("--particles", type=train.positive(int), default=None,
                    help="with --condition: draw from p r itself by sequential Monte Carlo with this many "
                         "particles, instead of the paper's r_t = r chain")
@@ -40,11 +42,13 @@ def load_run(path, expect_data=None):
     """(meta, params, Consts) from a checkpoint, checked against this code's model."""
     meta, arrays = ckpt.load(ckpt.path_in(path))
     try:
-        cfg = dict(model.DEFAULTS, **meta["cfg"])
-        k = model.Consts(cfg)
-        want = model.init(cfg, np.random.default_rng(0))
+        trained_on = meta["data"]
+        kind = heartbeat if trained_on == "heartbeat" else model
+        cfg = dict(kind.DEFAULTS, **meta["cfg"])
+        k = kind.Consts(cfg)
+        want = kind.init(cfg, np.random.default_rng(0))
         params = {name: arrays[f"p/{name}"] for name in want}
-        trained_on, noise = meta["data"], float(meta["noise"])
+        noise = 0.0 if trained_on == "heartbeat" else float(meta["noise"])
     except (KeyError, TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"{path} is missing or has a malformed entry ({e})") from None
     for name, arr in params.items():
@@ -109,6 +113,35 @@ def figure(params, k, x_data, rng, n=1000):
             '<defs><marker id="a" markerWidth="6" markerHeight="6" refX="5" refY="3" orient="auto">'
             '<path d="M0,0 L6,3 L0,6 z" fill="#b22"/></marker></defs>')
     return "\n".join([head] + body + ["</svg>\n"])
+
+
+def heartbeat_figure(params, k, rng, n=5, rows=50):
+    """The paper's Figure 2 layout for the heartbeat: the 5 true sequences, then n samples' reverse
+    trajectories, x⁽ᵗ⁾ from t = T (top) to t = 0 (bottom) on rows evenly spaced in t, bins left to right;
+    a filled cell is a 1."""
+    ts = sorted({int(round(v)) for v in np.linspace(k.T, 0, rows)}, reverse=True)
+    _, kept = heartbeat.sample(params, k, n, rng, keep=ts)
+    cell, gap, top = 7, 24, 40
+    width = k.D * cell
+    out = []
+
+    def grid(ox, oy, bits, title):
+        out.append(f'<text x="{ox + width / 2}" y="{oy - 6}" text-anchor="middle" font-size="11">{title}</text>')
+        out.append(f'<rect x="{ox}" y="{oy}" width="{width}" height="{len(bits) * cell}" fill="white" stroke="#888"/>')
+        for r, row in enumerate(bits):
+            for c in np.flatnonzero(row > 0.5):
+                out.append(f'<rect x="{ox + c * cell}" y="{oy + r * cell}" width="{cell}" height="{cell}" fill="#222"/>')
+
+    grid(20, top, data.heartbeat_sequences(), "the 5 true sequences")
+    for j in range(n):
+        traj = np.stack([kept[t][j] for t in ts])
+        grid(20 + (j + 1) * (width + gap), top, traj, f"sample {j + 1}: t = {k.T} → 0")
+    W = 20 + (n + 1) * (width + gap)
+    H = top + len(ts) * cell + 30
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif">'
+            f'<text x="20" y="16" font-size="12">Reverse trajectories of binomial diffusion (Figure 2 layout): '
+            f'rows are t = {ts[0]}, {ts[1]}, …, {ts[-1]}; columns are the {k.D} bins</text>')
+    return "\n".join([head] + out + ["</svg>\n"])
 
 
 def entropy_figure(lower, upper, learned):
@@ -183,6 +216,49 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
+def save_samples(path, x, header):
+    if path.endswith(".csv"):
+        fmt = "%d" if x.dtype.kind in "iu" else "%.18e"
+        write_atomic(path, lambda p: np.savetxt(p, x, delimiter=",", header=header, comments="", fmt=fmt))
+    else:
+        def write_npy(p):
+            with open(p, "wb") as f:
+                np.save(f, x)
+        write_atomic(path, write_npy)
+
+
+def save_figure(path, svg):
+    def write_svg(p):
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(svg)
+    write_atomic(path, write_svg)
+    print(f"figure -> {path}")
+
+
+def main_heartbeat(args, params, k, rng):
+    """Binary samples (n, 20) of 0/1, how many are true sequences, and how evenly the phases come."""
+    if args.particles:
+        raise train.UsageError("--particles (sequential Monte Carlo) covers the Swiss roll only")
+    r1 = None
+    if args.condition:
+        try:
+            r1 = heartbeat.parse_condition(args.condition, k.D)
+        except ValueError as e:
+            raise train.UsageError(f"--condition: {e}") from None
+    x, _ = heartbeat.sample(params, k, args.n, rng, r1=r1)
+    x = x.astype(np.uint8)
+    save_samples(args.out, x, ",".join(f"b{i}" for i in range(k.D)))
+    q = data.heartbeat_quality(x, r1)
+    print(f"{args.n} samples -> {args.out}  {q['true_fraction']:.2%} are one of the 5 true sequences; "
+          f"phases {' '.join(f'{s:.1%}' for s in q['phase_shares'])} (exact "
+          f"{' '.join(f'{s:.1%}' for s in q['exact_shares'])}; largest deviation {q['max_phase_deviation']:.1%})")
+    if r1 is not None and not any(q["exact_shares"]):
+        print("note: no true sequence agrees with these clamped bits, so p r is 0 on the data")
+    if args.figure:
+        save_figure(args.figure, heartbeat_figure(params, k, rng))
+    return 0
+
+
 def main(argv=None):
     args = parse(argv)
     if not args.out.endswith((".npy", ".csv")):
@@ -191,6 +267,8 @@ def main(argv=None):
         raise train.UsageError("--particles needs --condition")
     meta, params, k = load_run(args.run, args.data)
     rng = np.random.default_rng(args.seed)
+    if meta["data"] == "heartbeat":
+        return main_heartbeat(args, params, k, rng)
     condition = None
     if args.condition:
         try:
@@ -204,13 +282,7 @@ def main(argv=None):
             x = model.sample_conditioned(params, k, args.n, rng, condition)
     else:
         x, _ = fast.sample(params, k, args.n, rng)
-    if args.out.endswith(".csv"):
-        write_atomic(args.out, lambda p: np.savetxt(p, x, delimiter=",", header="x,y", comments=""))
-    else:
-        def write_npy(p):
-            with open(p, "wb") as f:
-                np.save(f, x)
-        write_atomic(args.out, write_npy)
+    save_samples(args.out, x, "x,y")
     noise = meta["noise"]
     x_real = data.load(meta["data"], args.n, train.HELDOUT_SEED, noise)
     q = data.sample_quality(x, x_real, noise)
@@ -226,12 +298,7 @@ def main(argv=None):
         for cr in c.get("crossings", []):
             print(f"  crossing at {cr['at']:+.3f}: {cr['sample_share']:.1%} of samples, exact {cr['exact_share']:.1%}")
     if args.figure:
-        svg = figure(params, k, x_real, rng)
-        def write_svg(p):
-            with open(p, "w", encoding="utf-8") as f:
-                f.write(svg)
-        write_atomic(args.figure, write_svg)
-        print(f"figure -> {args.figure}")
+        save_figure(args.figure, figure(params, k, x_real, rng))
     return 0
 
 

@@ -19,6 +19,7 @@ import ckpt
 import data
 import dpm
 import fast
+import heartbeat
 import mlp
 import model
 
@@ -48,40 +49,64 @@ def positive(kind):
     return check
 
 
+# Defaults per dataset: a flag left out takes its dataset's value. The Swiss-roll-only flags are refused
+# for the heartbeat, whose schedule (β_t = 1/(T − t + 1)) and inputs are fixed.
+DEFAULTS = {
+    "swissroll": {"steps": 100_000, "lr": 1e-3, "lr_decay_steps": 40_000, "T": model.DEFAULTS["T"],
+                  "hidden": model.DEFAULTS["H"], "eval_every": 5000, "heldout": N_HELDOUT, "draws": 4,
+                  "quick_eval": 4000, "backend": "numba", "noise": 0.02, "beta1": model.DEFAULTS["beta1"],
+                  "fourier": model.DEFAULTS["M"], "fourier_scale": model.DEFAULTS["fourier_scale"]},
+    "heartbeat": {"steps": 40_000, "lr": 3e-3, "lr_decay_steps": 20_000, "T": heartbeat.DEFAULTS["T"],
+                  "hidden": heartbeat.DEFAULTS["H"], "eval_every": 10_000, "heldout": 10_000, "draws": 1,
+                  "quick_eval": 500, "backend": "numpy"},
+}
+SWISSROLL_ONLY = ("noise", "beta1", "fourier", "fourier_scale")
+
+
 def parse(argv):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="swissroll", help="dataset: " + ", ".join(data.DATASETS))
-    p.add_argument("--steps", type=positive(int), default=100_000, help="total training steps of the run")
+    p.add_argument("--steps", type=positive(int), help="total training steps of the run (swissroll 100000, "
+                                                        "heartbeat 40000)")
     p.add_argument("--batch-size", type=positive(int), default=512)
-    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam's initial learning rate")
-    p.add_argument("--lr-decay-steps", type=positive(int), default=40_000,
-                   help="the learning rate falls tenfold every this many steps (floor lr/1000)")
+    p.add_argument("--lr", type=positive(float), help="Adam's initial learning rate (1e-3; heartbeat 3e-3)")
+    p.add_argument("--lr-decay-steps", type=positive(int),
+                   help="the learning rate falls tenfold every this many steps, floor lr/1000 (40000; heartbeat 20000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", type=float, default=0.02, help="Swiss roll noise σ, before standardising")
-    p.add_argument("--T", type=positive(int), default=model.DEFAULTS["T"], help="diffusion steps")
-    p.add_argument("--beta1", type=positive(float), default=model.DEFAULTS["beta1"],
-                   help="the fixed first-step variance β₁ (§2.4.1)")
-    p.add_argument("--hidden", type=positive(int), default=model.DEFAULTS["H"], help="hidden units per layer")
-    p.add_argument("--fourier", type=int, default=model.DEFAULTS["M"],
-                   help="random Fourier input features sin/cos(x F), F: 2 x this (0: none)")
-    p.add_argument("--fourier-scale", type=positive(float), default=model.DEFAULTS["fourier_scale"],
-                   help="standard deviation of the entries of F")
-    p.add_argument("--backend", choices=("numba", "numpy"), default="numba",
-                   help="numba: fast.py, float32 network, float64 KL arithmetic; numpy: the float64 reference")
+    p.add_argument("--noise", type=float, help="Swiss roll noise σ, before standardising (0.02)")
+    p.add_argument("--T", type=positive(int), help="diffusion steps (swissroll 40, heartbeat 2000)")
+    p.add_argument("--beta1", type=positive(float), help="Swiss roll: the fixed first-step variance β₁ (§2.4.1)")
+    p.add_argument("--hidden", type=positive(int), help="hidden units per layer (swissroll 128, heartbeat 50)")
+    p.add_argument("--fourier", type=int, help="Swiss roll: random Fourier input features sin/cos(x F), "
+                                               "F: 2 x this (0: none; default 32)")
+    p.add_argument("--fourier-scale", type=positive(float), help="Swiss roll: the entries of F's standard deviation")
+    p.add_argument("--backend", choices=("numba", "numpy"),
+                   help="numba: fast.py, float32 network, float64 KL arithmetic; numpy: the float64 reference "
+                        "(the heartbeat has numpy only)")
     p.add_argument("--out", default=None, help="run directory (default runs/<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
-    p.add_argument("--eval-every", type=positive(int), default=5000)
-    p.add_argument("--heldout", type=positive(int), default=N_HELDOUT, help="held-out points for the final K")
-    p.add_argument("--draws", type=positive(int), default=4, help="forward-noise draws per held-out point")
+    p.add_argument("--eval-every", type=positive(int))
+    p.add_argument("--heldout", type=positive(int), help="held-out points for the final K (20000; heartbeat 10000)")
+    p.add_argument("--draws", type=positive(int), help="forward-noise draws per held-out point (4; heartbeat 1)")
     args = p.parse_args(argv)
     if args.data not in data.DATASETS:  # argparse choices= would print the usage block too
         raise UsageError(f"unknown --data {args.data!r} (known: {', '.join(data.DATASETS)})")
-    if not (0 <= args.noise < 1):
-        raise UsageError(f"--noise must be in [0, 1), got {args.noise}")
-    if not args.beta1 < 1:
-        raise UsageError(f"--beta1 must be in (0, 1), got {args.beta1}")
-    if args.fourier < 0:
-        raise UsageError(f"--fourier must be 0 or more, got {args.fourier}")
+    if args.data == "heartbeat":
+        for name in SWISSROLL_ONLY:
+            if getattr(args, name) is not None:
+                raise UsageError(f"--{name.replace('_', '-')} applies to the Swiss roll only")
+        if args.backend == "numba":
+            raise UsageError("the heartbeat runs on the numpy backend only")
+    for name, value in DEFAULTS[args.data].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.data == "swissroll":
+        if not (0 <= args.noise < 1):
+            raise UsageError(f"--noise must be in [0, 1), got {args.noise}")
+        if not args.beta1 < 1:
+            raise UsageError(f"--beta1 must be in (0, 1), got {args.beta1}")
+        if args.fourier < 0:
+            raise UsageError(f"--fourier must be 0 or more, got {args.fourier}")
     if args.T < 3:
         raise UsageError(f"--T must be at least 3, got {args.T}")
     args.out = args.out or os.path.join("runs", args.data)
@@ -104,11 +129,15 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        self.cfg = dict(model.DEFAULTS, T=args.T, beta1=args.beta1, H=args.hidden, M=args.fourier,
-                        fourier_scale=args.fourier_scale)
-        self.k = model.Consts(self.cfg)
+        if args.data == "heartbeat":
+            self.cfg = dict(heartbeat.DEFAULTS, T=args.T, H=args.hidden)
+            self.k = heartbeat.Consts(self.cfg)
+        else:
+            self.cfg = dict(model.DEFAULTS, T=args.T, beta1=args.beta1, H=args.hidden, M=args.fourier,
+                            fourier_scale=args.fourier_scale)
+            self.k = model.Consts(self.cfg)
         self.rng = np.random.default_rng([args.seed, 0])
-        params = model.init(self.cfg, self.rng)
+        params = (heartbeat if args.data == "heartbeat" else model).init(self.cfg, self.rng)
         if args.backend == "numba":           # fast.Trainer: the step and Adam, on views of flat vectors
             self.opt = fast.Trainer(self.k, args.batch_size)
             self.opt.load(params)
@@ -154,17 +183,22 @@ class Run:
 
 
 def train_step(run, x_train):
-    """One minibatch: draw x⁽⁰⁾, t and frozen noise, then Adam on −(K − L_null). Returns the loss (nats)."""
+    """One minibatch: draw x⁽⁰⁾, t (and the frozen noise), then Adam on −(K − L_null). Returns the loss (nats)."""
     a = run.args
-    x0, t, eps = model.draw_batch(run.rng, x_train, a.batch_size, run.cfg["T"])
     lr = learning_rate(a, run.step)
+    if a.data == "heartbeat":
+        x0, t = heartbeat.draw_batch(run.rng, x_train, a.batch_size, run.cfg["T"])
+        loss, grads = heartbeat.loss_and_grads(run.params, run.k, x0, t, run.rng)
+    else:
+        x0, t, eps = model.draw_batch(run.rng, x_train, a.batch_size, run.cfg["T"])
     if a.backend == "numba":
         try:
             loss = run.opt.step(x0, eps, t, lr)
         except FloatingPointError:
             raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}") from None
     else:
-        loss, grads = model.loss_and_grads(run.params, run.k, x0, eps, t)
+        if a.data != "heartbeat":
+            loss, grads = model.loss_and_grads(run.params, run.k, x0, eps, t)
         if not (math.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())):
             raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}")
         run.opt.step(run.params, grads, lr)
@@ -177,7 +211,10 @@ def report(run, x_heldout, n_draws):
 
     Its own RNG, seeded by the step, so evaluating never moves the training stream."""
     rng = np.random.default_rng([run.args.seed, 2, run.step])
-    evaluate = fast.evaluate if run.args.backend == "numba" else model.evaluate
+    if run.args.data == "heartbeat":
+        evaluate = heartbeat.evaluate
+    else:
+        evaluate = fast.evaluate if run.args.backend == "numba" else model.evaluate
     per_point, kl_t = evaluate(run.params, run.k, x_heldout, rng, n_draws)
     return model.bits(per_point), model.bits(kl_t)
 
@@ -200,13 +237,52 @@ class Progress:
         print(("\r" if self.tty else "") + line + (" " * 20 if self.tty else ""), flush=True)
 
 
+def stderr(v):
+    return float(v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def finish_heartbeat(run, x_heldout):
+    """metrics.json for the heartbeat: K in bits per sequence with the full sum over t, next to the
+    limit log2(1/5), the ceiling −H(X⁽¹⁾) and L_null; the quality of 10,000 samples."""
+    a = run.args
+    kmn, kl_t = report(run, x_heldout, n_draws=a.draws)
+    l_null = model.bits(heartbeat.log_null(x_heldout, run.cfg["m"]))
+    K = kmn + l_null
+    samples, _ = heartbeat.sample(run.params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
+    ceiling = data.heartbeat_ceiling_bits(run.cfg["T"], run.cfg["m"])
+    m = {
+        "data": a.data, "T": run.cfg["T"], "steps": run.step, "wall_seconds": round(run.wall, 2),
+        "K_bits": float(K.mean()), "K_stderr_bits": stderr(K),
+        "K_estimate": f"full sum over t = 2..{run.cfg['T']}, {a.draws} draw(s) of x(t) per t and sequence, "
+                      f"{len(x_heldout)} held-out sequences; stderr over sequences",
+        "L_null_bits": float(l_null.mean()),
+        "K_minus_L_null_bits": float(kmn.mean()), "K_minus_L_null_stderr_bits": stderr(kmn),
+        "limit_bits": math.log2(1.0 / data.HEARTBEAT_PERIOD), "ceiling_bits": ceiling,
+        "K_minus_ceiling_in_stderr": (float(K.mean()) - ceiling) / stderr(K),
+        "sample_quality": data.heartbeat_quality(samples),
+        "kl_per_t_bits": kl_t.tolist(), "m": run.cfg["m"], "seed": a.seed,
+        "heldout_points": len(x_heldout), "noise_draws": a.draws, "backend": a.backend,
+    }
+    with open(os.path.join(a.out, "metrics.json"), "w") as f:
+        json.dump(m, f, indent=1)
+    sq = m["sample_quality"]
+    print(f"done: heartbeat T={m['T']} steps={m['steps']} in {m['wall_seconds']:.0f}s  "
+          f"K = {m['K_bits']:.4f} ± {m['K_stderr_bits']:.4f} bits/sequence  "
+          f"K-L_null = {m['K_minus_L_null_bits']:.3f}  (limit {m['limit_bits']:.4f}, ceiling {ceiling:.4f})  "
+          f"samples: {sq['true_fraction']:.2%} true sequences, phases "
+          f"{' '.join(f'{s:.1%}' for s in sq['phase_shares'])}  -> {os.path.join(a.out, 'metrics.json')}")
+    return m
+
+
 def finish(run, x_heldout):
     a = run.args
+    if a.data == "heartbeat":
+        return finish_heartbeat(run, x_heldout)
     kmn, kl_t = report(run, x_heldout, n_draws=a.draws)
     l_null = model.bits(dpm.log_null(x_heldout))
     K = kmn + l_null
     beta, ab = run.k.schedule(run.params)
-    se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v)))
+    se = stderr
     sample = fast.sample if a.backend == "numba" else model.sample
     samples, _ = sample(run.params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
     H_lower, H_upper = dpm.entropy_bounds(beta, ab, run.cfg["D"])
@@ -250,9 +326,10 @@ def main(argv=None):
     elif os.path.exists(path):
         raise UsageError(f"{path} exists: pass --resume to continue it, or another --out")
     x_train, x_heldout = load_data(args)
-    x_quick = x_heldout[:4000]
+    x_quick = x_heldout[:args.quick_eval]
     prog = Progress(args.steps)
-    prog.say(f"{args.data}: T={run.cfg['T']} beta1={run.cfg['beta1']:g} batch={args.batch_size} "
+    schedule = f"beta1={run.cfg['beta1']:g}" if "beta1" in run.cfg else "beta_t=1/(T-t+1)"
+    prog.say(f"{args.data}: T={run.cfg['T']} {schedule} batch={args.batch_size} "
              f"from step {run.step} to {args.steps}; checkpoints in {path}")
     t_prev, s_last, w_last, ema = time.perf_counter(), run.step, run.wall, None
     interrupted = []
@@ -273,7 +350,7 @@ def main(argv=None):
             if run.step % args.eval_every == 0 and run.step < args.steps:
                 kmn, _ = report(run, x_quick, 1)
                 prog.say(f"eval step {run.step}: held-out K-L_null = {kmn.mean():.3f} ± "
-                         f"{kmn.std() / math.sqrt(len(kmn)):.3f} bits (4000 points, 1 draw)")
+                         f"{kmn.std() / math.sqrt(len(kmn)):.3f} bits ({len(kmn)} points, 1 draw)")
                 run.save(path)
     except KeyboardInterrupt:
         run.wall += time.perf_counter() - t_prev
