@@ -23,9 +23,11 @@ COMPARISON = dict(model.DEFAULTS, M=0)       # no Fourier features: the model th
 
 
 def stats(name, samples, unit, **extra):
+    """One JSON line. openblas_coretype records an OPENBLAS_CORETYPE override: some machines force older,
+    slower BLAS kernels that way (Haswell's AVX2 on an AVX-512 machine), which changes every figure."""
     q = np.percentile(samples, [50, 10, 90])
     return dict(name=name, median=round(float(q[0]), 4), p10=round(float(q[1]), 4), p90=round(float(q[2]), 4),
-                unit=unit, n=len(samples), **extra)
+                unit=unit, n=len(samples), openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", "auto"), **extra)
 
 
 def make_trainer(backend, cfg, batch, seed=0):
