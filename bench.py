@@ -2,6 +2,7 @@
 
     python bench.py                    # the Numba path (fast.py)
     python bench.py --backend numpy    # the plain NumPy reference (model.py, mlp.py), for the speedup
+    python bench.py --device cuda      # the numba.cuda kernels on a GPU: sampling and evaluation
 
 train_step_* time the comparison model, whatever train.py's defaults are: 2 → 128 → 128 tanh MLP
 (inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40,
@@ -104,15 +105,45 @@ def first_step():
     print(time.time())
 
 
+def bench_cuda(a):
+    """sample_1000000 (seconds, and point-steps per second) and eval_K_20000 on the GPU, after one warm-up
+    call that compiles the kernels. Training on the GPU does not exist yet."""
+    import cuda_kernels
+    import data
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or not cuda_kernels.available():
+        print("bench.py: error: --device cuda needs a real GPU with a driver (none found, or the simulator is on)",
+              file=sys.stderr)
+        return 2
+    from numba import cuda
+    gpu = cuda.get_current_device().name
+    gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
+    k = model.Consts(model.DEFAULTS)
+    rng = np.random.default_rng(0)
+    params = {n: v + 0.05 * rng.standard_normal(v.shape) for n, v in model.init(model.DEFAULTS, rng).items()}
+    emit = lambda d: print(json.dumps(d), flush=True)
+    n = 1_000_000
+    s = timed(lambda: cuda_kernels.sample(params, k, n, seed=1), 5, 1)
+    emit(stats("sample_1000000", s, "s", device="cuda", gpu=gpu, steps=k.T, model="train.py's default"))
+    emit(stats("sample_point_steps_per_s", n * (k.T - 1) / s, "1/s", device="cuda", gpu=gpu))
+    x = data.swissroll(20_000, [0, 1])
+    s = timed(lambda: cuda_kernels.evaluate(params, k, x, seed=1), 5, 1)
+    emit(stats("eval_K_20000", s, "s", device="cuda", gpu=gpu, draws=1, t_terms=k.T - 1))
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=("numba", "numpy"), default="numba")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the numba.cuda kernels' sampling and evaluation (cuda_kernels.py) on a GPU")
     p.add_argument("--repeat", type=int, default=300, help="timed training steps per batch size")
     p.add_argument("--only", default="", help="comma-separated names to run (default: all)")
     p.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.first_step:
         return first_step()
+    if a.device == "cuda":
+        return bench_cuda(a)
     import data
     import fast
     only = set(filter(None, a.only.split(",")))

@@ -29,6 +29,8 @@ def parse(argv):
     p.add_argument("--figure", default=None,
                    help="write the paper's Figure 1 layout (Swiss roll) or Figure 2 layout (heartbeat) as SVG here")
     p.add_argument("--data", default=None, help="fail unless the checkpoint was trained on this dataset")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: draw the samples with the numba.cuda kernels (cuda_kernels.py) on a GPU")
     p.add_argument("--condition", default=None,
                    help="sample p(x) r(x) (§2.5): gauss:MX,MY,S for r = N(m, S² I), or x=V / y=V to clamp a "
                         "coordinate (inpainting); heartbeat: bits=1,?,0,... (20 entries: 0, 1 or ?) clamps bits")
@@ -235,6 +237,24 @@ def save_figure(path, svg):
     print(f"figure -> {path}")
 
 
+def cuda_check(args):
+    """--device cuda needs a GPU with a driver (or numba's simulator), and covers plain sampling only."""
+    import cuda_kernels
+    if not cuda_kernels.available():
+        raise train.UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
+    if args.condition:
+        raise train.UsageError("--condition runs on the CPU only; leave out --device cuda")
+
+
+def draw(params, k, n, rng, args, heartbeat_run):
+    """Unconditioned samples on the chosen device (the GPU's own RNG stream is seeded by --seed)."""
+    if args.device == "cuda":
+        import cuda_kernels
+        fn = cuda_kernels.sample_heartbeat if heartbeat_run else cuda_kernels.sample
+        return fn(params, k, n, seed=args.seed)
+    return (heartbeat.sample(params, k, n, rng) if heartbeat_run else fast.sample(params, k, n, rng))[0]
+
+
 def main_heartbeat(args, params, k, rng):
     """Binary samples (n, 20) of 0/1, how many are true sequences, and how evenly the phases come."""
     if args.particles:
@@ -245,7 +265,7 @@ def main_heartbeat(args, params, k, rng):
             r1 = heartbeat.parse_condition(args.condition, k.D)
         except ValueError as e:
             raise train.UsageError(f"--condition: {e}") from None
-    x, _ = heartbeat.sample(params, k, args.n, rng, r1=r1)
+    x = heartbeat.sample(params, k, args.n, rng, r1=r1)[0] if r1 is not None else draw(params, k, args.n, rng, args, True)
     x = x.astype(np.uint8)
     save_samples(args.out, x, ",".join(f"b{i}" for i in range(k.D)))
     q = data.heartbeat_quality(x, r1)
@@ -265,6 +285,8 @@ def main(argv=None):
         raise train.UsageError(f"--out must end in .npy or .csv, got {args.out!r}")
     if args.particles and not args.condition:
         raise train.UsageError("--particles needs --condition")
+    if args.device == "cuda":
+        cuda_check(args)
     meta, params, k = load_run(args.run, args.data)
     rng = np.random.default_rng(args.seed)
     if meta["data"] == "heartbeat":
@@ -281,7 +303,7 @@ def main(argv=None):
         else:
             x = model.sample_conditioned(params, k, args.n, rng, condition)
     else:
-        x, _ = fast.sample(params, k, args.n, rng)
+        x = draw(params, k, args.n, rng, args, False)
     save_samples(args.out, x, "x,y")
     noise = meta["noise"]
     x_real = data.load(meta["data"], args.n, train.HELDOUT_SEED, noise)

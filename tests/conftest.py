@@ -3,6 +3,8 @@ import sys
 
 # Before anything imports numba (numba-notes §2): CUDA kernels, where any, run in the simulator.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+# Few threads per block, so the kernels' tiny test inputs cross block boundaries (cuda_kernels.TPB).
+os.environ.setdefault("DPM_CUDA_TPB", "16")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -28,6 +28,16 @@ def test_bench_prints_one_json_object_per_line(capsys, backend):
     assert lines[0]["unit"] == "ms" and lines[1]["unit"] == "GFLOP/s" and "peak_gflops" in lines[1]
 
 
+def test_bench_on_cuda_without_a_gpu_is_one_clear_line(capsys):
+    """No GPU here (or only the simulator, which is no place for timings): one line on stderr, exit 2."""
+    import cuda_kernels
+    if cuda_kernels.available() and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        pytest.skip("a real GPU is present")
+    assert bench.main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "GPU" in err
+
+
 def run_as_unprivileged(cmd, cwd, env):
     """Run cmd where permission bits apply: as uid 65534 when we are root, else as ourselves."""
     if os.geteuid() == 0:

@@ -1,0 +1,174 @@
+"""cuda_kernels.py against its NumPy twins, in numba's CUDA simulator where no GPU exists (conftest.py sets
+NUMBA_ENABLE_CUDASIM=1 and DPM_CUDA_TPB=16 before numba is imported, so tiny inputs cross block
+boundaries). The same tests run on a real GPU when one is there and the simulator is switched off."""
+import math
+import os
+
+import numpy as np
+import pytest
+
+import cuda_kernels as ck
+import data
+import dpm
+import heartbeat
+import model
+from numba import cuda
+
+pytestmark = pytest.mark.skipif(not ck.available(), reason="no GPU and no CUDA simulator")
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def small_gauss(seed, M=3):
+    """A small Swiss-roll config with perturbed weights (nothing at a symmetric zero)."""
+    cfg = dict(model.DEFAULTS, M=M, H=8, J=4, T=6)
+    rng = np.random.default_rng(seed)
+    p = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in model.init(cfg, rng).items()}
+    return cfg, model.Consts(cfg), p, rng
+
+
+@pytest.mark.parametrize("n, M", [(1, 3), (37, 3), (17, 0)])
+def test_gauss_step_matches_model_reverse(n, M):
+    cfg, k, p, rng = small_gauss(n, M)
+    x, noise = rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
+    beta, _ = k.schedule(p)
+    net = ck.GaussNet(p, k)
+    for t in (2, k.T):
+        out = cuda.device_array((n, 2))
+        ck._gauss_step[ck.blocks(n), ck.TPB](cuda.to_device(x), t, *net.args, cuda.to_device(noise), out)
+        mu, Sigma, _ = model.reverse(p, k, x, np.full(n, t), beta)
+        assert np.allclose(out.copy_to_host(), mu + np.sqrt(Sigma) * noise, rtol=1e-4, atol=1e-5), t
+
+
+@pytest.mark.parametrize("n", [1, 37])
+def test_q_sample_and_gauss_kl_match_dpm(n):
+    cfg, k, p, rng = small_gauss(100 + n)
+    x0, eps = rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
+    beta, ab = k.schedule(p)
+    net = ck.GaussNet(p, k)
+    kl_sum, kl_t = cuda.to_device(np.zeros(n)), cuda.to_device(np.zeros(k.T + 1))
+    want_t = np.zeros(k.T + 1)
+    want_sum = np.zeros(n)
+    x0_d, xt_d = cuda.to_device(x0), cuda.device_array((n, 2))
+    for t in range(2, k.T + 1):
+        ck._q_sample[ck.blocks(n), ck.TPB](x0_d, t, net.args[0], cuda.to_device(eps), xt_d)
+        xt = dpm.q_sample(x0, ab[t], eps)
+        assert np.allclose(xt_d.copy_to_host(), xt, rtol=1e-12, atol=1e-12)
+        ck._gauss_kl[ck.blocks(n), ck.TPB](x0_d, xt_d, t, *net.args, kl_sum, kl_t)
+        tt = np.full(n, t)
+        a, b, _ = model.mlp.forward(p, xt, k.basis[:, tt].T, k.F)
+        kl, _ = dpm.kl_terms(x0, xt, tt, beta, ab, a, b, k.T)
+        want_sum += kl
+        want_t[t] = kl.sum()
+    assert np.allclose(kl_sum.copy_to_host(), want_sum, rtol=1e-4, atol=1e-6)
+    assert np.allclose(kl_t.copy_to_host(), want_t, rtol=1e-4, atol=1e-6)
+
+
+def test_fixed_step_matches_eq_44():
+    rng = np.random.default_rng(3)
+    x, noise = rng.standard_normal((21, 2)), rng.standard_normal((21, 2))
+    out = cuda.device_array((21, 2))
+    ck._fixed_step[ck.blocks(21), ck.TPB](cuda.to_device(x), math.sqrt(1 - 1e-3), math.sqrt(1e-3),
+                                          cuda.to_device(noise), out)
+    assert np.allclose(out.copy_to_host(), dpm.p_step_fixed_first(x, 1e-3, noise), rtol=1e-12)
+
+
+def test_random_draws_have_the_right_moments():
+    """numba's xoroshiro128+ through _normal and _uniform: 64 states, each drawing for several rows."""
+    states = ck.create_xoroshiro128p_states(64, seed=1)
+    z, u = cuda.device_array((400, 5)), cuda.device_array((400, 5))
+    with np.errstate(over="ignore"):        # the simulator's uint64 arithmetic wraps by design
+        ck._normal[4, 16](states, z)
+        ck._uniform[4, 16](states, u)
+    z, u = z.copy_to_host(), u.copy_to_host()
+    assert abs(z.mean()) < 4 / math.sqrt(z.size) and abs(z.var() - 1) < 0.12
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 4 * math.sqrt(1 / 12 / u.size)
+    assert len(np.unique(z)) == z.size                       # no two threads share a stream
+
+
+@pytest.mark.parametrize("n", [1, 23])
+def test_binomial_step_matches_heartbeat_reverse_rate(n):
+    cfg = dict(heartbeat.DEFAULTS, T=30, H=6)
+    k = heartbeat.Consts(cfg)
+    rng = np.random.default_rng(n)
+    p = {name: rng.normal(0, 0.7, v.shape) for name, v in heartbeat.init(cfg, rng).items()}
+    x = data.heartbeat(n, 4)
+    x[rng.random(x.shape) < 0.2] = 1.0
+    u = rng.random(x.shape)
+    w = [cuda.to_device(np.ascontiguousarray(p[name])) for name in heartbeat.PARAM_NAMES]
+    for t in (2, 17, k.T):
+        out = cuda.device_array(x.shape)
+        ck._binomial_step[ck.blocks(n), ck.TPB](cuda.to_device(x), t, cfg["input_scale"], cuda.to_device(k.evidence),
+                                                cuda.to_device(k.post), *w, cuda.to_device(u), out)
+        f, _ = heartbeat.reverse_rate(p, k, x, np.full(n, t))
+        clear = np.abs(u - f) > 1e-9
+        assert np.array_equal(out.copy_to_host()[clear], (u < f).astype(float)[clear]), t
+
+
+def test_samplers_and_evaluation_end_to_end():
+    """The host wrappers: shapes, the clamp of nothing, and the bound: on a model that is the forward
+    kernel (untrained), K − L_null must be 0 within Monte Carlo error, as on the CPU."""
+    cfg = dict(model.DEFAULTS, M=2, H=4, J=3, T=5)
+    k = model.Consts(cfg)
+    p = model.init(cfg, np.random.default_rng(0))
+    with np.errstate(over="ignore"):
+        x = ck.sample(p, k, 40, seed=2)
+        x0 = data.swissroll(60, [0, 1])
+        kmn, kl_t = ck.evaluate(p, k, x0, seed=3)
+    assert x.shape == (40, 2) and np.all(np.isfinite(x))
+    assert abs(kmn.mean()) < 4 * kmn.std() / math.sqrt(len(kmn)) and kl_t[:2].sum() == 0
+    hcfg = dict(heartbeat.DEFAULTS, T=8, H=3)
+    hk = heartbeat.Consts(hcfg)
+    hp = heartbeat.init(hcfg, np.random.default_rng(0))
+    with np.errstate(over="ignore"):
+        xb = ck.sample_heartbeat(hp, hk, 30, seed=4)
+    assert xb.shape == (30, 20) and set(np.unique(xb)) <= {0.0, 1.0}
+
+
+@pytest.mark.skipif(not SIM and not cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(SIM, reason="a real GPU only: the simulator has no speed to speak of")
+def test_real_gpu_sampling_agrees_with_the_cpu_in_distribution():
+    cfg = dict(model.DEFAULTS)
+    k = model.Consts(cfg)
+    rng = np.random.default_rng(0)
+    p = {n: v + 0.05 * rng.standard_normal(v.shape) for n, v in model.init(cfg, rng).items()}
+    x = ck.sample(p, k, 200_000, seed=1)
+    y, _ = model.sample(p, k, 200_000, np.random.default_rng(2))
+    assert np.allclose(x.mean(0), y.mean(0), atol=0.02) and np.allclose(x.std(0), y.std(0), atol=0.02)
+
+
+def test_every_kernel_compiles_to_ptx():
+    """Typing errors the simulator cannot see: every kernel compiled for a real GPU (compute capability
+    8.0) without one, in a child process without the simulator. Skipped where the CUDA toolkit packages
+    (requirements-gpu.txt) are not installed."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    child = os.path.join(os.path.dirname(__file__), "ptx_child.py")
+    out = subprocess.run([sys.executable, child], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(out.stdout.strip())
+    assert out.stdout.count("characters of PTX") == len(out.stdout.strip().splitlines()) >= 9
+
+
+def test_sample_py_on_cuda_for_both_datasets_and_its_refusals(tmp_path, monkeypatch, capsys):
+    """sample.py --device cuda on tiny runs of both datasets (the simulator is slow: small networks), and
+    one clear line with exit status 2 where no GPU exists or a CPU-only option is asked for."""
+    import train
+    from test_train import one_error_line, run_sample
+    tiny = ["--steps", "20", "--heldout", "100", "--draws", "1", "--eval-every", "1000"]
+    assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "sr"), "--hidden", "4", "--fourier", "1",
+                                              "--T", "4", *tiny]) == 0
+    assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "hb"), "--data", "heartbeat", "--hidden", "3",
+                                              "--T", "6", *tiny]) == 0
+    capsys.readouterr()
+    with np.errstate(over="ignore"):
+        assert run_sample(tmp_path / "sr", "-n", "20", "--out", tmp_path / "s.npy", "--device", "cuda") == 0
+        assert run_sample(tmp_path / "hb", "-n", "20", "--out", tmp_path / "h.npy", "--device", "cuda") == 0
+    assert np.load(tmp_path / "s.npy").shape == (20, 2) and np.load(tmp_path / "h.npy").shape == (20, 20)
+    assert run_sample(tmp_path / "sr", "--out", tmp_path / "c.npy", "--device", "cuda", "--condition", "x=0.5") == 2
+    one_error_line(capsys)
+    monkeypatch.setattr(ck, "available", lambda: False)
+    assert run_sample(tmp_path / "sr", "--out", tmp_path / "s.npy", "--device", "cuda") == 2
+    assert "no CUDA GPU" in one_error_line(capsys)
