@@ -308,3 +308,424 @@ def _binomial_fixed_step(x, beta1, m, u, x_out):
     if i < x.shape[0]:
         for d in range(x.shape[1]):
             x_out[i, d] = 1.0 if u[i, d] < x[i, d] * (1.0 - beta1) + m * beta1 else 0.0
+
+
+# ---------------------------------------------------------------- training the Swiss-roll model (fast.Trainer on the GPU)
+
+@cuda.jit
+def _schedule(c, basis, logit_base, beta1, beta, ab, coef):
+    """fast._schedule in one thread: β_t (§2.4.1), ᾱ_t and the per-t constants coef[t] = √ᾱ_t, √(1−ᾱ_t),
+    √(1−β_t), √β_t, logit β_t, c0, c1, β̃_t, log β̃_t (float64)."""
+    if cuda.grid(1) != 0:
+        return
+    T = beta.shape[0] - 1
+    beta[0] = 0.0
+    beta[1] = beta1
+    for t in range(2, T + 1):
+        z = logit_base[t]
+        for j in range(c.shape[0]):
+            z += c[j] * basis[j, t]
+        beta[t] = 1.0 / (1.0 + math.exp(-z))
+    ab[0] = 1.0
+    for t in range(1, T + 1):
+        ab[t] = ab[t - 1] * (1.0 - beta[t])
+    for t in range(1, T + 1):
+        bt, om, abp = beta[t], 1.0 - ab[t], ab[t - 1]
+        coef[t, 0] = math.sqrt(ab[t])
+        coef[t, 1] = math.sqrt(om)
+        coef[t, 2] = math.sqrt(1.0 - bt)
+        coef[t, 3] = math.sqrt(bt)
+        coef[t, 4] = math.log(bt) - math.log1p(-bt)
+        coef[t, 5] = math.sqrt(abp) * bt / om
+        coef[t, 6] = coef[t, 2] * (1.0 - abp) / om
+        coef[t, 7] = bt * (1.0 - abp) / om
+        coef[t, 8] = math.log(coef[t, 7]) if coef[t, 7] > 0 else -math.inf     # t = 1: β̃ = 0, never used
+
+
+@cuda.jit
+def _tables(basis_T, W1g, b1, W3, b3, table1, Weff, beff):
+    """fast.Net.tables' products, one thread per (t, h): table1[t] = g(t)·W1_g + b1,
+    W_eff(t) = Σ_j g_j(t) W3_j, b_eff(t) = Σ_j g_j(t) b3_j."""
+    k = cuda.grid(1)
+    H = b1.shape[0]
+    if k >= basis_T.shape[0] * H:
+        return
+    t, h = k // H, k % H
+    J = basis_T.shape[1]
+    acc = b1[h]
+    for j in range(J):
+        acc += basis_T[t, j] * W1g[j, h]
+    table1[t, h] = acc
+    for o in range(Weff.shape[1]):
+        acc = W3[0, o, h] - W3[0, o, h]
+        for j in range(J):
+            acc += basis_T[t, j] * W3[j, o, h]
+        Weff[t, o, h] = acc
+        if h == 0:
+            accb = b3[0, o] - b3[0, o]
+            for j in range(J):
+                accb += basis_T[t, j] * b3[j, o]
+            beff[t, o] = accb
+
+
+@cuda.jit
+def _draw_batch(states, x_train, T, x0, t, eps):
+    """model.draw_batch on the GPU: a uniform data index, t uniform on 2..T and frozen noise ε per row."""
+    i = cuda.grid(1)
+    if i >= x0.shape[0]:
+        return
+    j = min(int(xoroshiro128p_uniform_float64(states, i) * x_train.shape[0]), x_train.shape[0] - 1)
+    t[i] = 2 + min(int(xoroshiro128p_uniform_float64(states, i) * (T - 1)), T - 2)
+    for d in range(x0.shape[1]):
+        x0[i, d] = x_train[j, d]
+        eps[i, d] = xoroshiro128p_normal_float64(states, i)
+
+
+@cuda.jit
+def _forward(x0, eps, t, coef, F, W1u, table1, W2, b2, xt, u, h1, h2, scal):
+    """Per row: x⁽ᵗ⁾ = √ᾱ_t x⁽⁰⁾ + √(1−ᾱ_t) ε (dpm.q_sample), the input u = [x, sin(xF), cos(xF)], and the
+    two tanh layers (mlp.forward), kept for the backward pass; Σ‖x⁽⁰⁾‖² into scal[0]."""
+    i = cuda.grid(1)
+    if i >= x0.shape[0]:
+        return
+    D, M, H = x0.shape[1], F.shape[1], W2.shape[0]
+    ti = t[i]
+    r2 = 0.0
+    for d in range(D):
+        v = coef[ti, 0] * x0[i, d] + coef[ti, 1] * eps[i, d]
+        xt[i, d] = v
+        u[i, d] = v
+        r2 += x0[i, d] * x0[i, d]
+    cuda.atomic.add(scal, 0, r2)
+    for m in range(M):
+        s = 0.0
+        for d in range(D):
+            s += xt[i, d] * F[d, m]
+        u[i, D + m] = math.sin(s)
+        u[i, D + M + m] = math.cos(s)
+    for h in range(H):
+        acc = table1[ti, h]
+        for j in range(D + 2 * M):
+            acc += u[i, j] * W1u[j, h]
+        h1[i, h] = _tanh(acc)
+    for h in range(H):
+        acc = b2[h]
+        for j in range(H):
+            acc += h1[i, j] * W2[j, h]
+        h2[i, h] = _tanh(acc)
+
+
+@cuda.jit
+def _head_back(h2, Weff, beff, x0, xt, t, coef, sqrt_T, weight, g_h2, G, Gb, g_xt, acc, scal):
+    """fast._head per row: the readout, KL_t of Eq. 14 (summed into scal[1]) and its backward
+    (dpm.kl_backward): ∂/∂h2 through tanh into g_h2, the direct ∂/∂x⁽ᵗ⁾ into g_xt, and atomically per t
+    the readout's gradient (G, Gb) and the schedule constants' gradients (acc[t, 0:6])."""
+    i = cuda.grid(1)
+    if i >= x0.shape[0]:
+        return
+    D, H = x0.shape[1], h2.shape[1]
+    ti = t[i]
+    out = cuda.local.array(8, np.float32)
+    g_out = cuda.local.array(8, np.float32)
+    for o in range(2 * D):
+        acc_o = beff[ti, o]
+        for h in range(H):
+            acc_o += Weff[ti, o, h] * h2[i, h]
+        out[o] = acc_o
+    sa, sb, lb, c0, c1 = coef[ti, 2], coef[ti, 3], coef[ti, 4], coef[ti, 5], coef[ti, 6]
+    bt_til, log_bt_til = coef[ti, 7], coef[ti, 8]
+    inv_sqrt_T = 1.0 / sqrt_T
+    total = 0.0
+    for d in range(D):
+        a, b, x, y = float(out[d]), float(out[D + d]), xt[i, d], x0[i, d]
+        mu = sa * x + sb * a
+        e = math.exp(-(b * inv_sqrt_T + lb))
+        Sigma = 1.0 / (1.0 + e)
+        diff = c0 * y + c1 * x - mu
+        r = (bt_til + diff * diff) * (1.0 + e)
+        total += 0.5 * (-math.log1p(e) - log_bt_til + r - 1.0)
+        g_z = weight * 0.5 * (1.0 - r) * (1.0 - Sigma)
+        g_mut = weight * diff * (1.0 + e)
+        g_out[d] = -g_mut * sb
+        g_out[D + d] = g_z * inv_sqrt_T
+        g_xt[i, d] = g_mut * (c1 - sa)
+        cuda.atomic.add(acc, (ti, 0), -g_mut * x)
+        cuda.atomic.add(acc, (ti, 1), -g_mut * a)
+        cuda.atomic.add(acc, (ti, 2), g_mut * y)
+        cuda.atomic.add(acc, (ti, 3), g_mut * x)
+        cuda.atomic.add(acc, (ti, 4), g_z)
+        cuda.atomic.add(acc, (ti, 5), weight * 0.5 * (1.0 + e - 1.0 / bt_til))
+    cuda.atomic.add(scal, 1, total)
+    for o in range(2 * D):
+        cuda.atomic.add(Gb, (ti, o), g_out[o])
+    for h in range(H):
+        hi = h2[i, h]
+        s = 0.0
+        for o in range(2 * D):
+            cuda.atomic.add(G, (ti, o, h), g_out[o] * hi)
+            s += g_out[o] * Weff[ti, o, h]
+        g_h2[i, h] = s * (1.0 - hi * hi)
+
+
+@cuda.jit
+def _outer(A, B, out):
+    """out = Aᵀ B, one thread per entry (the weight gradients h1ᵀ g_h2 and uᵀ g_h1 of mlp.backward)."""
+    k = cuda.grid(1)
+    if k >= out.shape[0] * out.shape[1]:
+        return
+    j, h = k // out.shape[1], k % out.shape[1]
+    acc = out[j, h] - out[j, h]
+    for i in range(A.shape[0]):
+        acc += A[i, j] * B[i, h]
+    out[j, h] = acc
+
+
+@cuda.jit
+def _colsum(A, out):
+    """out[h] = Σ_i A[i, h] (a bias's gradient)."""
+    h = cuda.grid(1)
+    if h < out.shape[0]:
+        acc = out[h] - out[h]
+        for i in range(A.shape[0]):
+            acc += A[i, h]
+        out[h] = acc
+
+
+@cuda.jit
+def _hidden_back(g_h2, W2, h1, u, W1u, F, x0, eps, t, coef, g_xt, g_h1, Gt1, acc):
+    """Per row, mlp.backward below the second layer: g_h1 = (g_h2 W2ᵀ)(1 − h1²), its per-t sum into Gt1,
+    ∂/∂u = g_h1 W1_uᵀ, then ∂/∂x⁽ᵗ⁾ through the Fourier features plus the direct part, chained to ᾱ_t
+    (dpm.d_xt_d_ab) into acc[t, 6] (fast._layer1_back and fast._input_back)."""
+    i = cuda.grid(1)
+    if i >= x0.shape[0]:
+        return
+    D, M, H = x0.shape[1], F.shape[1], W2.shape[0]
+    ti = t[i]
+    for h in range(H):
+        s = 0.0
+        for k in range(H):
+            s += g_h2[i, k] * W2[h, k]
+        v = s * (1.0 - h1[i, h] * h1[i, h])
+        g_h1[i, h] = v
+        cuda.atomic.add(Gt1, (ti, h), v)
+    g_u = cuda.local.array(MAX_IN, np.float32)
+    for c in range(D + 2 * M):
+        s = 0.0
+        for h in range(H):
+            s += g_h1[i, h] * W1u[c, h]
+        g_u[c] = s
+    total = 0.0
+    for d in range(D):
+        g = g_xt[i, d] + g_u[d]
+        for m in range(M):
+            g += (g_u[D + m] * u[i, D + M + m] - g_u[D + M + m] * u[i, D + m]) * F[d, m]
+        total += g * (x0[i, d] * 0.5 / coef[ti, 0] - eps[i, d] * 0.5 / coef[ti, 1])
+    cuda.atomic.add(acc, (ti, 6), total)
+
+
+@cuda.jit
+def _fold(basis, G, Gb, Gt1, gW3, gb3, gW1g, gb1):
+    """The per-t sums back onto the bumps (gW3 = Σ_t g(t) G[t], gb3, gW1_g = Σ_t g(t) Gt1[t]) and b1's
+    gradient Σ_t Gt1[t]; one thread per hidden unit h."""
+    h = cuda.grid(1)
+    H = Gt1.shape[1]
+    if h >= H:
+        return
+    J, T1 = basis.shape[0], basis.shape[1]
+    s = Gt1[0, h] - Gt1[0, h]
+    for t in range(T1):
+        s += Gt1[t, h]
+    gb1[h] = s
+    for j in range(J):
+        s = Gt1[0, h] - Gt1[0, h]
+        for t in range(T1):
+            s += basis[j, t] * Gt1[t, h]
+        gW1g[j, h] = s
+        for o in range(G.shape[1]):
+            s = G[0, o, h] - G[0, o, h]
+            for t in range(T1):
+                s += basis[j, t] * G[t, o, h]
+            gW3[j, o, h] = s
+            if h == 0:
+                sb = Gb[0, o] - Gb[0, o]
+                for t in range(T1):
+                    sb += basis[j, t] * Gb[t, o]
+                gb3[j, o] = sb
+
+
+@cuda.jit
+def _schedule_back(acc, beta, ab, basis, D, n, scal, g_beta, g_ab, g_c):
+    """fast._schedule_back in one thread: acc[t] → ∂loss/∂β_t, ∂loss/∂ᾱ_t → ∂loss/∂c. The prior term's
+    ∂loss/∂ᾱ_T = D/(2(1 − ᾱ_T)) − (D − mean ‖x⁽⁰⁾‖²)/2 comes from scal[0]; scal[2] gets the minibatch loss."""
+    if cuda.grid(1) != 0:
+        return
+    T = beta.shape[0] - 1
+    r2 = scal[0] / n
+    for s in range(T + 1):
+        g_beta[s] = 0.0
+        g_ab[s] = 0.0
+    g_ab[T] = 0.5 * D / (1.0 - ab[T]) - 0.5 * (D - r2)
+    for t in range(2, T + 1):
+        g_sa, g_sb, g_c0, g_c1, g_logit, g_btil = acc[t, 0], acc[t, 1], acc[t, 2], acc[t, 3], acc[t, 4], acc[t, 5]
+        bt, abp, om = beta[t], ab[t - 1], 1.0 - ab[t]
+        sa, sb, sqp = math.sqrt(1.0 - bt), math.sqrt(bt), math.sqrt(abp)
+        g_beta[t] += (g_logit / (bt * (1.0 - bt)) - g_sa * 0.5 / sa + g_sb * 0.5 / sb
+                      + g_c0 * sqp / om - g_c1 * 0.5 / sa * (1.0 - abp) / om + g_btil * (1.0 - abp) / om)
+        g_ab[t - 1] += g_c0 * bt / (2.0 * sqp * om) - g_c1 * sa / om - g_btil * bt / om
+        g_ab[t] += (acc[t, 6] + g_c0 * sqp * bt / (om * om) + g_c1 * sa * (1.0 - abp) / (om * om)
+                    + g_btil * bt * (1.0 - abp) / (om * om))
+    for j in range(g_c.shape[0]):
+        g_c[j] = 0.0
+    rev = 0.0
+    for s in range(T, 1, -1):
+        rev += g_ab[s] * ab[s]
+        g_u = (g_beta[s] - rev / (1.0 - beta[s])) * beta[s] * (1.0 - beta[s])
+        for j in range(g_c.shape[0]):
+            g_c[j] += basis[j, s] * g_u
+    # dpm.prior_and_edge_terms averaged over the batch (linear in ‖x⁽⁰⁾‖²), as fast.Trainer
+    om_T, beta1 = 1.0 - ab[T], beta[1]
+    edge = 0.5 * D * (math.log(om_T) - math.log(beta1)) - 0.5 * (om_T - beta1) * (D - r2)
+    scal[2] = (T - 1) * scal[1] / n - edge
+
+
+@cuda.jit
+def _finite(grad, flag):
+    """flag[0] = 1 if any gradient is NaN or ±inf (then Adam is not applied)."""
+    i = cuda.grid(1)
+    if i < grad.shape[0] and not math.isfinite(grad[i]):
+        flag[0] = 1
+
+
+@cuda.jit
+def _adam(theta, grad, m, v, lr, b1, b2, eps, c1, c2):
+    """mlp.Adam.step, one thread per parameter (c1, c2: the bias corrections 1 − b1ⁿ, 1 − b2ⁿ)."""
+    i = cuda.grid(1)
+    if i < theta.shape[0]:
+        g = grad[i]
+        m[i] = b1 * m[i] + (1.0 - b1) * g
+        v[i] = b2 * v[i] + (1.0 - b2) * g * g
+        theta[i] -= lr * (m[i] / c1) / (math.sqrt(v[i] / c2) + eps)
+
+
+@cuda.jit
+def _zero(a):
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        a[i] = 0
+
+
+class Trainer:
+    """fast.Trainer on the GPU: model.loss_and_grads and mlp.Adam, with the parameters, Adam's moments, the
+    training set, the minibatches and the RNG (xoroshiro128+, one stream per row) on the device. Only the
+    loss (one number per step) comes back, and the parameters when a checkpoint asks for them."""
+
+    def __init__(self, k, n, x_train, seed=0, b1=0.9, b2=0.999, eps=1e-8):
+        cfg = k.cfg
+        D, H, T, M, J = cfg["D"], cfg["H"], cfg["T"], cfg["M"], cfg["J"]
+        if H > MAX_H or D + 2 * M > MAX_IN or 2 * D > 8:
+            raise ValueError(f"the CUDA kernels hold at most {MAX_H} hidden units and {MAX_IN} inputs")
+        self.k, self.batch, self.hyper, self.n = k, n, (b1, b2, eps), 0
+        host = fast.Net(k, 1, np.float32)
+        self.In, self.sqrt_T = host.In, math.sqrt(T)
+        put = lambda a: cuda.to_device(np.ascontiguousarray(a))
+        self.basis64, self.basis32, self.basis_T32 = put(k.basis), put(host.basis), put(host.basis_T)
+        self.logit_base, self.F = put(host.logit_base), put(host.F)
+        self.flats = {}
+        for name in ("theta", "grad", "m", "v"):
+            flat, _ = fast.flat_views(cfg, np.float32)
+            self.flats[name] = put(flat)
+        self.shapes = fast.shapes(cfg)
+        self.params, self.grads = self._views(self.flats["theta"]), self._views(self.flats["grad"])
+        z = lambda dtype, *s: cuda.device_array(s, dtype)
+        f32, f64 = np.float32, np.float64
+        self.beta, self.ab, self.coef = z(f64, T + 1), z(f64, T + 1), put(np.zeros((T + 1, fast.N_COEF)))
+        self.table1, self.Weff, self.beff = z(f32, T + 1, H), z(f32, T + 1, 2 * D, H), z(f32, T + 1, 2 * D)
+        self.x0, self.eps, self.xt, self.g_xt = z(f64, n, D), z(f64, n, D), z(f64, n, D), z(f64, n, D)
+        self.t = z(np.int64, n)
+        self.u, self.h1, self.h2 = z(f32, n, self.In), z(f32, n, H), z(f32, n, H)
+        self.g_h1, self.g_h2 = z(f32, n, H), z(f32, n, H)
+        self.G, self.Gb, self.Gt1 = z(f32, T + 1, 2 * D, H), z(f32, T + 1, 2 * D), z(f32, T + 1, H)
+        self.acc, self.scal = z(f64, T + 1, 7), z(f64, 3)
+        self.g_beta, self.g_ab, self.flag = z(f64, T + 1), z(f64, T + 1), z(np.int32, 1)
+        self.x_train = put(np.asarray(x_train, np.float64))
+        self.states = create_xoroshiro128p_states(n, seed=seed % 2**63)
+
+    def _views(self, flat):
+        views, o = {}, 0
+        for name in fast.PARAM_NAMES:
+            size = math.prod(self.shapes[name])
+            views[name] = flat[o:o + size].reshape(self.shapes[name])
+            o += size
+        return views
+
+    def load(self, params, m=None, v=None):
+        """Host arrays (names and shapes of model.init) into the device's parameters (and Adam's moments)."""
+        for store, src in (("theta", params), ("m", m), ("v", v)):
+            if src is not None:
+                flat = np.concatenate([np.asarray(src[name], np.float32).ravel() for name in fast.PARAM_NAMES])
+                self.flats[store].copy_to_device(flat)
+
+    def host(self, store="theta"):
+        """The parameters (or Adam's moments "m", "v") as host arrays, name → array."""
+        flat = self.flats[store].copy_to_host()
+        out, o = {}, 0
+        for name in fast.PARAM_NAMES:
+            size = math.prod(self.shapes[name])
+            out[name] = flat[o:o + size].reshape(self.shapes[name])
+            o += size
+        return out
+
+    def _zero(self, *arrays):
+        for a in arrays:
+            flat = a.reshape(a.size)
+            _zero[blocks(a.size), TPB](flat)
+
+    def _loss_and_grads(self):
+        k, p, g = self.k, self.params, self.grads
+        T, D, In, n, H = k.T, k.D, self.In, self.batch, k.cfg["H"]
+        _schedule[1, 1](p["c"], self.basis64, self.logit_base, k.cfg["beta1"], self.beta, self.ab, self.coef)
+        _tables[blocks((T + 1) * H), TPB](self.basis_T32, p["W1"][In:], p["b1"], p["W3"], p["b3"],
+                                          self.table1, self.Weff, self.beff)
+        self._zero(self.G, self.Gb, self.Gt1, self.acc, self.scal)
+        W1u = p["W1"][:In]
+        nb = blocks(n)
+        _forward[nb, TPB](self.x0, self.eps, self.t, self.coef, self.F, W1u, self.table1, p["W2"], p["b2"],
+                          self.xt, self.u, self.h1, self.h2, self.scal)
+        _head_back[nb, TPB](self.h2, self.Weff, self.beff, self.x0, self.xt, self.t, self.coef, self.sqrt_T,
+                            (T - 1) / n, self.g_h2, self.G, self.Gb, self.g_xt, self.acc, self.scal)
+        _outer[blocks(H * H), TPB](self.h1, self.g_h2, g["W2"])
+        _colsum[blocks(H), TPB](self.g_h2, g["b2"])
+        _hidden_back[nb, TPB](self.g_h2, p["W2"], self.h1, self.u, W1u, self.F, self.x0, self.eps, self.t,
+                              self.coef, self.g_xt, self.g_h1, self.Gt1, self.acc)
+        _outer[blocks(In * H), TPB](self.u, self.g_h1, g["W1"][:In])
+        _fold[blocks(H), TPB](self.basis32, self.G, self.Gb, self.Gt1, g["W3"], g["b3"], g["W1"][In:], g["b1"])
+        _schedule_back[1, 1](self.acc, self.beta, self.ab, self.basis64, D, n, self.scal, self.g_beta,
+                             self.g_ab, g["c"])
+        return float(self.scal.copy_to_host()[2])
+
+    def loss_and_grads(self, x0, eps, t):
+        """model.loss_and_grads for a given minibatch (host arrays): the loss; the gradient in self.grads."""
+        self.x0.copy_to_device(np.ascontiguousarray(x0, np.float64))
+        self.eps.copy_to_device(np.ascontiguousarray(eps, np.float64))
+        self.t.copy_to_device(np.ascontiguousarray(t, np.int64))
+        return self._loss_and_grads()
+
+    def step(self, lr):
+        """One training step on a minibatch drawn on the device, then Adam; returns the loss, or raises
+        FloatingPointError leaving the parameters as they were."""
+        _draw_batch[blocks(self.batch), TPB](self.states, self.x_train, self.k.T, self.x0, self.t, self.eps)
+        loss = self._loss_and_grads()
+        return self.apply(loss, lr)
+
+    def apply(self, loss, lr):
+        """Adam on the gradient in self.grads, unless the loss or any gradient is not finite."""
+        grad = self.flats["grad"]
+        self._zero(self.flag)
+        _finite[blocks(grad.size), TPB](grad, self.flag)
+        if not math.isfinite(loss) or self.flag.copy_to_host()[0]:
+            raise FloatingPointError("the loss or its gradient is not finite")
+        self.n += 1
+        b1, b2, eps = self.hyper
+        _adam[blocks(grad.size), TPB](self.flats["theta"], grad, self.flats["m"], self.flats["v"], lr, b1, b2, eps,
+                                      1.0 - b1 ** self.n, 1.0 - b2 ** self.n)
+        return loss
