@@ -99,8 +99,8 @@ def first_step():
     import train
     with tempfile.TemporaryDirectory() as d:
         args = train.parse(["--data", "swissroll", "--out", d])
-        run = train.Run(args)
         x_train = train.load_data(args)[0]
+        run = train.Run(args, x_train)
         train.train_step(run, x_train)
     print(time.time())
 

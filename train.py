@@ -83,6 +83,8 @@ def parse(argv):
     p.add_argument("--backend", choices=("numba", "numpy"),
                    help="numba: fast.py, float32 network, float64 KL arithmetic; numpy: the float64 reference "
                         "(the heartbeat has numpy only)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: train the Swiss roll with the numba.cuda kernels (cuda_kernels.py) on a GPU")
     p.add_argument("--out", default=None, help="run directory (default runs/<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
     p.add_argument("--eval-every", type=positive(int))
@@ -109,6 +111,13 @@ def parse(argv):
             raise UsageError(f"--fourier must be 0 or more, got {args.fourier}")
     if args.T < 3:
         raise UsageError(f"--T must be at least 3, got {args.T}")
+    if args.device == "cuda":
+        import cuda_kernels
+        if args.data != "swissroll" or args.backend != "numba":
+            raise UsageError("--device cuda trains the Swiss roll with the default backend only "
+                             "(sample.py --device cuda samples the heartbeat)")
+        if not cuda_kernels.available():
+            raise UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
     args.out = args.out or os.path.join("runs", args.data)
     return args
 
@@ -127,7 +136,7 @@ def learning_rate(args, step):
 class Run:
     """Everything a training run carries from step to step, and its checkpoint form."""
 
-    def __init__(self, args):
+    def __init__(self, args, x_train=None):
         self.args = args
         if args.data == "heartbeat":
             self.cfg = dict(heartbeat.DEFAULTS, T=args.T, H=args.hidden)
@@ -138,7 +147,12 @@ class Run:
             self.k = model.Consts(self.cfg)
         self.rng = np.random.default_rng([args.seed, 0])
         params = (heartbeat if args.data == "heartbeat" else model).init(self.cfg, self.rng)
-        if args.backend == "numba":           # fast.Trainer: the step and Adam, on views of flat vectors
+        if args.device == "cuda":             # the step, Adam, batches and RNG on the GPU
+            import cuda_kernels
+            self.opt = cuda_kernels.Trainer(self.k, args.batch_size, x_train, seed=args.seed)
+            self.opt.load(params)
+            self.params = None
+        elif args.backend == "numba":         # fast.Trainer: the step and Adam, on views of flat vectors
             self.opt = fast.Trainer(self.k, args.batch_size)
             self.opt.load(params)
             self.params = self.opt.params
@@ -152,30 +166,51 @@ class Run:
         a = self.args
         return {"data": a.data, "noise": a.noise, "seed": a.seed, "cfg": self.cfg, "step": self.step,
                 "wall_seconds": self.wall, "adam_n": self.opt.n, "rng": self.rng.bit_generator.state,
-                "lr": a.lr, "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size, "backend": a.backend}
+                "lr": a.lr, "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size, "backend": a.backend,
+                "device": a.device}
+
+    def state(self):
+        """(params, Adam's m, Adam's v) as host dicts: the training arrays themselves, or copies from the GPU."""
+        if self.args.device == "cuda":
+            return self.opt.host("theta"), self.opt.host("m"), self.opt.host("v")
+        return self.params, self.opt.m, self.opt.v
+
+    def host_params(self):
+        return self.state()[0]
 
     def save(self, path):
-        arrays = {f"p/{k}": v for k, v in self.params.items()}
-        arrays.update({f"m/{k}": v for k, v in self.opt.m.items()})
-        arrays.update({f"v/{k}": v for k, v in self.opt.v.items()})
+        params, m, v = self.state()
+        arrays = {f"p/{k}": v_ for k, v_ in params.items()}
+        arrays.update({f"m/{k}": v_ for k, v_ in m.items()})
+        arrays.update({f"v/{k}": v_ for k, v_ in v.items()})
+        if self.args.device == "cuda":        # the GPU's RNG streams, so that a resumed run is exact
+            arrays["rng/xoroshiro"] = self.opt.states.copy_to_host().view(np.uint64).reshape(-1, 2)
         ckpt.save(path, self.meta(), arrays)
 
     def restore(self, path):
         meta, arrays = ckpt.load(path)
         a = self.args
         want = {"data": a.data, "noise": a.noise, "seed": a.seed, "cfg": self.cfg, "lr": a.lr,
-                "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size, "backend": a.backend}
+                "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size, "backend": a.backend,
+                "device": a.device}
         for key, value in want.items():
-            if meta.get(key) != value:
+            if meta.get(key, "cpu" if key == "device" else None) != value:
                 raise ckpt.CheckpointError(
                     f"{path} was trained with {key}={meta.get(key)!r}, not {value!r}; resume with the same flags")
         try:
-            for name in self.params:
-                for store, prefix in ((self.params, "p"), (self.opt.m, "m"), (self.opt.v, "v")):
+            stores = self.state()
+            for name in stores[0]:
+                for store, prefix in zip(stores, ("p", "m", "v")):
                     arr = arrays[f"{prefix}/{name}"]
                     if arr.shape != store[name].shape:
                         raise ckpt.CheckpointError(f"{path}: {prefix}/{name} has shape {arr.shape}")
                     store[name][...] = arr          # in place: the numba backend's arrays are views
+            if a.device == "cuda":
+                self.opt.load(*stores)
+                rng = arrays["rng/xoroshiro"]
+                if rng.shape != (self.opt.states.size, 2) or rng.dtype != np.uint64:
+                    raise ckpt.CheckpointError(f"{path}: rng/xoroshiro has shape {rng.shape}")
+                self.opt.states.copy_to_device(np.ascontiguousarray(rng).view(self.opt.states.dtype).ravel())
             self.rng.bit_generator.state = meta["rng"]
             self.step, self.wall, self.opt.n = int(meta["step"]), float(meta["wall_seconds"]), int(meta["adam_n"])
         except (KeyError, TypeError, ValueError) as e:
@@ -186,6 +221,13 @@ def train_step(run, x_train):
     """One minibatch: draw x⁽⁰⁾, t (and the frozen noise), then Adam on −(K − L_null). Returns the loss (nats)."""
     a = run.args
     lr = learning_rate(a, run.step)
+    if a.device == "cuda":
+        try:
+            loss = run.opt.step(lr)
+        except FloatingPointError:
+            raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}") from None
+        run.step += 1
+        return loss
     if a.data == "heartbeat":
         x0, t = heartbeat.draw_batch(run.rng, x_train, a.batch_size, run.cfg["T"])
         loss, grads = heartbeat.loss_and_grads(run.params, run.k, x0, t, run.rng)
@@ -215,7 +257,7 @@ def report(run, x_heldout, n_draws):
         evaluate = heartbeat.evaluate
     else:
         evaluate = fast.evaluate if run.args.backend == "numba" else model.evaluate
-    per_point, kl_t = evaluate(run.params, run.k, x_heldout, rng, n_draws)
+    per_point, kl_t = evaluate(run.host_params(), run.k, x_heldout, rng, n_draws)
     return model.bits(per_point), model.bits(kl_t)
 
 
@@ -281,12 +323,13 @@ def finish(run, x_heldout):
     kmn, kl_t = report(run, x_heldout, n_draws=a.draws)
     l_null = model.bits(dpm.log_null(x_heldout))
     K = kmn + l_null
-    beta, ab = run.k.schedule(run.params)
+    params = run.host_params()          # the metrics are computed on the CPU whatever the device
+    beta, ab = run.k.schedule(params)
     se = stderr
     sample = fast.sample if a.backend == "numba" else model.sample
-    samples, _ = sample(run.params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
+    samples, _ = sample(params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
     H_lower, H_upper = dpm.entropy_bounds(beta, ab, run.cfg["D"])
-    H_learned = model.reverse_entropy({n: np.asarray(v, np.float64) for n, v in run.params.items()}, run.k,
+    H_learned = model.reverse_entropy({n: np.asarray(v, np.float64) for n, v in params.items()}, run.k,
                                       x_heldout[:4000], np.random.default_rng([a.seed, 4]))
     t_all = np.arange(2, run.cfg["T"] + 1)
     outside = [int(t) for t in t_all if not H_lower[t] - 1e-9 <= H_learned[t] <= H_upper[t] + 1e-9]
@@ -301,7 +344,7 @@ def finish(run, x_heldout):
         "entropy_bounds_nats": {"lower": [None] * 2 + H_lower[2:].tolist(), "upper": [None] + H_upper[1:].tolist(),
                                 "learned": [None] + H_learned[1:].tolist(), "t_outside_bounds": outside}, "beta": beta.tolist(), "alpha_bar_T": float(ab[-1]),
         "beta1": run.cfg["beta1"], "noise": a.noise, "seed": a.seed, "heldout_points": len(x_heldout),
-        "noise_draws": a.draws, "backend": a.backend,
+        "noise_draws": a.draws, "backend": a.backend, "device": a.device,
     }
     with open(os.path.join(a.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
@@ -320,12 +363,12 @@ def finish(run, x_heldout):
 def main(argv=None):
     args = parse(argv)
     path = os.path.join(args.out, "checkpoint.npz")
-    run = Run(args)
-    if args.resume:
-        run.restore(path)
-    elif os.path.exists(path):
+    if not args.resume and os.path.exists(path):
         raise UsageError(f"{path} exists: pass --resume to continue it, or another --out")
     x_train, x_heldout = load_data(args)
+    run = Run(args, x_train)
+    if args.resume:
+        run.restore(path)
     x_quick = x_heldout[:args.quick_eval]
     prog = Progress(args.steps)
     schedule = f"beta1={run.cfg['beta1']:g}" if "beta1" in run.cfg else "beta_t=1/(T-t+1)"

@@ -215,3 +215,70 @@ def test_training_on_the_device_draws_batches_and_refuses_nan():
     with pytest.raises(FloatingPointError), np.errstate(over="ignore", invalid="ignore"):
         tr.step(1e-3)
     assert np.isnan(tr.host()["W2"][0, 0]) and np.array_equal(tr.host()["b1"], before["b1"])
+
+
+def test_a_short_gpu_run_gives_the_cpu_runs_K():
+    """30 steps on the same minibatches through cuda_kernels.Trainer and fast.Trainer (both float32): the
+    parameters agree to float rounding and so does the held-out K (model.evaluate, float64, same noise)."""
+    cfg, k, p, rng = small_gauss(9)
+    gpu, cpu = ck.Trainer(k, 24, np.zeros((1, 2))), model_trainer(k, 24)
+    gpu.load(p)
+    cpu.load(p)
+    x_train = data.swissroll(2000, [0, 0])
+    for step in range(30):
+        x0, t, eps = model.draw_batch(rng, x_train, 24, k.T)
+        cpu.step(x0, eps, t, 3e-3)
+        gpu.apply(gpu.loss_and_grads(x0, eps, t), 3e-3)
+    a = {n: np.asarray(v, np.float64) for n, v in gpu.host().items()}
+    b = {n: np.asarray(v, np.float64) for n, v in cpu.params.items()}
+    for name in a:
+        assert np.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
+    x = data.swissroll(300, [0, 1])
+    Ka, _ = model.evaluate(a, k, x, np.random.default_rng(4), n_draws=1)
+    Kb, _ = model.evaluate(b, k, x, np.random.default_rng(4), n_draws=1)
+    assert abs(Ka.mean() - Kb.mean()) < 1e-4 and abs(Kb.mean()) > 1e-3      # it has moved from 0, equally
+
+
+def model_trainer(k, n):
+    import fast
+    return fast.Trainer(k, n, np.float32)
+
+
+def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch, capsys):
+    import ckpt
+    import train
+    from test_train import one_error_line, run_sample
+    tiny = ["--hidden", "4", "--fourier", "1", "--T", "4", "--batch-size", "16", "--heldout", "60", "--draws", "1",
+            "--eval-every", "6", "--device", "cuda"]
+    run = lambda out, *a: train.cli(train.main, "train.py", ["--out", str(tmp_path / out), *tiny, *a])
+    with np.errstate(over="ignore"):
+        assert run("a", "--steps", "6") == 0
+        assert run("a", "--steps", "12", "--resume") == 0
+        assert run("b", "--steps", "12") == 0
+    _, a = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
+    _, b = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
+    assert a.keys() == b.keys() and "rng/xoroshiro" in a
+    assert all(np.array_equal(a[key], b[key]) for key in a)
+    assert run_sample(tmp_path / "a", "-n", "10", "--out", tmp_path / "s.npy") == 0       # a CPU sampler reads it
+    capsys.readouterr()
+    assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "a"), *tiny[:-2], "--steps", "18",
+                                              "--resume"]) == 2                         # a cpu resume of a cuda run
+    assert "device" in one_error_line(capsys)
+    real, calls = ck.Trainer._loss_and_grads, {"n": 0}
+
+    def poisoned(self):
+        calls["n"] += 1
+        loss = real(self)
+        return loss if calls["n"] <= 8 else float("nan")
+    monkeypatch.setattr(ck.Trainer, "_loss_and_grads", poisoned)
+    with np.errstate(over="ignore"):
+        assert run("c", "--steps", "20") == 3
+    assert "diverged" in one_error_line(capsys)
+    meta, _ = ckpt.load(str(tmp_path / "c" / "checkpoint.npz"))
+    assert meta["step"] == 6
+    for bad in (["--data", "heartbeat"], ["--backend", "numpy"]):
+        assert run("d", *bad) == 2
+        one_error_line(capsys)
+    monkeypatch.setattr(ck, "available", lambda: False)
+    assert run("d") == 2
+    assert "no CUDA GPU" in one_error_line(capsys)
