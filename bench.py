@@ -2,7 +2,7 @@
 
     python bench.py                    # the Numba path (fast.py)
     python bench.py --backend numpy    # the plain NumPy reference (model.py, mlp.py), for the speedup
-    python bench.py --device cuda      # the numba.cuda kernels on a GPU: sampling and evaluation
+    python bench.py --device cuda      # the numba.cuda kernels on a GPU: training, sampling, evaluation
 
 train_step_* time the comparison model, whatever train.py's defaults are: 2 → 128 → 128 tanh MLP
 (inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40,
@@ -105,29 +105,58 @@ def first_step():
     print(time.time())
 
 
+def cuda_peak_gflops(dev):
+    """The GPU's FP32 peak: SMs × FP32 lanes per SM × 2 × clock (lanes by compute capability)."""
+    sms, khz = getattr(dev, "MULTIPROCESSOR_COUNT", None), getattr(dev, "CLOCK_RATE", None)
+    if not (sms and khz):
+        return None, "unknown"
+    lanes = {(7, 0): 64, (7, 5): 64, (8, 0): 64}.get(tuple(dev.compute_capability), 128)
+    return sms * lanes * 2 * khz / 1e6, f"{sms} SMs x {lanes} FP32 lanes x 2 x {khz / 1e6:.2f} GHz"
+
+
+# What bench.py --device cuda times (the tests shrink it to run the code in the simulator).
+CUDA_SIZES = {"cfg": model.DEFAULTS, "train": (512, 65_536), "repeat": (300, 100), "sample": 1_000_000,
+              "eval": 20_000, "timed": 5}
+
+
 def bench_cuda(a):
-    """sample_1000000 (seconds, and point-steps per second) and eval_K_20000 on the GPU, after one warm-up
-    call that compiles the kernels. Training on the GPU does not exist yet."""
+    """On the GPU, train.py's default Swiss-roll model: train_step_b512 and train_step_b65536 (ms; the
+    step's GFLOP/s at 65,536 beside the GPU's FP32 peak), sample_1000000 (seconds, and point-steps per
+    second) and eval_K_20000, each after warm-up calls that compile the kernels."""
     import cuda_kernels
     import data
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or not cuda_kernels.available():
-        print("bench.py: error: --device cuda needs a real GPU with a driver (none found, or the simulator is on)",
-              file=sys.stderr)
+    import fast
+    if not cuda_kernels.available():
+        print("bench.py: error: --device cuda needs a GPU with a driver (none found)", file=sys.stderr)
         return 2
     from numba import cuda
-    gpu = cuda.get_current_device().name
+    dev = cuda.get_current_device()
+    gpu = getattr(dev, "name", "the CUDA simulator")
     gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
-    k = model.Consts(model.DEFAULTS)
-    rng = np.random.default_rng(0)
-    params = {n: v + 0.05 * rng.standard_normal(v.shape) for n, v in model.init(model.DEFAULTS, rng).items()}
     emit = lambda d: print(json.dumps(d), flush=True)
-    n = 1_000_000
-    s = timed(lambda: cuda_kernels.sample(params, k, n, seed=1), 5, 1)
-    emit(stats("sample_1000000", s, "s", device="cuda", gpu=gpu, steps=k.T, model="train.py's default"))
+    z = CUDA_SIZES
+    cfg = z["cfg"]
+    k = model.Consts(cfg)
+    rng = np.random.default_rng(0)
+    params = {n: v + 0.05 * rng.standard_normal(v.shape) for n, v in model.init(cfg, rng).items()}
+    peak = cuda_peak_gflops(dev)
+    x_train = data.swissroll(200_000, [0, 0])
+    for bs, repeat in zip(z["train"], z["repeat"]):
+        trainer = cuda_kernels.Trainer(k, bs, x_train, seed=1)
+        trainer.load(params)
+        ms = timed(lambda: trainer.step(1e-4), repeat, 3) * 1e3       # step() waits for its loss
+        emit(stats(f"train_step_b{bs}", ms, "ms", device="cuda", gpu=gpu))
+        if bs == max(z["train"]):
+            flops = fast.step_flops(cfg, bs)
+            emit(stats(f"train_step_gflops_b{bs}", flops / (ms * 1e-3) / 1e9, "GFLOP/s", device="cuda", gpu=gpu,
+                       flop_per_step=flops, peak_gflops=peak[0], peak_is=peak[1]))
+    n = z["sample"]
+    s = timed(lambda: cuda_kernels.sample(params, k, n, seed=1), z["timed"], 1)
+    emit(stats(f"sample_{n}", s, "s", device="cuda", gpu=gpu, steps=k.T))
     emit(stats("sample_point_steps_per_s", n * (k.T - 1) / s, "1/s", device="cuda", gpu=gpu))
-    x = data.swissroll(20_000, [0, 1])
-    s = timed(lambda: cuda_kernels.evaluate(params, k, x, seed=1), 5, 1)
-    emit(stats("eval_K_20000", s, "s", device="cuda", gpu=gpu, draws=1, t_terms=k.T - 1))
+    x = data.swissroll(z["eval"], [0, 1])
+    s = timed(lambda: cuda_kernels.evaluate(params, k, x, seed=1), z["timed"], 1)
+    emit(stats(f"eval_K_{z['eval']}", s, "s", device="cuda", gpu=gpu, draws=1, t_terms=k.T - 1))
     return 0
 
 
@@ -135,7 +164,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=("numba", "numpy"), default="numba")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: the numba.cuda kernels' sampling and evaluation (cuda_kernels.py) on a GPU")
+                   help="cuda: the numba.cuda kernels (cuda_kernels.py) on a GPU")
     p.add_argument("--repeat", type=int, default=300, help="timed training steps per batch size")
     p.add_argument("--only", default="", help="comma-separated names to run (default: all)")
     p.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)
