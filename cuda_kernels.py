@@ -1,22 +1,26 @@
-"""numba.cuda kernels for GPU runs (the numba-cuda target; no CuPy): ancestral sampling and the held-out
-bound K of the Swiss-roll model, and ancestral sampling of the heartbeat model.
+"""numba.cuda kernels for GPU runs (the numba-cuda target; no CuPy): training, ancestral sampling and the
+held-out bound K of the Swiss-roll model, and training and sampling of the heartbeat model.
 
-Each kernel is one thread per row, with a plain NumPy twin that is its test oracle (tests/test_cuda.py,
-run in numba's CUDA simulator where no GPU exists):
+One thread per row (or per output entry), each kernel with a plain NumPy twin that is its test oracle
+(tests/test_cuda.py, in numba's CUDA simulator where no GPU exists):
 
-  _gauss_step    one reverse step x⁽ᵗ⁻¹⁾ = μ + √Σ ε (Eq. 5)           twin: model.reverse, then μ + √Σ ε
-  _gauss_kl      KL_t of Eq. 14 per row, summed into per-row and per-t  twin: dpm.kl_terms on model.reverse
-  _q_sample      x⁽ᵗ⁾ = √ᾱ_t x⁽⁰⁾ + √(1 − ᾱ_t) ε (closed form of Eq. 3)  twin: dpm.q_sample
-  _fixed_step    the fixed last step of Eq. 44                         twin: dpm.p_step_fixed_first
-  _normal        ε ~ N(0, 1) from numba's xoroshiro128+ states          (tested by its moments)
-  _uniform       U(0, 1) draws, for the binomial steps                   (tested by its moments)
-  _binomial_step one reverse step of the heartbeat (Eq. 5, binomial)    twin: heartbeat.reverse_rate
+  sampling and K     _gauss_step (Eq. 5), _gauss_kl (Eq. 14's KL), _q_sample (Eq. 3), _fixed_step (Eq. 44),
+                     _binomial_step, _threshold, _binomial_fixed_step (App. B.2)
+                     twins: model.reverse, dpm.kl_terms, dpm.q_sample, dpm.p_step_fixed_first,
+                     heartbeat.reverse_rate, dpm.binomial_q_rate
+  Swiss-roll training (Trainer; twin model.loss_and_grads + mlp.Adam, the kernels those of fast.Trainer)
+                     _schedule (§2.4.1), _tables, _draw_batch, _forward, _head_back (Eq. 14 and its gradient),
+                     _outer, _colsum, _hidden_back, _fold, _schedule_back, _finite, _adam
+  heartbeat training (HeartbeatTrainer; twin heartbeat.loss_and_grads + mlp.Adam)
+                     _hb_draw, _hb_forward, _hb_head, _sigmoid_back, _outer, _colsum, _adam
+  random numbers     _normal, _uniform: numba's xoroshiro128+, one stream per row (tested by their moments)
 
-The network is evaluated row by row inside each thread (a fused per-sample kernel): the hidden layers are
-small (128 or 50 units), each thread keeps its activations in local memory, and every thread of a warp
-reads the same weight at once. Its per-t parts (g(t)·W1_g + b1, W_eff(t), b_eff(t) and the schedule's
-constants) are the host tables of fast.Net, copied to the device once per call. The network runs in
-float32 and the Gaussian algebra of Eq. 14 in float64, as in fast.py.
+The network is evaluated row by row inside each thread (a fused per-sample kernel) rather than through a
+tiled matrix product: the hidden layers are small (128 or 50 units), each thread keeps its activations
+in local memory, and every thread of a warp reads the same weight at once. This was chosen without a
+GPU to measure it on (see README). Weight gradients are one thread per weight, summing over the batch;
+per-t sums use atomics. The Swiss-roll network runs in float32 with the Gaussian algebra of Eq. 14 in
+float64, as in fast.py; the heartbeat in float64, as heartbeat.py.
 
 Threads per block: DPM_CUDA_TPB (default 128); the tests shrink it so tiny inputs cross block boundaries.
 """
@@ -729,3 +733,180 @@ class Trainer:
         _adam[blocks(grad.size), TPB](self.flats["theta"], grad, self.flats["m"], self.flats["v"], lr, b1, b2, eps,
                                       1.0 - b1 ** self.n, 1.0 - b2 ** self.n)
         return loss
+
+
+# ---------------------------------------------------------------- training the heartbeat model (heartbeat.loss_and_grads on the GPU)
+
+@cuda.jit
+def _hb_draw(states, x_train, T, m, ab, x0, t, xt):
+    """heartbeat.draw_batch and forward_sample: a uniform training sequence, t uniform on 2..T, and
+    x⁽ᵗ⁾ ~ q(x⁽ᵗ⁾|x⁽⁰⁾) = B(ᾱ_t x⁽⁰⁾ + (1 − ᾱ_t) m) bit by bit (the binomial closed form of Eq. 3)."""
+    i = cuda.grid(1)
+    if i >= x0.shape[0]:
+        return
+    j = min(int(xoroshiro128p_uniform_float64(states, i) * x_train.shape[0]), x_train.shape[0] - 1)
+    ti = 2 + min(int(xoroshiro128p_uniform_float64(states, i) * (T - 1)), T - 2)
+    t[i] = ti
+    for d in range(x0.shape[1]):
+        x0[i, d] = x_train[j, d]
+        r = ab[ti] * x0[i, d] + (1.0 - ab[ti]) * m
+        xt[i, d] = 1.0 if xoroshiro128p_uniform_float64(states, i) < r else 0.0
+
+
+@cuda.jit
+def _hb_forward(xt, t, scale, evidence, W1, b1, W2, b2, W3, b3, W4, b4, u, h1, h2, h3, xhat):
+    """heartbeat.forward per row, keeping every layer for the backward pass: u = scale·e(x⁽ᵗ⁾, t), three
+    sigmoid layers, x̂ = sigmoid(h3 W4 + b4)."""
+    i = cuda.grid(1)
+    if i >= xt.shape[0]:
+        return
+    D, H = xt.shape[1], W2.shape[0]
+    ti = t[i]
+    for d in range(D):
+        u[i, d] = scale * evidence[ti, int(xt[i, d])]
+    for h in range(H):
+        acc = b1[h]
+        for j in range(D):
+            acc += u[i, j] * W1[j, h]
+        h1[i, h] = _sigmoid(acc)
+    for h in range(H):
+        acc = b2[h]
+        for j in range(H):
+            acc += h1[i, j] * W2[j, h]
+        h2[i, h] = _sigmoid(acc)
+    for h in range(H):
+        acc = b3[h]
+        for j in range(H):
+            acc += h2[i, j] * W3[j, h]
+        h3[i, h] = _sigmoid(acc)
+    for d in range(D):
+        acc = b4[d]
+        for j in range(H):
+            acc += h3[i, j] * W4[j, d]
+        xhat[i, d] = _sigmoid(acc)
+
+
+@cuda.jit
+def _hb_head(x0, xt, t, post, xhat, beta1, m, weight, g_z, scal):
+    """Per row: f_b = post0 + (post1 − post0) x̂ (dpm.binomial_reverse_rate_x0), the Bernoulli KL of Eq. 14
+    against q = post_{x⁽⁰⁾} (dpm.bernoulli_kl, summed into scal[1]), its gradient at the readout's logit
+    (heartbeat.loss_and_grads) into g_z, and the exact edge terms minus log π(x⁽⁰⁾) into scal[0]
+    (dpm.binomial_edge_terms, heartbeat.log_null)."""
+    i = cuda.grid(1)
+    if i >= x0.shape[0]:
+        return
+    ti = t[i]
+    kl, edge = 0.0, 0.0
+    for d in range(x0.shape[1]):
+        bit, y = int(xt[i, d]), x0[i, d]
+        p0, p1 = post[ti, bit, 0], post[ti, bit, 1]
+        xh = xhat[i, d]
+        f = p0 + (p1 - p0) * xh
+        q = p1 if y > 0.5 else p0
+        if q > 0:
+            kl += q * math.log(q / f)
+        if q < 1:
+            kl += (1.0 - q) * math.log((1.0 - q) / (1.0 - f))
+        g_z[i, d] = weight * (f - q) / (f * (1.0 - f)) * (p1 - p0) * xh * (1.0 - xh)
+        r_y = y * (1.0 - beta1) + m * beta1                 # q(x⁽¹⁾ = 1|x⁽⁰⁾)
+        for b in range(2):
+            q_b = r_y if b == 1 else 1.0 - r_y
+            rate = b * (1.0 - beta1) + m * beta1            # p(x⁽⁰⁾ = 1|x⁽¹⁾ = b), fixed (App. B.2)
+            edge += q_b * (math.log(rate) if y > 0.5 else math.log1p(-rate))
+        edge -= math.log(m) if y > 0.5 else math.log1p(-m)
+    cuda.atomic.add(scal, 1, max(kl, 0.0))
+    cuda.atomic.add(scal, 0, edge)
+
+
+@cuda.jit
+def _sigmoid_back(g_out, W, h, g_in):
+    """Per row, one sigmoid layer's backward: g_in = (g_out Wᵀ) h (1 − h), for h = sigmoid(· W + b)."""
+    i = cuda.grid(1)
+    if i >= g_out.shape[0]:
+        return
+    for j in range(W.shape[0]):
+        s = 0.0
+        for k in range(W.shape[1]):
+            s += g_out[i, k] * W[j, k]
+        g_in[i, j] = s * h[i, j] * (1.0 - h[i, j])
+
+
+class HeartbeatTrainer:
+    """heartbeat.loss_and_grads and mlp.Adam on the GPU, float64 as the NumPy twin: parameters, Adam's
+    moments, the training sequences, the minibatches and the RNG stay on the device."""
+
+    def __init__(self, k, n, x_train, seed=0, b1=0.9, b2=0.999, eps=1e-8):
+        D, H = k.D, k.cfg["H"]
+        self.k, self.batch, self.hyper, self.n = k, n, (b1, b2, eps), 0
+        self.shapes = {name: v.shape for name, v in heartbeat.init(k.cfg, np.random.default_rng(0)).items()}
+        size = sum(math.prod(s) for s in self.shapes.values())
+        self.flats = {name: cuda.to_device(np.zeros(size)) for name in ("theta", "grad", "m", "v")}
+        self.params, self.grads = self._views(self.flats["theta"]), self._views(self.flats["grad"])
+        put = lambda a: cuda.to_device(np.ascontiguousarray(a, np.float64))
+        self.evidence, self.post, self.ab = put(k.evidence), put(k.post), put(k.ab)
+        self.x_train = put(x_train)
+        z = lambda *s: cuda.device_array(s)
+        self.x0, self.xt, self.u, self.xhat, self.g_z = z(n, D), z(n, D), z(n, D), z(n, D), z(n, D)
+        self.h = [z(n, H) for _ in range(3)]
+        self.d = [z(n, H) for _ in range(3)]
+        self.t, self.scal, self.flag = cuda.device_array(n, np.int64), z(3), cuda.device_array(1, np.int32)
+        self.states = create_xoroshiro128p_states(n, seed=seed % 2**63)
+
+    def _views(self, flat):
+        views, o = {}, 0
+        for name in heartbeat.PARAM_NAMES:
+            size = math.prod(self.shapes[name])
+            views[name] = flat[o:o + size].reshape(self.shapes[name])
+            o += size
+        return views
+
+    def load(self, params, m=None, v=None):
+        for store, src in (("theta", params), ("m", m), ("v", v)):
+            if src is not None:
+                self.flats[store].copy_to_device(
+                    np.concatenate([np.asarray(src[name], np.float64).ravel() for name in heartbeat.PARAM_NAMES]))
+
+    def host(self, store="theta"):
+        flat = self.flats[store].copy_to_host()
+        out, o = {}, 0
+        for name in heartbeat.PARAM_NAMES:
+            size = math.prod(self.shapes[name])
+            out[name] = flat[o:o + size].reshape(self.shapes[name])
+            o += size
+        return out
+
+    def _loss_and_grads(self):
+        k, p, g, n = self.k, self.params, self.grads, self.batch
+        nb, H, D = blocks(n), k.cfg["H"], k.D
+        h1, h2, h3 = self.h
+        d1, d2, d3 = self.d
+        _zero[1, TPB](self.scal)
+        _hb_forward[nb, TPB](self.xt, self.t, k.cfg["input_scale"], self.evidence, p["W1"], p["b1"], p["W2"],
+                             p["b2"], p["W3"], p["b3"], p["W4"], p["b4"], self.u, h1, h2, h3, self.xhat)
+        _hb_head[nb, TPB](self.x0, self.xt, self.t, self.post, self.xhat, k.beta[1], k.m, (k.T - 1) / n,
+                          self.g_z, self.scal)
+        _outer[blocks(H * D), TPB](h3, self.g_z, g["W4"])
+        _colsum[blocks(D), TPB](self.g_z, g["b4"])
+        for g_out, W, h, d, name in ((self.g_z, p["W4"], h3, d3, "3"), (d3, p["W3"], h2, d2, "2"),
+                                     (d2, p["W2"], h1, d1, "1")):
+            _sigmoid_back[nb, TPB](g_out, W, h, d)
+            below = {"3": h2, "2": h1, "1": self.u}[name]
+            _outer[blocks(below.shape[1] * H), TPB](below, d, g["W" + name])
+            _colsum[blocks(H), TPB](d, g["b" + name])
+        s = self.scal.copy_to_host()
+        return (k.T - 1) * s[1] / n - s[0] / n
+
+    def loss_and_grads(self, x0, t, xt):
+        """heartbeat.loss_and_grads for a given minibatch and x⁽ᵗ⁾ (host arrays); the gradient in self.grads."""
+        self.x0.copy_to_device(np.ascontiguousarray(x0, np.float64))
+        self.t.copy_to_device(np.ascontiguousarray(t, np.int64))
+        self.xt.copy_to_device(np.ascontiguousarray(xt, np.float64))
+        return self._loss_and_grads()
+
+    def step(self, lr):
+        _hb_draw[blocks(self.batch), TPB](self.states, self.x_train, self.k.T, self.k.m, self.ab, self.x0, self.t,
+                                          self.xt)
+        return self.apply(self._loss_and_grads(), lr)
+
+    apply = Trainer.apply
+    _zero = Trainer._zero

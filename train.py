@@ -84,7 +84,7 @@ def parse(argv):
                    help="numba: fast.py, float32 network, float64 KL arithmetic; numpy: the float64 reference "
                         "(the heartbeat has numpy only)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: train the Swiss roll with the numba.cuda kernels (cuda_kernels.py) on a GPU")
+                   help="cuda: train with the numba.cuda kernels (cuda_kernels.py) on a GPU")
     p.add_argument("--out", default=None, help="run directory (default runs/<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
     p.add_argument("--eval-every", type=positive(int))
@@ -113,9 +113,8 @@ def parse(argv):
         raise UsageError(f"--T must be at least 3, got {args.T}")
     if args.device == "cuda":
         import cuda_kernels
-        if args.data != "swissroll" or args.backend != "numba":
-            raise UsageError("--device cuda trains the Swiss roll with the default backend only "
-                             "(sample.py --device cuda samples the heartbeat)")
+        if args.backend != DEFAULTS[args.data]["backend"]:
+            raise UsageError(f"--device cuda replaces the {args.backend} backend: leave out --backend")
         if not cuda_kernels.available():
             raise UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
     args.out = args.out or os.path.join("runs", args.data)
@@ -149,7 +148,8 @@ class Run:
         params = (heartbeat if args.data == "heartbeat" else model).init(self.cfg, self.rng)
         if args.device == "cuda":             # the step, Adam, batches and RNG on the GPU
             import cuda_kernels
-            self.opt = cuda_kernels.Trainer(self.k, args.batch_size, x_train, seed=args.seed)
+            kind = cuda_kernels.HeartbeatTrainer if args.data == "heartbeat" else cuda_kernels.Trainer
+            self.opt = kind(self.k, args.batch_size, x_train, seed=args.seed)
             self.opt.load(params)
             self.params = None
         elif args.backend == "numba":         # fast.Trainer: the step and Adam, on views of flat vectors
@@ -290,7 +290,7 @@ def finish_heartbeat(run, x_heldout):
     kmn, kl_t = report(run, x_heldout, n_draws=a.draws)
     l_null = model.bits(heartbeat.log_null(x_heldout, run.cfg["m"]))
     K = kmn + l_null
-    samples, _ = heartbeat.sample(run.params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
+    samples, _ = heartbeat.sample(run.host_params(), run.k, 10_000, np.random.default_rng([a.seed, 3]))
     ceiling = data.heartbeat_ceiling_bits(run.cfg["T"], run.cfg["m"])
     m = {
         "data": a.data, "T": run.cfg["T"], "steps": run.step, "wall_seconds": round(run.wall, 2),
@@ -303,7 +303,7 @@ def finish_heartbeat(run, x_heldout):
         "K_minus_ceiling_in_stderr": (float(K.mean()) - ceiling) / stderr(K),
         "sample_quality": data.heartbeat_quality(samples),
         "kl_per_t_bits": kl_t.tolist(), "m": run.cfg["m"], "seed": a.seed,
-        "heldout_points": len(x_heldout), "noise_draws": a.draws, "backend": a.backend,
+        "heldout_points": len(x_heldout), "noise_draws": a.draws, "backend": a.backend, "device": a.device,
     }
     with open(os.path.join(a.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)

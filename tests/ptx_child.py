@@ -51,6 +51,13 @@ EXAMPLES = {
     "_finite": (f32(9), np.zeros(1, np.int32)),
     "_adam": (f32(9), f32(9), f32(9), f32(9), 1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001),
     "_zero": (f32(9),),
+    # heartbeat training (T = 6, H = 6, batch 3)
+    "_hb_draw": (states, f64(5, 20), 6, 0.2, f64(7), f64(3, 20), np.zeros(3, np.int64), f64(3, 20)),
+    "_hb_forward": (f64(3, 20), np.zeros(3, np.int64), 0.25, f64(7, 2)) + hb_net + (f64(3, 20), f64(3, 6), f64(3, 6),
+                                                                                   f64(3, 6), f64(3, 20)),
+    "_hb_head": (f64(3, 20), f64(3, 20), np.zeros(3, np.int64), f64(7, 2, 2), f64(3, 20), 0.01, 0.2, 1.0,
+                 f64(3, 20), f64(3)),
+    "_sigmoid_back": (f64(3, 20), f64(6, 20), f64(3, 6), f64(3, 6)),
 }
 
 if __name__ == "__main__":

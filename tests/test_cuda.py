@@ -1,6 +1,7 @@
 """cuda_kernels.py against its NumPy twins, in numba's CUDA simulator where no GPU exists (conftest.py sets
 NUMBA_ENABLE_CUDASIM=1 and DPM_CUDA_TPB=16 before numba is imported, so tiny inputs cross block
 boundaries). The same tests run on a real GPU when one is there and the simulator is switched off."""
+import json
 import math
 import os
 
@@ -149,7 +150,7 @@ def test_every_kernel_compiles_to_ptx():
     assert out.returncode == 0, out.stderr[-3000:]
     if out.stdout.startswith("SKIP"):
         pytest.skip(out.stdout.strip())
-    assert out.stdout.count("characters of PTX") == len(out.stdout.strip().splitlines()) >= 22
+    assert out.stdout.count("characters of PTX") == len(out.stdout.strip().splitlines()) >= 26
 
 
 def test_sample_py_on_cuda_for_both_datasets_and_its_refusals(tmp_path, monkeypatch, capsys):
@@ -276,9 +277,55 @@ def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch
     assert "diverged" in one_error_line(capsys)
     meta, _ = ckpt.load(str(tmp_path / "c" / "checkpoint.npz"))
     assert meta["step"] == 6
-    for bad in (["--data", "heartbeat"], ["--backend", "numpy"]):
-        assert run("d", *bad) == 2
-        one_error_line(capsys)
+    assert run("d", "--backend", "numpy") == 2
+    one_error_line(capsys)
+    hb = ["--data", "heartbeat", "--T", "6", "--hidden", "3", "--batch-size", "16", "--heldout", "40",
+          "--eval-every", "5", "--device", "cuda"]
+    with np.errstate(over="ignore"):
+        assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "5"]) == 0
+        assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "10", "--resume"]) == 0
+        assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "h2"), *hb, "--steps", "10"]) == 0
+    _, a = ckpt.load(str(tmp_path / "h1" / "checkpoint.npz"))
+    _, b = ckpt.load(str(tmp_path / "h2" / "checkpoint.npz"))
+    assert all(np.array_equal(a[key], b[key]) for key in a) and "rng/xoroshiro" in a
+    assert json.load(open(tmp_path / "h1" / "metrics.json"))["device"] == "cuda"
     monkeypatch.setattr(ck, "available", lambda: False)
     assert run("d") == 2
     assert "no CUDA GPU" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("n", [1, 29])
+def test_heartbeat_training_step_matches_its_twin(n):
+    """The GPU heartbeat step against heartbeat.loss_and_grads (float64, same x⁽ᵗ⁾), then Adam against mlp.Adam."""
+    cfg = dict(heartbeat.DEFAULTS, T=40, H=5)
+    k = heartbeat.Consts(cfg)
+    rng = np.random.default_rng(n)
+    p = {name: rng.normal(0, 0.7, v.shape) for name, v in heartbeat.init(cfg, rng).items()}
+    x0, t = heartbeat.draw_batch(rng, data.heartbeat(50, 1), n, k.T)
+    xt = heartbeat.forward_sample(k, x0, t, np.random.default_rng(7))
+    loss, grads = heartbeat.loss_and_grads(p, k, x0, t, np.random.default_rng(7))     # draws the same x⁽ᵗ⁾
+    tr = ck.HeartbeatTrainer(k, n, data.heartbeat(50, 1))
+    tr.load(p)
+    got = tr.loss_and_grads(x0, t, xt)
+    assert abs(got - loss) < 1e-9 * max(1.0, abs(loss))
+    host = tr.host("grad")
+    for name, want in grads.items():
+        assert np.allclose(host[name], want, rtol=1e-8, atol=1e-10), name
+    ref = {name: v.copy() for name, v in p.items()}
+    model.mlp.Adam(ref).step(ref, grads, 1e-2)
+    tr.apply(got, 1e-2)
+    new = tr.host()
+    assert all(np.allclose(new[name], ref[name], rtol=1e-9, atol=1e-12) for name in ref)
+
+
+def test_heartbeat_batches_drawn_on_the_device_follow_the_forward_process():
+    k = heartbeat.Consts(dict(heartbeat.DEFAULTS, T=40, H=3))
+    tr = ck.HeartbeatTrainer(k, 64, data.heartbeat(100, 1), seed=3)
+    tr.load(heartbeat.init(k.cfg, np.random.default_rng(0)))
+    with np.errstate(over="ignore"):
+        losses = [tr.step(1e-3) for _ in range(4)]
+    x0, t, xt = tr.x0.copy_to_host(), tr.t.copy_to_host(), tr.xt.copy_to_host()
+    assert all(np.isfinite(losses)) and 2 <= t.min() and t.max() <= k.T
+    assert data.heartbeat_quality(x0)["true_fraction"] == 1.0 and set(np.unique(xt)) <= {0.0, 1.0}
+    rate = dpm.binomial_marginal(x0, k.ab[t][:, None], k.m)          # the mean of x⁽ᵗ⁾ matches q(x⁽ᵗ⁾|x⁽⁰⁾)
+    assert abs((xt - rate).mean()) < 4 * math.sqrt((rate * (1 - rate)).sum()) / xt.size
