@@ -1,6 +1,7 @@
 """Binomial diffusion (§2.2, §3.6 of shared/paper.md) and the heartbeat data: closed forms against
 brute force, the Bernoulli KL, and the known answer of the reverse-equals-forward model."""
 import math
+from fractions import Fraction
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -25,18 +26,21 @@ def test_marginal_matches_iterated_single_steps(T, m, x0):
 @settings(max_examples=30)
 @given(T=st.integers(2, 300), m=st.floats(0.01, 0.99), data_=st.data())
 def test_posterior_matches_bayes_by_enumeration(T, m, data_):
+    """Bayes' rule over the two values of x⁽ᵗ⁻¹⁾, in exact rational arithmetic on the same float inputs
+    (a float oracle would lose digits in 1 − (1 − β + mβ) when β(1 − m) is small)."""
     t = data_.draw(st.integers(2, T))
     beta, ab = dpm.binomial_beta(T), dpm.binomial_alpha_bar(T)
-    for x0 in (0.0, 1.0):
-        for xt in (0.0, 1.0):
+    B, A, M = Fraction(beta[t]), Fraction(ab[t - 1]), Fraction(m)
+    for x0 in (0, 1):
+        for xt in (0, 1):
             joint = []
-            for b in (0.0, 1.0):                 # P(x⁽ᵗ⁻¹⁾ = b|x⁽⁰⁾) q(x⁽ᵗ⁾|x⁽ᵗ⁻¹⁾ = b)
-                prior = dpm.binomial_marginal(x0, ab[t - 1], m)
+            for b in (0, 1):                     # P(x⁽ᵗ⁻¹⁾ = b|x⁽⁰⁾) q(x⁽ᵗ⁾|x⁽ᵗ⁻¹⁾ = b)
+                prior = A * x0 + (1 - A) * M
                 prior = prior if b else 1 - prior
-                k = dpm.binomial_q_rate(b, beta[t], m)
+                k = b * (1 - B) + M * B
                 joint.append(prior * (k if xt else 1 - k))
-            want = joint[1] / (joint[0] + joint[1])
-            got = dpm.binomial_posterior(x0, xt, beta[t], ab[t - 1], m)
+            want = float(joint[1] / (joint[0] + joint[1]))
+            got = dpm.binomial_posterior(float(x0), float(xt), beta[t], ab[t - 1], m)
             assert math.isclose(got, want, rel_tol=1e-12, abs_tol=1e-15)
 
 
