@@ -308,6 +308,23 @@ def bernoulli_entropy(r):
     return math.log(2.0) - bernoulli_kl(r, 0.5)
 
 
+def binomial_entropy_bounds(beta, ab, m, p0):
+    """§2.6, Eq. 24, for binomial diffusion, nats per sequence, (T + 1,) each, entries for t ≥ 1:
+    H_q(X⁽ᵗ⁾|X⁽ᵗ⁻¹⁾) + H_q(X⁽ᵗ⁻¹⁾|X⁽⁰⁾) − H_q(X⁽ᵗ⁾|X⁽⁰⁾) ≤ H_q(X⁽ᵗ⁻¹⁾|X⁽ᵗ⁾) ≤ H_q(X⁽ᵗ⁾|X⁽ᵗ⁻¹⁾).
+    Each term is a sum over bits and needs only p0, the data's P(x⁽⁰⁾ᵢ = 1) per bit (D,): given x⁽ᵗ⁻¹⁾ a bit
+    keeps (rate 1 − β_t + mβ_t) or is redrawn (rate mβ_t), and P(x⁽ᵗ⁾ᵢ = 1) = ᾱ_t p0ᵢ + (1 − ᾱ_t) m.
+    The upper bound needs H_q(X⁽ᵗ⁾) ≥ H_q(X⁽ᵗ⁻¹⁾), which holds when the data's mean activity is m."""
+    T = len(beta) - 1
+    Hb = bernoulli_entropy
+    cond0 = lambda a: np.sum(p0 * Hb(a + (1.0 - a) * m) + (1.0 - p0) * Hb((1.0 - a) * m))   # H_q(X⁽ᵗ⁾|X⁽⁰⁾)
+    lower, upper = np.zeros(T + 1), np.zeros(T + 1)
+    for t in range(1, T + 1):
+        on = ab[t - 1] * p0 + (1.0 - ab[t - 1]) * m                   # P(x⁽ᵗ⁻¹⁾ᵢ = 1)
+        upper[t] = np.sum(on * Hb(1.0 - beta[t] + m * beta[t]) + (1.0 - on) * Hb(m * beta[t]))
+        lower[t] = upper[t] + cond0(ab[t - 1]) - cond0(ab[t])
+    return lower, upper
+
+
 def binomial_edge_terms(x0, beta1, m):
     """Everything in K(x⁽⁰⁾) but the KL sum, exactly, per sequence (nats), for β_T = 1 (so ᾱ_T = 0).
 

@@ -143,6 +143,20 @@ def evaluate(p, k, x0, rng, n_draws=1, batch=4096):
     return dpm.binomial_edge_terms(x0, k.beta[1], k.m) - log_null(x0, k.m) - kl_sum, kl_t
 
 
+def reverse_entropy(p, k, x0, rng):
+    """E over q(x⁽ᵗ⁾) of H(p(X⁽ᵗ⁻¹⁾|x⁽ᵗ⁾)) = Σᵢ H_b(f_b) for each t (nats per sequence, (T + 1,)), and its Monte
+    Carlo standard error over the rows of x0: the learned kernel's entropy, which §2.6's bounds
+    (dpm.binomial_entropy_bounds) bracket for the true reverse process. t = 1 is the fixed step."""
+    H, se = np.zeros(k.T + 1), np.zeros(k.T + 1)
+    for t in range(1, k.T + 1):
+        tt = np.full(len(x0), t)
+        xt = forward_sample(k, x0, tt, rng)
+        f = dpm.binomial_q_rate(xt, k.beta[1], k.m) if t == 1 else reverse_rate(p, k, xt, tt)[0]
+        h = np.sum(dpm.bernoulli_entropy(f), axis=1)
+        H[t], se[t] = h.mean(), h.std(ddof=1) / math.sqrt(len(h))
+    return H, se
+
+
 def sample(p, k, n, rng, keep=(), r1=None):
     """Ancestral sampling, Eq. 5: x⁽ᵀ⁾ ~ π = B(m), learned steps t = T..2, then the fixed step of App. B.2.
 

@@ -146,10 +146,10 @@ def heartbeat_figure(params, k, rng, n=5, rows=50):
     return "\n".join([head] + out + ["</svg>\n"])
 
 
-def entropy_figure(lower, upper, learned):
+def entropy_figure(lower, upper, learned, names=("lower bound H(β̃_t)", "upper bound H(β_t)")):
     """§2.6's bounds on H_q(X⁽ᵗ⁻¹⁾|X⁽ᵗ⁾) (Eq. 24) and the learned reverse kernel's entropy, against t, as SVG."""
     t = np.arange(2, len(upper))
-    series = [("lower bound H(β̃_t)", lower[t], "#1f4e9e"), ("upper bound H(β_t)", upper[t], "#b22"),
+    series = [(names[0], lower[t], "#1f4e9e"), (names[1], upper[t], "#b22"),
               ("learned E H(p(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾))", learned[t], "#222")]
     lo = min(v.min() for _, v, _ in series)
     hi = max(v.max() for _, v, _ in series)
@@ -159,7 +159,7 @@ def entropy_figure(lower, upper, learned):
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H + 60}" font-family="sans-serif">',
            f'<rect x="{L}" y="20" width="{W - L - 20}" height="{H - 20 - B}" fill="white" stroke="#888"/>',
            f'<text x="{W / 2}" y="{H + 5}" text-anchor="middle" font-size="12">t</text>',
-           f'<text x="10" y="{H / 2}" font-size="12" transform="rotate(-90 10 {H / 2})">nats per point</text>']
+           f'<text x="10" y="{H / 2}" font-size="12" transform="rotate(-90 10 {H / 2})">nats</text>']
     for v in np.linspace(lo, hi, 5):
         out.append(f'<text x="{L - 4}" y="{py(v) + 4:.1f}" text-anchor="end" font-size="10">{v:.1f}</text>')
     for s in (t[0], t[len(t) // 2], t[-1]):

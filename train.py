@@ -292,6 +292,12 @@ def finish_heartbeat(run, x_heldout):
     K = kmn + l_null
     samples, _ = heartbeat.sample(run.host_params(), run.k, 10_000, np.random.default_rng([a.seed, 3]))
     ceiling = data.heartbeat_ceiling_bits(run.cfg["T"], run.cfg["m"])
+    H_lower, H_upper = dpm.binomial_entropy_bounds(run.k.beta, run.k.ab, run.cfg["m"],
+                                                   data.heartbeat_sequences().mean(0))
+    H_learned, H_se = heartbeat.reverse_entropy(run.host_params(), run.k, x_heldout[:2000],
+                                                np.random.default_rng([a.seed, 4]))
+    outside = [t for t in range(2, run.cfg["T"] + 1)          # beyond Monte Carlo error (3 standard errors)
+               if not H_lower[t] - 3 * H_se[t] <= H_learned[t] <= H_upper[t] + 3 * H_se[t]]
     m = {
         "data": a.data, "T": run.cfg["T"], "steps": run.step, "wall_seconds": round(run.wall, 2),
         "K_bits": float(K.mean()), "K_stderr_bits": stderr(K),
@@ -303,16 +309,25 @@ def finish_heartbeat(run, x_heldout):
         "K_minus_ceiling_in_stderr": (float(K.mean()) - ceiling) / stderr(K),
         "sample_quality": data.heartbeat_quality(samples),
         "kl_per_t_bits": kl_t.tolist(), "m": run.cfg["m"], "seed": a.seed,
+        "entropy_bounds_nats": {"lower": [None] + H_lower[1:].tolist(), "upper": [None] + H_upper[1:].tolist(),
+                                "learned": [None] + H_learned[1:].tolist(),
+                                "learned_stderr": [None] + H_se[1:].tolist(), "t_outside_bounds": outside,
+                                "per": "sequence; outside means by more than 3 standard errors"},
         "heldout_points": len(x_heldout), "noise_draws": a.draws, "backend": a.backend, "device": a.device,
     }
     with open(os.path.join(a.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
+    import sample as sample_py                  # sample.py imports train.py
+    with open(os.path.join(a.out, "entropy.svg"), "w") as f:
+        f.write(sample_py.entropy_figure(H_lower, H_upper, H_learned,
+                                         ("lower bound (Eq. 24)", "upper bound H_q(X⁽ᵗ⁾|X⁽ᵗ⁻¹⁾)")))
     sq = m["sample_quality"]
     print(f"done: heartbeat T={m['T']} steps={m['steps']} in {m['wall_seconds']:.0f}s  "
           f"K = {m['K_bits']:.4f} ± {m['K_stderr_bits']:.4f} bits/sequence  "
           f"K-L_null = {m['K_minus_L_null_bits']:.3f}  (limit {m['limit_bits']:.4f}, ceiling {ceiling:.4f})  "
           f"samples: {sq['true_fraction']:.2%} true sequences, phases "
-          f"{' '.join(f'{s:.1%}' for s in sq['phase_shares'])}  -> {os.path.join(a.out, 'metrics.json')}")
+          f"{' '.join(f'{s:.1%}' for s in sq['phase_shares'])}  entropy outside the §2.6 bounds at {len(outside)} t  "
+          f"-> {os.path.join(a.out, 'metrics.json')}")
     return m
 
 

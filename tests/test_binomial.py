@@ -145,3 +145,34 @@ def test_heartbeat_data_and_its_known_figures():
     assert data.heartbeat_ceiling_bits(2000) < math.log2(1 / 5)            # below the true log-likelihood
     edge = dpm.binomial_edge_terms(seqs, 1 / 2000, 0.2) / math.log(2)
     assert np.allclose(edge, -0.0439, atol=1e-4)                          # §3.6: 0.044 bits/seq
+
+
+def exact_reverse_entropy_per_bit(beta, ab, m, p0, t):
+    """H_q(X⁽ᵗ⁻¹⁾|X⁽ᵗ⁾) for one bit whose data are B(p0): H(X⁽ᵗ⁻¹⁾, X⁽ᵗ⁾) − H(X⁽ᵗ⁾) from the 2 × 2 joint."""
+    on = ab[t - 1] * p0 + (1 - ab[t - 1]) * m
+    joint = np.array([[(1 - on) * (1 - m * beta[t]), (1 - on) * m * beta[t]],
+                      [on * beta[t] * (1 - m), on * (1 - beta[t] + m * beta[t])]])
+    H = lambda p: -np.sum(p[p > 0] * np.log(p[p > 0]))
+    return H(joint) - H(joint.sum(0))
+
+
+@settings(max_examples=30)
+@given(T=st.integers(3, 400), m=st.floats(0.02, 0.48), u=st.floats(0.0, 1.0))
+def test_binomial_entropy_bounds_bracket_the_exact_reverse_entropy(T, m, u):
+    """Eq. 24 for binomial diffusion on independent bits, where H_q(X⁽ᵗ⁻¹⁾|X⁽ᵗ⁾) is exact. Data rates p0 = u·m
+    lie further from 1/2 than m, so the marginal entropy grows along the chain, as the upper bound needs."""
+    beta, ab = dpm.binomial_beta(T), dpm.binomial_alpha_bar(T)
+    p0 = u * m
+    lower, upper = dpm.binomial_entropy_bounds(beta, ab, m, np.array([p0]))
+    for t in range(1, T + 1):
+        exact = exact_reverse_entropy_per_bit(beta, ab, m, p0, t)
+        assert lower[t] - 1e-12 <= exact <= upper[t] + 1e-12, t
+
+
+def test_binomial_upper_bound_needs_the_entropy_to_grow():
+    """The paper calls the binomial upper bound unconditional; it is not: with data rates nearer 1/2 than m,
+    the marginal entropy falls along the chain and H_q(X⁽ᵗ⁻¹⁾|X⁽ᵗ⁾) exceeds H_q(X⁽ᵗ⁾|X⁽ᵗ⁻¹⁾)."""
+    T, m, p0 = 100, 0.2, 0.5
+    beta, ab = dpm.binomial_beta(T), dpm.binomial_alpha_bar(T)
+    _, upper = dpm.binomial_entropy_bounds(beta, ab, m, np.array([p0]))
+    assert exact_reverse_entropy_per_bit(beta, ab, m, p0, 50) > upper[50] + 1e-6

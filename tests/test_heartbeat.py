@@ -149,8 +149,12 @@ def hb_run(tmp_path_factory):
 def test_heartbeat_run_learns_and_reports(hb_run):
     m = json.load(open(hb_run / "metrics.json"))
     for key in ("K_bits", "K_stderr_bits", "L_null_bits", "K_minus_L_null_bits", "limit_bits", "ceiling_bits",
-                "K_estimate", "sample_quality", "kl_per_t_bits"):
+                "K_estimate", "sample_quality", "kl_per_t_bits", "entropy_bounds_nats"):
         assert key in m
+    H = m["entropy_bounds_nats"]
+    assert len(H["lower"]) == len(H["upper"]) == len(H["learned"]) == 51
+    assert all(lo <= up for lo, up in zip(H["lower"][1:], H["upper"][1:]))
+    assert ET.parse(hb_run / "entropy.svg").getroot().tag.endswith("svg")
     assert m["L_null_bits"] == pytest.approx(-14.4386, abs=1e-4) and m["limit_bits"] == pytest.approx(-2.3219, abs=1e-4)
     assert m["ceiling_bits"] == pytest.approx(data.heartbeat_ceiling_bits(50))
     assert m["K_minus_L_null_bits"] > 8 and m["K_bits"] < m["ceiling_bits"] + 3 * m["K_stderr_bits"]
