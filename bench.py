@@ -116,13 +116,14 @@ def cuda_peak_gflops(dev):
 
 # What bench.py --device cuda times (the tests shrink it to run the code in the simulator).
 CUDA_SIZES = {"cfg": model.DEFAULTS, "train": (512, 65_536), "repeat": (300, 100), "sample": 1_000_000,
-              "eval": 20_000, "timed": 5}
+              "eval": 20_000, "timed": 5, "hb_cfg": None, "hb_train": 512, "hb_sample": 10_000}
 
 
 def bench_cuda(a):
     """On the GPU, train.py's default Swiss-roll model: train_step_b512 and train_step_b65536 (ms; the
     step's GFLOP/s at 65,536 beside the GPU's FP32 peak), sample_1000000 (seconds, and point-steps per
-    second) and eval_K_20000, each after warm-up calls that compile the kernels."""
+    second) and eval_K_20000; the heartbeat's default model: heartbeat_train_step_b512 and
+    heartbeat_sample_10000 (2000 steps). Each after warm-up calls that compile the kernels."""
     import cuda_kernels
     import data
     import fast
@@ -157,6 +158,17 @@ def bench_cuda(a):
     x = data.swissroll(z["eval"], [0, 1])
     s = timed(lambda: cuda_kernels.evaluate(params, k, x, seed=1), z["timed"], 1)
     emit(stats(f"eval_K_{z['eval']}", s, "s", device="cuda", gpu=gpu, draws=1, t_terms=k.T - 1))
+    import heartbeat                          # the heartbeat's default model, T = 2000
+    hcfg = z["hb_cfg"] or heartbeat.DEFAULTS
+    hk = heartbeat.Consts(hcfg)
+    hp = heartbeat.init(hcfg, np.random.default_rng(0))
+    trainer = cuda_kernels.HeartbeatTrainer(hk, z["hb_train"], data.heartbeat(1000, [0, 0]), seed=1)
+    trainer.load(hp)
+    ms = timed(lambda: trainer.step(1e-4), z["repeat"][0], 3) * 1e3
+    emit(stats(f"heartbeat_train_step_b{z['hb_train']}", ms, "ms", device="cuda", gpu=gpu))
+    n = z["hb_sample"]
+    s = timed(lambda: cuda_kernels.sample_heartbeat(hp, hk, n, seed=1), z["timed"], 1)
+    emit(stats(f"heartbeat_sample_{n}", s, "s", device="cuda", gpu=gpu, steps=hk.T))
     return 0
 
 

@@ -35,14 +35,18 @@ def test_bench_on_cuda_runs_its_code_in_the_simulator_and_refuses_without_a_gpu(
     import model
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         pytest.skip("a real GPU run is bench.py's own business")
+    import heartbeat
     monkeypatch.setattr(bench, "CUDA_SIZES", {"cfg": dict(model.DEFAULTS, H=4, M=1, J=3, T=4), "train": (5, 9),
-                                              "repeat": (2, 2), "sample": 12, "eval": 10, "timed": 1})
+                                              "repeat": (2, 2), "sample": 12, "eval": 10, "timed": 1,
+                                              "hb_cfg": dict(heartbeat.DEFAULTS, T=5, H=3), "hb_train": 6,
+                                              "hb_sample": 7})
     import numpy as np
     with np.errstate(over="ignore"):
         assert bench.main(["--device", "cuda"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d["name"] for d in lines] == ["train_step_b5", "train_step_b9", "train_step_gflops_b9", "sample_12",
-                                          "sample_point_steps_per_s", "eval_K_10"]
+                                          "sample_point_steps_per_s", "eval_K_10", "heartbeat_train_step_b6",
+                                          "heartbeat_sample_7"]
     assert all({"name", "median", "p10", "p90", "unit", "gpu"} <= d.keys() for d in lines)
     monkeypatch.setattr(cuda_kernels, "available", lambda: False)
     assert bench.main(["--device", "cuda"]) == 2
