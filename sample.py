@@ -251,7 +251,10 @@ def draw(params, k, n, rng, args, heartbeat_run):
     if args.device == "cuda":
         import cuda_kernels
         fn = cuda_kernels.sample_heartbeat if heartbeat_run else cuda_kernels.sample
-        return fn(params, k, n, seed=args.seed)
+        try:
+            return fn(params, k, n, seed=args.seed)
+        except ValueError as e:                 # a network wider than the kernels hold
+            raise train.UsageError(f"--device cuda: {e}") from None
     return (heartbeat.sample(params, k, n, rng) if heartbeat_run else fast.sample(params, k, n, rng))[0]
 
 

@@ -117,6 +117,10 @@ def parse(argv):
             raise UsageError(f"--device cuda replaces the {args.backend} backend: leave out --backend")
         if not cuda_kernels.available():
             raise UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
+        width = 2 + 2 * (args.fourier or 0)
+        if args.hidden > cuda_kernels.MAX_H or width > cuda_kernels.MAX_IN:
+            raise UsageError(f"--device cuda holds at most {cuda_kernels.MAX_H} hidden units and "
+                             f"{(cuda_kernels.MAX_IN - 2) // 2} Fourier features")
     args.out = args.out or os.path.join("runs", args.data)
     return args
 

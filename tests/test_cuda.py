@@ -277,8 +277,9 @@ def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch
     assert "diverged" in one_error_line(capsys)
     meta, _ = ckpt.load(str(tmp_path / "c" / "checkpoint.npz"))
     assert meta["step"] == 6
-    assert run("d", "--backend", "numpy") == 2
-    one_error_line(capsys)
+    for bad in (["--backend", "numpy"], ["--hidden", "300"], ["--fourier", "100"]):
+        assert run("d", *bad) == 2
+        one_error_line(capsys)
     hb = ["--data", "heartbeat", "--T", "6", "--hidden", "3", "--batch-size", "16", "--heldout", "40",
           "--eval-every", "5", "--device", "cuda"]
     with np.errstate(over="ignore"):
