@@ -361,12 +361,12 @@ def _tables(basis_T, W1g, b1, W3, b3, table1, Weff, beff):
         acc += basis_T[t, j] * W1g[j, h]
     table1[t, h] = acc
     for o in range(Weff.shape[1]):
-        acc = W3[0, o, h] - W3[0, o, h]
+        acc = 0.0
         for j in range(J):
             acc += basis_T[t, j] * W3[j, o, h]
         Weff[t, o, h] = acc
         if h == 0:
-            accb = b3[0, o] - b3[0, o]
+            accb = 0.0
             for j in range(J):
                 accb += basis_T[t, j] * b3[j, o]
             beff[t, o] = accb
@@ -473,12 +473,13 @@ def _head_back(h2, Weff, beff, x0, xt, t, coef, sqrt_T, weight, g_h2, G, Gb, g_x
 
 @cuda.jit
 def _outer(A, B, out):
-    """out = Aᵀ B, one thread per entry (the weight gradients h1ᵀ g_h2 and uᵀ g_h1 of mlp.backward)."""
+    """out = Aᵀ B, one thread per entry (the weight gradients h1ᵀ g_h2 and uᵀ g_h1 of mlp.backward),
+    summed in float64 whatever out's dtype."""
     k = cuda.grid(1)
     if k >= out.shape[0] * out.shape[1]:
         return
     j, h = k // out.shape[1], k % out.shape[1]
-    acc = out[j, h] - out[j, h]
+    acc = 0.0
     for i in range(A.shape[0]):
         acc += A[i, j] * B[i, h]
     out[j, h] = acc
@@ -489,7 +490,7 @@ def _colsum(A, out):
     """out[h] = Σ_i A[i, h] (a bias's gradient)."""
     h = cuda.grid(1)
     if h < out.shape[0]:
-        acc = out[h] - out[h]
+        acc = 0.0
         for i in range(A.shape[0]):
             acc += A[i, h]
         out[h] = acc
@@ -536,22 +537,22 @@ def _fold(basis, G, Gb, Gt1, gW3, gb3, gW1g, gb1):
     if h >= H:
         return
     J, T1 = basis.shape[0], basis.shape[1]
-    s = Gt1[0, h] - Gt1[0, h]
+    s = 0.0
     for t in range(T1):
         s += Gt1[t, h]
     gb1[h] = s
     for j in range(J):
-        s = Gt1[0, h] - Gt1[0, h]
+        s = 0.0
         for t in range(T1):
             s += basis[j, t] * Gt1[t, h]
         gW1g[j, h] = s
         for o in range(G.shape[1]):
-            s = G[0, o, h] - G[0, o, h]
+            s = 0.0
             for t in range(T1):
                 s += basis[j, t] * G[t, o, h]
             gW3[j, o, h] = s
             if h == 0:
-                sb = Gb[0, o] - Gb[0, o]
+                sb = 0.0
                 for t in range(T1):
                     sb += basis[j, t] * Gb[t, o]
                 gb3[j, o] = sb

@@ -330,3 +330,49 @@ def test_heartbeat_batches_drawn_on_the_device_follow_the_forward_process():
     assert data.heartbeat_quality(x0)["true_fraction"] == 1.0 and set(np.unique(xt)) <= {0.0, 1.0}
     rate = dpm.binomial_marginal(x0, k.ab[t][:, None], k.m)          # the mean of x⁽ᵗ⁾ matches q(x⁽ᵗ⁾|x⁽⁰⁾)
     assert abs((xt - rate).mean()) < 4 * math.sqrt((rate * (1 - rate)).sum()) / xt.size
+
+
+def test_glue_kernels_match_numpy():
+    """The kernels between the big ones, each against its NumPy twin: the schedule (dpm.beta_schedule,
+    dpm.alpha_bar), the per-t tables and their fold back onto the bumps (fast.Net.tables' products), the
+    weight-gradient products, and the binomial start and last step (dpm.binomial_q_rate)."""
+    import fast
+    cfg, k, p, rng = small_gauss(11)
+    T, J, H, D = k.T, cfg["J"], cfg["H"], 2
+    beta_d, ab_d, coef_d = cuda.device_array(T + 1), cuda.device_array(T + 1), cuda.to_device(np.zeros((T + 1, 9)))
+    host = fast.Net(k, 1, np.float32)
+    ck._schedule[1, 1](cuda.to_device(p["c"]), cuda.to_device(k.basis), cuda.to_device(host.logit_base),
+                       cfg["beta1"], beta_d, ab_d, coef_d)
+    beta, ab = k.schedule(p)
+    assert np.allclose(beta_d.copy_to_host(), beta, rtol=1e-13) and np.allclose(ab_d.copy_to_host(), ab, rtol=1e-13)
+    coef = coef_d.copy_to_host()
+    assert np.allclose(coef[2:, 7], beta[2:] * (1 - ab[1:-1]) / (1 - ab[2:]), rtol=1e-12)     # β̃_t (App. B.3)
+    W1g, W3, b3 = p["W1"][-J:].astype(np.float32), p["W3"].astype(np.float32), p["b3"].astype(np.float32)
+    table1, Weff, beff = cuda.device_array((T + 1, H), np.float32), cuda.device_array((T + 1, 4, H), np.float32), \
+        cuda.device_array((T + 1, 4), np.float32)
+    ck._tables[ck.blocks((T + 1) * H), ck.TPB](cuda.to_device(host.basis_T), cuda.to_device(W1g),
+                                               cuda.to_device(p["b1"].astype(np.float32)), cuda.to_device(W3),
+                                               cuda.to_device(b3), table1, Weff, beff)
+    bT = host.basis_T.astype(np.float64)
+    assert np.allclose(table1.copy_to_host(), bT @ p["W1"][-J:] + p["b1"], rtol=1e-5, atol=1e-6)
+    assert np.allclose(Weff.copy_to_host(), np.einsum("tj,joh->toh", bT, p["W3"]), rtol=1e-5, atol=1e-6)
+    assert np.allclose(beff.copy_to_host(), bT @ p["b3"], rtol=1e-5, atol=1e-6)
+    G, Gb, Gt1 = (rng.standard_normal(s).astype(np.float32) for s in ((T + 1, 4, H), (T + 1, 4), (T + 1, H)))
+    outs = [cuda.device_array(s, np.float32) for s in ((J, 4, H), (J, 4), (J, H), (H,))]
+    ck._fold[ck.blocks(H), ck.TPB](cuda.to_device(host.basis), cuda.to_device(G), cuda.to_device(Gb),
+                                   cuda.to_device(Gt1), *outs)
+    B = host.basis.astype(np.float64)
+    for got, want in zip(outs, (np.einsum("jt,toh->joh", B, G), B @ Gb, B @ Gt1, Gt1.sum(0))):
+        assert np.allclose(got.copy_to_host(), want, rtol=1e-5, atol=1e-5)
+    A, Bm = rng.standard_normal((37, 5)).astype(np.float32), rng.standard_normal((37, 6)).astype(np.float32)
+    out, col = cuda.device_array((5, 6), np.float32), cuda.device_array(6, np.float32)
+    ck._outer[ck.blocks(30), ck.TPB](cuda.to_device(A), cuda.to_device(Bm), out)
+    ck._colsum[ck.blocks(6), ck.TPB](cuda.to_device(Bm), col)
+    assert np.allclose(out.copy_to_host(), A.T.astype(float) @ Bm, rtol=1e-5, atol=1e-5)
+    assert np.allclose(col.copy_to_host(), Bm.sum(0), rtol=1e-5, atol=1e-5)
+    x, u = (rng.random((19, 20)) < 0.3).astype(float), rng.random((19, 20))
+    start, last = cuda.device_array((19, 20)), cuda.device_array((19, 20))
+    ck._threshold[ck.blocks(19), ck.TPB](cuda.to_device(u), 0.2, start)
+    ck._binomial_fixed_step[ck.blocks(19), ck.TPB](cuda.to_device(x), 1e-2, 0.2, cuda.to_device(u), last)
+    assert np.array_equal(start.copy_to_host(), (u < 0.2).astype(float))
+    assert np.array_equal(last.copy_to_host(), (u < dpm.binomial_q_rate(x, 1e-2, 0.2)).astype(float))
