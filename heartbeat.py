@@ -179,6 +179,39 @@ def sample(p, k, n, rng, keep=(), r1=None):
     return x, kept
 
 
+def sample_smc(p, k, n, rng, r1, particles):
+    """Draws from p̃(x⁽⁰⁾) ∝ p(x⁽⁰⁾) r(x⁽⁰⁾) itself for clamped bits (r1ᵢ = 0 or 1; 0.5 free), by sequential
+    Monte Carlo (beyond the paper, like model.sample_smc). Proposal: free bits follow the learned kernel;
+    a clamped bit follows the forward process's bridge to its value v, x⁽ᵀ⁾ᵢ ~ q(·|x⁽⁰⁾ᵢ = v) = π and
+    x⁽ᵗ⁻¹⁾ᵢ ~ q(·|x⁽ᵗ⁾ᵢ, x⁽⁰⁾ᵢ = v) (binomial_posterior), ending at v. Weights: the model's density of the
+    clamped bits' path over the bridge's, step by step, and p(x⁽⁰⁾ᵢ = v|x⁽¹⁾) at the fixed last step.
+    Resampled (multinomial) when the effective sample size falls below half. Returns (samples, final ESS)."""
+    fixed = np.flatnonzero(r1 != 0.5)
+    v = r1[fixed]
+    x = (rng.random((particles, k.D)) < k.m).astype(np.float64)        # π for every bit, = q(x⁽ᵀ⁾|v) too
+    logw = np.zeros(particles)
+    bern = lambda bit, rate: np.where(bit > 0.5, np.log(rate), np.log1p(-rate))
+    for t in range(k.T, 0, -1):
+        if t == 1:
+            f = dpm.binomial_q_rate(x, k.beta[1], k.m)
+            x_new = (rng.random(x.shape) < f).astype(np.float64)
+            x_new[:, fixed] = v
+            logw += np.sum(bern(v[None, :], f[:, fixed]), axis=1)
+        else:
+            f, _ = reverse_rate(p, k, x, np.full(particles, t))
+            x_new = (rng.random(x.shape) < f).astype(np.float64)
+            bridge = k.post[t, x[:, fixed].astype(np.intp), v.astype(np.intp)]
+            x_new[:, fixed] = (rng.random(bridge.shape) < bridge).astype(np.float64)
+            logw += np.sum(bern(x_new[:, fixed], f[:, fixed]) - bern(x_new[:, fixed], bridge), axis=1)
+        x = x_new
+        w = np.exp(logw - logw.max())
+        w /= w.sum()
+        ess = float(1.0 / np.sum(w * w))
+        if ess < particles / 2 and t > 1:
+            x, logw = x[rng.choice(particles, particles, p=w)], np.zeros(particles)
+    return x[rng.choice(particles, n, p=w)], ess
+
+
 def parse_condition(text, D):
     """--condition bits=1,?,0,... (D entries: 0, 1 or ?) → r1 (D,): 1 or 0 for a clamped bit, 0.5 for a free one."""
     if not text.startswith("bits="):

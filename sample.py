@@ -260,15 +260,19 @@ def draw(params, k, n, rng, args, heartbeat_run):
 
 def main_heartbeat(args, params, k, rng):
     """Binary samples (n, 20) of 0/1, how many are true sequences, and how evenly the phases come."""
-    if args.particles:
-        raise train.UsageError("--particles (sequential Monte Carlo) covers the Swiss roll only")
     r1 = None
     if args.condition:
         try:
             r1 = heartbeat.parse_condition(args.condition, k.D)
         except ValueError as e:
             raise train.UsageError(f"--condition: {e}") from None
-    x = heartbeat.sample(params, k, args.n, rng, r1=r1)[0] if r1 is not None else draw(params, k, args.n, rng, args, True)
+    if args.particles:
+        x, ess = heartbeat.sample_smc(params, k, args.n, rng, r1, args.particles)
+        print(f"sequential Monte Carlo: {args.particles} particles, final effective sample size {ess:.0f}")
+    elif r1 is not None:
+        x, _ = heartbeat.sample(params, k, args.n, rng, r1=r1)
+    else:
+        x = draw(params, k, args.n, rng, args, True)
     x = x.astype(np.uint8)
     save_samples(args.out, x, ",".join(f"b{i}" for i in range(k.D)))
     q = data.heartbeat_quality(x, r1)
