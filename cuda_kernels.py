@@ -9,7 +9,7 @@ One thread per row (or per output entry), each kernel with a plain NumPy twin th
                      twins: model.reverse, dpm.kl_terms, dpm.q_sample, dpm.p_step_fixed_first,
                      heartbeat.reverse_rate, dpm.binomial_q_rate
   Swiss-roll training (Trainer; twin model.loss_and_grads + mlp.Adam, the kernels those of fast.Trainer)
-                     _schedule (§2.4.1), _tables, _draw_batch, _forward, _head_back (Eq. 14 and its gradient),
+                     _schedule (§2.4.1; fast.py's own source), _tables, _draw_batch, _forward, _head_back (Eq. 14 and its gradient),
                      _outer, _colsum, _hidden_back, _fold, _schedule_back, _finite, _adam
   heartbeat training (HeartbeatTrainer; twin heartbeat.loss_and_grads + mlp.Adam)
                      _hb_draw, _hb_forward, _hb_head, _sigmoid_back, _outer, _colsum, _adam
@@ -316,34 +316,9 @@ def _binomial_fixed_step(x, beta1, m, u, x_out):
 
 # ---------------------------------------------------------------- training the Swiss-roll model (fast.Trainer on the GPU)
 
-@cuda.jit
-def _schedule(c, basis, logit_base, beta1, beta, ab, coef):
-    """fast._schedule in one thread: β_t (§2.4.1), ᾱ_t and the per-t constants coef[t] = √ᾱ_t, √(1−ᾱ_t),
-    √(1−β_t), √β_t, logit β_t, c0, c1, β̃_t, log β̃_t (float64)."""
-    if cuda.grid(1) != 0:
-        return
-    T = beta.shape[0] - 1
-    beta[0] = 0.0
-    beta[1] = beta1
-    for t in range(2, T + 1):
-        z = logit_base[t]
-        for j in range(c.shape[0]):
-            z += c[j] * basis[j, t]
-        beta[t] = 1.0 / (1.0 + math.exp(-z))
-    ab[0] = 1.0
-    for t in range(1, T + 1):
-        ab[t] = ab[t - 1] * (1.0 - beta[t])
-    for t in range(1, T + 1):
-        bt, om, abp = beta[t], 1.0 - ab[t], ab[t - 1]
-        coef[t, 0] = math.sqrt(ab[t])
-        coef[t, 1] = math.sqrt(om)
-        coef[t, 2] = math.sqrt(1.0 - bt)
-        coef[t, 3] = math.sqrt(bt)
-        coef[t, 4] = math.log(bt) - math.log1p(-bt)
-        coef[t, 5] = math.sqrt(abp) * bt / om
-        coef[t, 6] = coef[t, 2] * (1.0 - abp) / om
-        coef[t, 7] = bt * (1.0 - abp) / om
-        coef[t, 8] = math.log(coef[t, 7]) if coef[t, 7] > 0 else -math.inf     # t = 1: β̃ = 0, never used
+# fast._schedule and fast._schedule_back are one-thread loops over t: the GPU runs the same Python source.
+_schedule = cuda.jit(fast._schedule.py_func)
+_schedule_back_t = cuda.jit(device=True)(fast._schedule_back.py_func)
 
 
 @cuda.jit
@@ -560,34 +535,13 @@ def _fold(basis, G, Gb, Gt1, gW3, gb3, gW1g, gb1):
 
 @cuda.jit
 def _schedule_back(acc, beta, ab, basis, D, n, scal, g_beta, g_ab, g_c):
-    """fast._schedule_back in one thread: acc[t] → ∂loss/∂β_t, ∂loss/∂ᾱ_t → ∂loss/∂c. The prior term's
-    ∂loss/∂ᾱ_T = D/(2(1 − ᾱ_T)) − (D − mean ‖x⁽⁰⁾‖²)/2 comes from scal[0]; scal[2] gets the minibatch loss."""
+    """fast._schedule_back in one thread, with the prior term's ∂loss/∂ᾱ_T = D/(2(1 − ᾱ_T)) − (D − mean
+    ‖x⁽⁰⁾‖²)/2 from scal[0]; scal[2] gets the minibatch loss (fast.Trainer.loss_and_grads' edge term)."""
     if cuda.grid(1) != 0:
         return
     T = beta.shape[0] - 1
     r2 = scal[0] / n
-    for s in range(T + 1):
-        g_beta[s] = 0.0
-        g_ab[s] = 0.0
-    g_ab[T] = 0.5 * D / (1.0 - ab[T]) - 0.5 * (D - r2)
-    for t in range(2, T + 1):
-        g_sa, g_sb, g_c0, g_c1, g_logit, g_btil = acc[t, 0], acc[t, 1], acc[t, 2], acc[t, 3], acc[t, 4], acc[t, 5]
-        bt, abp, om = beta[t], ab[t - 1], 1.0 - ab[t]
-        sa, sb, sqp = math.sqrt(1.0 - bt), math.sqrt(bt), math.sqrt(abp)
-        g_beta[t] += (g_logit / (bt * (1.0 - bt)) - g_sa * 0.5 / sa + g_sb * 0.5 / sb
-                      + g_c0 * sqp / om - g_c1 * 0.5 / sa * (1.0 - abp) / om + g_btil * (1.0 - abp) / om)
-        g_ab[t - 1] += g_c0 * bt / (2.0 * sqp * om) - g_c1 * sa / om - g_btil * bt / om
-        g_ab[t] += (acc[t, 6] + g_c0 * sqp * bt / (om * om) + g_c1 * sa * (1.0 - abp) / (om * om)
-                    + g_btil * bt * (1.0 - abp) / (om * om))
-    for j in range(g_c.shape[0]):
-        g_c[j] = 0.0
-    rev = 0.0
-    for s in range(T, 1, -1):
-        rev += g_ab[s] * ab[s]
-        g_u = (g_beta[s] - rev / (1.0 - beta[s])) * beta[s] * (1.0 - beta[s])
-        for j in range(g_c.shape[0]):
-            g_c[j] += basis[j, s] * g_u
-    # dpm.prior_and_edge_terms averaged over the batch (linear in ‖x⁽⁰⁾‖²), as fast.Trainer
+    _schedule_back_t(acc, beta, ab, basis, 0.5 * D / (1.0 - ab[T]) - 0.5 * (D - r2), g_beta, g_ab, g_c)
     om_T, beta1 = 1.0 - ab[T], beta[1]
     edge = 0.5 * D * (math.log(om_T) - math.log(beta1)) - 0.5 * (om_T - beta1) * (D - r2)
     scal[2] = (T - 1) * scal[1] / n - edge

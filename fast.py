@@ -88,7 +88,7 @@ def _schedule(c, basis, logit_base, beta1, beta, ab, coef):
         coef[t, 5] = math.sqrt(abp) * bt / om
         coef[t, 6] = coef[t, 2] * (1.0 - abp) / om
         coef[t, 7] = bt * (1.0 - abp) / om
-        coef[t, 8] = math.log(coef[t, 7])
+        coef[t, 8] = math.log(coef[t, 7]) if coef[t, 7] > 0 else -math.inf     # t = 1: β̃ = 0, never used
 
 
 @kernel
@@ -296,15 +296,17 @@ def _input_back(g_u, u, F, x0, eps, t, coef, g_xt, acc):
 
 
 @kernel
-def _schedule_back(acc, beta, ab, basis, g_abT, g_c):
+def _schedule_back(acc, beta, ab, basis, g_abT, g_beta, g_ab, g_c):
     """dpm.kl_backward's schedule part and dpm.schedule_backward, once per t.
 
     acc[t] holds ∂loss/∂ of √(1−β_t), √β_t, c0, c1, logit β_t, β̃_t and ᾱ_t (through x⁽ᵗ⁾), summed over the
-    samples at t. These become ∂loss/∂β_t and ∂loss/∂ᾱ_t; then ∂ᾱ_t/∂β_s = −ᾱ_t/(1 − β_s) for s ≤ t and
-    the sigmoid of §2.4.1 give ∂loss/∂c. g_abT: the prior term's ∂loss/∂ᾱ_T."""
+    samples at t. These become ∂loss/∂β_t and ∂loss/∂ᾱ_t (into the buffers g_beta, g_ab); then
+    ∂ᾱ_t/∂β_s = −ᾱ_t/(1 − β_s) for s ≤ t and the sigmoid of §2.4.1 give ∂loss/∂c. g_abT: the prior term's
+    ∂loss/∂ᾱ_T. (No allocation here: cuda_kernels.py compiles this same function for the GPU.)"""
     T = beta.shape[0] - 1
-    g_beta = np.zeros(T + 1)
-    g_ab = np.zeros(T + 1)
+    for s in range(T + 1):
+        g_beta[s] = 0.0
+        g_ab[s] = 0.0
     g_ab[T] = g_abT
     for t in range(2, T + 1):
         g_sa, g_sb, g_c0, g_c1, g_logit, g_btil = acc[t, 0], acc[t, 1], acc[t, 2], acc[t, 3], acc[t, 4], acc[t, 5]
@@ -479,6 +481,7 @@ class Trainer:
         self.G, self.Gb, self.Gt1 = z(T + 1, 2 * D, H), z(T + 1, 2 * D), z(T + 1, H)
         self.g_h2, self.g_h1, self.g_u = z(n, H), z(n, H), z(n, self.net.In)
         self.g_xt, self.acc = np.zeros((n, D)), np.zeros((T + 1, 7))
+        self.g_beta, self.g_ab = np.zeros(T + 1), np.zeros(T + 1)
 
     def load(self, params):
         for name, view in self.params.items():
@@ -509,7 +512,7 @@ class Trainer:
         _input_back(self.g_u, u, net.F, x0, eps, t, net.coef, self.g_xt, self.acc)
         abT, beta1 = net.ab[T], self.k.cfg["beta1"]
         _schedule_back(self.acc, net.beta, net.ab, self.k.basis,
-                       0.5 * D / (1.0 - abT) - 0.5 * (D - r2), g["c"])
+                       0.5 * D / (1.0 - abT) - 0.5 * (D - r2), self.g_beta, self.g_ab, g["c"])
         # dpm.prior_and_edge_terms averaged over the batch: it is linear in ‖x⁽⁰⁾‖²
         edge = (dpm.gaussian_entropy(1.0 - abT, D) - dpm.gaussian_entropy(beta1, D)
                 - 0.5 * (1.0 - abT - beta1) * (D - r2))
