@@ -67,18 +67,17 @@ def _sigmoid(z):
 
 
 @cuda.jit(device=True)
-def _gauss_net(x, i, ti, F, W1u, table1, W2, b2, Weff, beff, out):
-    """mlp.forward for row i at step ti: u = [x, sin(xF), cos(xF)], h1 = tanh(u W1_u + table1[t]),
-    h2 = tanh(h1 W2 + b2), out = W_eff(t) h2 + b_eff(t) (a then b, 2D values)."""
-    D, M, H = x.shape[1], F.shape[1], W2.shape[0]
-    u = cuda.local.array(MAX_IN, np.float32)
-    h1 = cuda.local.array(MAX_H, np.float32)
+def _hidden(x, ti, F, W1u, table1, W2, b2, u, h1, h2):
+    """mlp.forward up to the last hidden layer for one row x (D,) at step ti: u = [x, sin(xF), cos(xF)],
+    h1 = tanh(u W1_u + table1[t]), h2 = tanh(h1 W2 + b2). u, h1, h2 are the row's outputs: local arrays
+    when sampling, rows of the batch's arrays when training (the backward pass needs them)."""
+    D, M, H = x.shape[0], F.shape[1], W2.shape[0]
     for d in range(D):
-        u[d] = x[i, d]
+        u[d] = x[d]
     for m in range(M):
         s = 0.0
         for d in range(D):
-            s += x[i, d] * F[d, m]
+            s += x[d] * F[d, m]
         u[D + m] = math.sin(s)
         u[D + M + m] = math.cos(s)
     for h in range(H):
@@ -86,15 +85,31 @@ def _gauss_net(x, i, ti, F, W1u, table1, W2, b2, Weff, beff, out):
         for j in range(D + 2 * M):
             acc += u[j] * W1u[j, h]
         h1[h] = _tanh(acc)
-    for o in range(Weff.shape[1]):
-        out[o] = beff[ti, o]
     for h in range(H):
         acc = b2[h]
         for j in range(H):
             acc += h1[j] * W2[j, h]
-        h2 = _tanh(acc)
-        for o in range(Weff.shape[1]):
-            out[o] += Weff[ti, o, h] * h2
+        h2[h] = _tanh(acc)
+
+
+@cuda.jit(device=True)
+def _readout(h2, Weff, beff, ti, out):
+    """out = W_eff(t) h2 + b_eff(t): a then b, 2D values (mlp.forward's temporal readout, fast._readout)."""
+    for o in range(Weff.shape[1]):
+        acc = beff[ti, o]
+        for h in range(h2.shape[0]):
+            acc += Weff[ti, o, h] * h2[h]
+        out[o] = acc
+
+
+@cuda.jit(device=True)
+def _gauss_net(x, ti, F, W1u, table1, W2, b2, Weff, beff, out):
+    """The whole network for one row, activations kept in the thread's local memory."""
+    u = cuda.local.array(MAX_IN, np.float32)
+    h1 = cuda.local.array(MAX_H, np.float32)
+    h2 = cuda.local.array(MAX_H, np.float32)
+    _hidden(x, ti, F, W1u, table1, W2, b2, u, h1, h2)
+    _readout(h2[:W2.shape[0]], Weff, beff, ti, out)
 
 
 # ---------------------------------------------------------------- kernels
@@ -127,7 +142,7 @@ def _gauss_step(x, ti, coef, sqrt_T, F, W1u, table1, W2, b2, Weff, beff, noise, 
     if i >= x.shape[0]:
         return
     out = cuda.local.array(8, np.float32)
-    _gauss_net(x, i, ti, F, W1u, table1, W2, b2, Weff, beff, out)
+    _gauss_net(x[i], ti, F, W1u, table1, W2, b2, Weff, beff, out)
     D = x.shape[1]
     for d in range(D):
         mu = coef[ti, 2] * x[i, d] + coef[ti, 3] * out[d]
@@ -161,7 +176,7 @@ def _gauss_kl(x0, xt, ti, coef, sqrt_T, F, W1u, table1, W2, b2, Weff, beff, kl_s
     if i >= x0.shape[0]:
         return
     out = cuda.local.array(8, np.float32)
-    _gauss_net(xt, i, ti, F, W1u, table1, W2, b2, Weff, beff, out)
+    _gauss_net(xt[i], ti, F, W1u, table1, W2, b2, Weff, beff, out)
     D = x0.shape[1]
     s = 0.0
     for d in range(D):
@@ -174,38 +189,43 @@ def _gauss_kl(x0, xt, ti, coef, sqrt_T, F, W1u, table1, W2, b2, Weff, beff, kl_s
     cuda.atomic.add(kl_t, ti, s)
 
 
+@cuda.jit(device=True)
+def _hb_net(x, ti, scale, evidence, W1, b1, W2, b2, W3, b3, W4, b4, u, h1, h2, h3, xhat):
+    """heartbeat.forward for one row x (D,) of bits at step ti: u = scale·e(x, t), three sigmoid layers,
+    x̂ = sigmoid(h3 W4 + b4). The outputs are local arrays when sampling, the batch's rows when training."""
+    D, H = x.shape[0], W2.shape[0]
+    for d in range(D):
+        u[d] = scale * evidence[ti, int(x[d])]
+    for W, b, below, out in ((W1, b1, u, h1), (W2, b2, h1, h2), (W3, b3, h2, h3)):
+        for h in range(H):
+            acc = b[h]
+            for j in range(W.shape[0]):
+                acc += below[j] * W[j, h]
+            out[h] = _sigmoid(acc)
+    for d in range(D):
+        acc = b4[d]
+        for j in range(H):
+            acc += h3[j] * W4[j, d]
+        xhat[d] = _sigmoid(acc)
+
+
 @cuda.jit
 def _binomial_step(x, ti, scale, evidence, post, W1, b1, W2, b2, W3, b3, W4, b4, uniform, x_out):
-    """One reverse step of the heartbeat (heartbeat.reverse_rate): x̂ from the sigmoid MLP on the evidence,
+    """One reverse step of the heartbeat (heartbeat.reverse_rate): x̂ from _hb_net,
     f_b = post0 + (post1 − post0) x̂ (dpm.binomial_reverse_rate_x0), x_out = [uniform < f_b]."""
     i = cuda.grid(1)
     if i >= x.shape[0]:
         return
     D, H = x.shape[1], W2.shape[0]
-    a = cuda.local.array(MAX_H, np.float64)
-    b = cuda.local.array(MAX_H, np.float64)
-    for h in range(H):
-        acc = b1[h]
-        for j in range(D):
-            acc += scale * evidence[ti, int(x[i, j])] * W1[j, h]
-        a[h] = _sigmoid(acc)
-    for h in range(H):
-        acc = b2[h]
-        for j in range(H):
-            acc += a[j] * W2[j, h]
-        b[h] = _sigmoid(acc)
-    for h in range(H):
-        acc = b3[h]
-        for j in range(H):
-            acc += b[j] * W3[j, h]
-        a[h] = _sigmoid(acc)
+    u = cuda.local.array(MAX_IN, np.float64)
+    h1 = cuda.local.array(MAX_H, np.float64)
+    h2 = cuda.local.array(MAX_H, np.float64)
+    h3 = cuda.local.array(MAX_H, np.float64)
+    xhat = cuda.local.array(MAX_IN, np.float64)
+    _hb_net(x[i], ti, scale, evidence, W1, b1, W2, b2, W3, b3, W4, b4, u[:D], h1[:H], h2[:H], h3[:H], xhat)
     for d in range(D):
-        acc = b4[d]
-        for j in range(H):
-            acc += a[j] * W4[j, d]
-        xhat = _sigmoid(acc)
         bit = int(x[i, d])
-        f = post[ti, bit, 0] + (post[ti, bit, 1] - post[ti, bit, 0]) * xhat
+        f = post[ti, bit, 0] + (post[ti, bit, 1] - post[ti, bit, 0]) * xhat[d]
         x_out[i, d] = 1.0 if uniform[i, d] < f else 0.0
 
 
@@ -362,36 +382,18 @@ def _draw_batch(states, x_train, T, x0, t, eps):
 
 @cuda.jit
 def _forward(x0, eps, t, coef, F, W1u, table1, W2, b2, xt, u, h1, h2, scal):
-    """Per row: x⁽ᵗ⁾ = √ᾱ_t x⁽⁰⁾ + √(1−ᾱ_t) ε (dpm.q_sample), the input u = [x, sin(xF), cos(xF)], and the
-    two tanh layers (mlp.forward), kept for the backward pass; Σ‖x⁽⁰⁾‖² into scal[0]."""
+    """Per row: x⁽ᵗ⁾ = √ᾱ_t x⁽⁰⁾ + √(1−ᾱ_t) ε (dpm.q_sample), then _hidden into the batch's u, h1, h2, kept
+    for the backward pass; Σ‖x⁽⁰⁾‖² into scal[0]."""
     i = cuda.grid(1)
     if i >= x0.shape[0]:
         return
-    D, M, H = x0.shape[1], F.shape[1], W2.shape[0]
     ti = t[i]
     r2 = 0.0
-    for d in range(D):
-        v = coef[ti, 0] * x0[i, d] + coef[ti, 1] * eps[i, d]
-        xt[i, d] = v
-        u[i, d] = v
+    for d in range(x0.shape[1]):
+        xt[i, d] = coef[ti, 0] * x0[i, d] + coef[ti, 1] * eps[i, d]
         r2 += x0[i, d] * x0[i, d]
     cuda.atomic.add(scal, 0, r2)
-    for m in range(M):
-        s = 0.0
-        for d in range(D):
-            s += xt[i, d] * F[d, m]
-        u[i, D + m] = math.sin(s)
-        u[i, D + M + m] = math.cos(s)
-    for h in range(H):
-        acc = table1[ti, h]
-        for j in range(D + 2 * M):
-            acc += u[i, j] * W1u[j, h]
-        h1[i, h] = _tanh(acc)
-    for h in range(H):
-        acc = b2[h]
-        for j in range(H):
-            acc += h1[i, j] * W2[j, h]
-        h2[i, h] = _tanh(acc)
+    _hidden(xt[i], ti, F, W1u, table1, W2, b2, u[i], h1[i], h2[i])
 
 
 @cuda.jit
@@ -406,11 +408,7 @@ def _head_back(h2, Weff, beff, x0, xt, t, coef, sqrt_T, weight, g_h2, G, Gb, g_x
     ti = t[i]
     out = cuda.local.array(8, np.float32)
     g_out = cuda.local.array(8, np.float32)
-    for o in range(2 * D):
-        acc_o = beff[ti, o]
-        for h in range(H):
-            acc_o += Weff[ti, o, h] * h2[i, h]
-        out[o] = acc_o
+    _readout(h2[i], Weff, beff, ti, out)
     sa, sb, lb, c0, c1 = coef[ti, 2], coef[ti, 3], coef[ti, 4], coef[ti, 5], coef[ti, 6]
     bt_til, log_bt_til = coef[ti, 7], coef[ti, 8]
     inv_sqrt_T = 1.0 / sqrt_T
@@ -710,35 +708,10 @@ def _hb_draw(states, x_train, T, m, ab, x0, t, xt):
 
 @cuda.jit
 def _hb_forward(xt, t, scale, evidence, W1, b1, W2, b2, W3, b3, W4, b4, u, h1, h2, h3, xhat):
-    """heartbeat.forward per row, keeping every layer for the backward pass: u = scale·e(x⁽ᵗ⁾, t), three
-    sigmoid layers, x̂ = sigmoid(h3 W4 + b4)."""
+    """_hb_net per row into the batch's arrays, kept for the backward pass."""
     i = cuda.grid(1)
-    if i >= xt.shape[0]:
-        return
-    D, H = xt.shape[1], W2.shape[0]
-    ti = t[i]
-    for d in range(D):
-        u[i, d] = scale * evidence[ti, int(xt[i, d])]
-    for h in range(H):
-        acc = b1[h]
-        for j in range(D):
-            acc += u[i, j] * W1[j, h]
-        h1[i, h] = _sigmoid(acc)
-    for h in range(H):
-        acc = b2[h]
-        for j in range(H):
-            acc += h1[i, j] * W2[j, h]
-        h2[i, h] = _sigmoid(acc)
-    for h in range(H):
-        acc = b3[h]
-        for j in range(H):
-            acc += h2[i, j] * W3[j, h]
-        h3[i, h] = _sigmoid(acc)
-    for d in range(D):
-        acc = b4[d]
-        for j in range(H):
-            acc += h3[i, j] * W4[j, d]
-        xhat[i, d] = _sigmoid(acc)
+    if i < xt.shape[0]:
+        _hb_net(xt[i], t[i], scale, evidence, W1, b1, W2, b2, W3, b3, W4, b4, u[i], h1[i], h2[i], h3[i], xhat[i])
 
 
 @cuda.jit
