@@ -571,28 +571,75 @@ def _zero(a):
         a[i] = 0
 
 
-class Trainer:
+class _DeviceOptimiser:
+    """What both GPU trainers share: parameters, gradients and Adam's moments as flat device vectors with
+    name → view (the names and shapes of the model's init), the batch's RNG streams, and the Adam step."""
+
+    def __init__(self, shapes, dtype, n, seed, hyper):
+        self.names, self.shapes, self.dtype = tuple(shapes), dict(shapes), dtype
+        size = sum(math.prod(s) for s in shapes.values())
+        self.flats = {store: cuda.to_device(np.zeros(size, dtype)) for store in ("theta", "grad", "m", "v")}
+        self.params, self.grads = self._split(self.flats["theta"]), self._split(self.flats["grad"])
+        self.hyper, self.n, self.batch = hyper, 0, n
+        self.flag = cuda.device_array(1, np.int32)
+        self.states = create_xoroshiro128p_states(n, seed=seed % 2**63)
+
+    def _split(self, flat):
+        out, o = {}, 0
+        for name in self.names:
+            size = math.prod(self.shapes[name])
+            out[name] = flat[o:o + size].reshape(self.shapes[name])
+            o += size
+        return out
+
+    def load(self, params, m=None, v=None):
+        """Host arrays (name → array) into the device's parameters (and Adam's moments)."""
+        for store, src in (("theta", params), ("m", m), ("v", v)):
+            if src is not None:
+                self.flats[store].copy_to_device(
+                    np.concatenate([np.asarray(src[name], self.dtype).ravel() for name in self.names]))
+
+    def host(self, store="theta"):
+        """The parameters (or Adam's moments "m", "v", or "grad") as host arrays, name → array."""
+        return self._split(self.flats[store].copy_to_host())
+
+    def _zero(self, *arrays):
+        for a in arrays:
+            _zero[blocks(a.size), TPB](a.reshape(a.size))
+
+    def apply(self, loss, lr):
+        """Adam (mlp.Adam.step) on the gradient in self.grads, unless the loss or any gradient is not
+        finite: then FloatingPointError, and the parameters are left as they were."""
+        grad = self.flats["grad"]
+        self._zero(self.flag)
+        _finite[blocks(grad.size), TPB](grad, self.flag)
+        if not math.isfinite(loss) or self.flag.copy_to_host()[0]:
+            raise FloatingPointError("the loss or its gradient is not finite")
+        self.n += 1
+        b1, b2, eps = self.hyper
+        _adam[blocks(grad.size), TPB](self.flats["theta"], grad, self.flats["m"], self.flats["v"], lr, b1, b2, eps,
+                                      1.0 - b1 ** self.n, 1.0 - b2 ** self.n)
+        return loss
+
+
+class Trainer(_DeviceOptimiser):
     """fast.Trainer on the GPU: model.loss_and_grads and mlp.Adam, with the parameters, Adam's moments, the
     training set, the minibatches and the RNG (xoroshiro128+, one stream per row) on the device. Only the
     loss (one number per step) comes back, and the parameters when a checkpoint asks for them."""
 
     def __init__(self, k, n, x_train, seed=0, b1=0.9, b2=0.999, eps=1e-8):
         cfg = k.cfg
-        D, H, T, M, J = cfg["D"], cfg["H"], cfg["T"], cfg["M"], cfg["J"]
+        D, H, T, M = cfg["D"], cfg["H"], cfg["T"], cfg["M"]
         if H > MAX_H or D + 2 * M > MAX_IN or 2 * D > 8:
             raise ValueError(f"the CUDA kernels hold at most {MAX_H} hidden units and {MAX_IN} inputs")
-        self.k, self.batch, self.hyper, self.n = k, n, (b1, b2, eps), 0
+        super().__init__({name: fast.shapes(cfg)[name] for name in fast.PARAM_NAMES}, np.float32, n, seed,
+                         (b1, b2, eps))
+        self.k = k
         host = fast.Net(k, 1, np.float32)
         self.In, self.sqrt_T = host.In, math.sqrt(T)
         put = lambda a: cuda.to_device(np.ascontiguousarray(a))
         self.basis64, self.basis32, self.basis_T32 = put(k.basis), put(host.basis), put(host.basis_T)
         self.logit_base, self.F = put(host.logit_base), put(host.F)
-        self.flats = {}
-        for name in ("theta", "grad", "m", "v"):
-            flat, _ = fast.flat_views(cfg, np.float32)
-            self.flats[name] = put(flat)
-        self.shapes = fast.shapes(cfg)
-        self.params, self.grads = self._views(self.flats["theta"]), self._views(self.flats["grad"])
         z = lambda dtype, *s: cuda.device_array(s, dtype)
         f32, f64 = np.float32, np.float64
         self.beta, self.ab, self.coef = z(f64, T + 1), z(f64, T + 1), put(np.zeros((T + 1, fast.N_COEF)))
@@ -603,39 +650,8 @@ class Trainer:
         self.g_h1, self.g_h2 = z(f32, n, H), z(f32, n, H)
         self.G, self.Gb, self.Gt1 = z(f32, T + 1, 2 * D, H), z(f32, T + 1, 2 * D), z(f32, T + 1, H)
         self.acc, self.scal = z(f64, T + 1, 7), z(f64, 3)
-        self.g_beta, self.g_ab, self.flag = z(f64, T + 1), z(f64, T + 1), z(np.int32, 1)
+        self.g_beta, self.g_ab = z(f64, T + 1), z(f64, T + 1)
         self.x_train = put(np.asarray(x_train, np.float64))
-        self.states = create_xoroshiro128p_states(n, seed=seed % 2**63)
-
-    def _views(self, flat):
-        views, o = {}, 0
-        for name in fast.PARAM_NAMES:
-            size = math.prod(self.shapes[name])
-            views[name] = flat[o:o + size].reshape(self.shapes[name])
-            o += size
-        return views
-
-    def load(self, params, m=None, v=None):
-        """Host arrays (names and shapes of model.init) into the device's parameters (and Adam's moments)."""
-        for store, src in (("theta", params), ("m", m), ("v", v)):
-            if src is not None:
-                flat = np.concatenate([np.asarray(src[name], np.float32).ravel() for name in fast.PARAM_NAMES])
-                self.flats[store].copy_to_device(flat)
-
-    def host(self, store="theta"):
-        """The parameters (or Adam's moments "m", "v") as host arrays, name → array."""
-        flat = self.flats[store].copy_to_host()
-        out, o = {}, 0
-        for name in fast.PARAM_NAMES:
-            size = math.prod(self.shapes[name])
-            out[name] = flat[o:o + size].reshape(self.shapes[name])
-            o += size
-        return out
-
-    def _zero(self, *arrays):
-        for a in arrays:
-            flat = a.reshape(a.size)
-            _zero[blocks(a.size), TPB](flat)
 
     def _loss_and_grads(self):
         k, p, g = self.k, self.params, self.grads
@@ -673,19 +689,6 @@ class Trainer:
         _draw_batch[blocks(self.batch), TPB](self.states, self.x_train, self.k.T, self.x0, self.t, self.eps)
         loss = self._loss_and_grads()
         return self.apply(loss, lr)
-
-    def apply(self, loss, lr):
-        """Adam on the gradient in self.grads, unless the loss or any gradient is not finite."""
-        grad = self.flats["grad"]
-        self._zero(self.flag)
-        _finite[blocks(grad.size), TPB](grad, self.flag)
-        if not math.isfinite(loss) or self.flag.copy_to_host()[0]:
-            raise FloatingPointError("the loss or its gradient is not finite")
-        self.n += 1
-        b1, b2, eps = self.hyper
-        _adam[blocks(grad.size), TPB](self.flats["theta"], grad, self.flats["m"], self.flats["v"], lr, b1, b2, eps,
-                                      1.0 - b1 ** self.n, 1.0 - b2 ** self.n)
-        return loss
 
 
 # ---------------------------------------------------------------- training the heartbeat model (heartbeat.loss_and_grads on the GPU)
@@ -759,17 +762,15 @@ def _sigmoid_back(g_out, W, h, g_in):
         g_in[i, j] = s * h[i, j] * (1.0 - h[i, j])
 
 
-class HeartbeatTrainer:
+class HeartbeatTrainer(_DeviceOptimiser):
     """heartbeat.loss_and_grads and mlp.Adam on the GPU, float64 as the NumPy twin: parameters, Adam's
     moments, the training sequences, the minibatches and the RNG stay on the device."""
 
     def __init__(self, k, n, x_train, seed=0, b1=0.9, b2=0.999, eps=1e-8):
         D, H = k.D, k.cfg["H"]
-        self.k, self.batch, self.hyper, self.n = k, n, (b1, b2, eps), 0
-        self.shapes = {name: v.shape for name, v in heartbeat.init(k.cfg, np.random.default_rng(0)).items()}
-        size = sum(math.prod(s) for s in self.shapes.values())
-        self.flats = {name: cuda.to_device(np.zeros(size)) for name in ("theta", "grad", "m", "v")}
-        self.params, self.grads = self._views(self.flats["theta"]), self._views(self.flats["grad"])
+        shapes = {name: v.shape for name, v in heartbeat.init(k.cfg, np.random.default_rng(0)).items()}
+        super().__init__({name: shapes[name] for name in heartbeat.PARAM_NAMES}, np.float64, n, seed, (b1, b2, eps))
+        self.k = k
         put = lambda a: cuda.to_device(np.ascontiguousarray(a, np.float64))
         self.evidence, self.post, self.ab = put(k.evidence), put(k.post), put(k.ab)
         self.x_train = put(x_train)
@@ -777,31 +778,7 @@ class HeartbeatTrainer:
         self.x0, self.xt, self.u, self.xhat, self.g_z = z(n, D), z(n, D), z(n, D), z(n, D), z(n, D)
         self.h = [z(n, H) for _ in range(3)]
         self.d = [z(n, H) for _ in range(3)]
-        self.t, self.scal, self.flag = cuda.device_array(n, np.int64), z(3), cuda.device_array(1, np.int32)
-        self.states = create_xoroshiro128p_states(n, seed=seed % 2**63)
-
-    def _views(self, flat):
-        views, o = {}, 0
-        for name in heartbeat.PARAM_NAMES:
-            size = math.prod(self.shapes[name])
-            views[name] = flat[o:o + size].reshape(self.shapes[name])
-            o += size
-        return views
-
-    def load(self, params, m=None, v=None):
-        for store, src in (("theta", params), ("m", m), ("v", v)):
-            if src is not None:
-                self.flats[store].copy_to_device(
-                    np.concatenate([np.asarray(src[name], np.float64).ravel() for name in heartbeat.PARAM_NAMES]))
-
-    def host(self, store="theta"):
-        flat = self.flats[store].copy_to_host()
-        out, o = {}, 0
-        for name in heartbeat.PARAM_NAMES:
-            size = math.prod(self.shapes[name])
-            out[name] = flat[o:o + size].reshape(self.shapes[name])
-            o += size
-        return out
+        self.t, self.scal = cuda.device_array(n, np.int64), z(3)
 
     def _loss_and_grads(self):
         k, p, g, n = self.k, self.params, self.grads, self.batch
@@ -815,10 +792,9 @@ class HeartbeatTrainer:
                           self.g_z, self.scal)
         _outer[blocks(H * D), TPB](h3, self.g_z, g["W4"])
         _colsum[blocks(D), TPB](self.g_z, g["b4"])
-        for g_out, W, h, d, name in ((self.g_z, p["W4"], h3, d3, "3"), (d3, p["W3"], h2, d2, "2"),
-                                     (d2, p["W2"], h1, d1, "1")):
-            _sigmoid_back[nb, TPB](g_out, W, h, d)
-            below = {"3": h2, "2": h1, "1": self.u}[name]
+        for g_out, W, h, d, below, name in ((self.g_z, p["W4"], h3, d3, h2, "3"), (d3, p["W3"], h2, d2, h1, "2"),
+                                            (d2, p["W2"], h1, d1, self.u, "1")):
+            _sigmoid_back[nb, TPB](g_out, W, h, d)               # through layer `name`'s sigmoid
             _outer[blocks(below.shape[1] * H), TPB](below, d, g["W" + name])
             _colsum[blocks(H), TPB](d, g["b" + name])
         s = self.scal.copy_to_host()
@@ -835,6 +811,3 @@ class HeartbeatTrainer:
         _hb_draw[blocks(self.batch), TPB](self.states, self.x_train, self.k.T, self.k.m, self.ab, self.x0, self.t,
                                           self.xt)
         return self.apply(self._loss_and_grads(), lr)
-
-    apply = Trainer.apply
-    _zero = Trainer._zero
