@@ -258,14 +258,9 @@ def draw(params, k, n, rng, args, heartbeat_run):
     return (heartbeat.sample(params, k, n, rng) if heartbeat_run else fast.sample(params, k, n, rng))[0]
 
 
-def main_heartbeat(args, params, k, rng):
-    """Binary samples (n, 20) of 0/1, how many are true sequences, and how evenly the phases come."""
-    r1 = None
-    if args.condition:
-        try:
-            r1 = heartbeat.parse_condition(args.condition, k.D)
-        except ValueError as e:
-            raise train.UsageError(f"--condition: {e}") from None
+def main_heartbeat(args, params, k, rng, r1):
+    """Binary samples (n, 20) of 0/1, how many are true sequences, and how evenly the phases come.
+    r1: the clamp of --condition (heartbeat.parse_condition), or None."""
     if args.particles:
         x, ess = heartbeat.sample_smc(params, k, args.n, rng, r1, args.particles)
         print(f"sequential Monte Carlo: {args.particles} particles, final effective sample size {ess:.0f}")
@@ -296,14 +291,16 @@ def main(argv=None):
         cuda_check(args)
     meta, params, k = load_run(args.run, args.data)
     rng = np.random.default_rng(args.seed)
-    if meta["data"] == "heartbeat":
-        return main_heartbeat(args, params, k, rng)
     condition = None
     if args.condition:
+        parse_condition = heartbeat.parse_condition if meta["data"] == "heartbeat" else model.parse_condition
         try:
-            condition = model.parse_condition(args.condition, k.D)
+            condition = parse_condition(args.condition, k.D)
         except ValueError as e:
             raise train.UsageError(f"--condition: {e}") from None
+    if meta["data"] == "heartbeat":
+        return main_heartbeat(args, params, k, rng, condition)
+    if condition:
         if args.particles:
             x, ess, _ = model.sample_smc(params, k, args.n, rng, condition, args.particles)
             print(f"sequential Monte Carlo: {args.particles} particles, final effective sample size {ess:.0f}")

@@ -232,18 +232,18 @@ def train_step(run, x_train):
             raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}") from None
         run.step += 1
         return loss
-    if a.data == "heartbeat":
-        x0, t = heartbeat.draw_batch(run.rng, x_train, a.batch_size, run.cfg["T"])
-        loss, grads = heartbeat.loss_and_grads(run.params, run.k, x0, t, run.rng)
-    else:
-        x0, t, eps = model.draw_batch(run.rng, x_train, a.batch_size, run.cfg["T"])
     if a.backend == "numba":
+        x0, t, eps = model.draw_batch(run.rng, x_train, a.batch_size, run.cfg["T"])
         try:
             loss = run.opt.step(x0, eps, t, lr)
         except FloatingPointError:
             raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}") from None
     else:
-        if a.data != "heartbeat":
+        if a.data == "heartbeat":
+            x0, t = heartbeat.draw_batch(run.rng, x_train, a.batch_size, run.cfg["T"])
+            loss, grads = heartbeat.loss_and_grads(run.params, run.k, x0, t, run.rng)
+        else:
+            x0, t, eps = model.draw_batch(run.rng, x_train, a.batch_size, run.cfg["T"])
             loss, grads = model.loss_and_grads(run.params, run.k, x0, eps, t)
         if not (math.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())):
             raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}")
@@ -294,11 +294,12 @@ def finish_heartbeat(run, x_heldout):
     kmn, kl_t = report(run, x_heldout, n_draws=a.draws)
     l_null = model.bits(heartbeat.log_null(x_heldout, run.cfg["m"]))
     K = kmn + l_null
-    samples, _ = heartbeat.sample(run.host_params(), run.k, 10_000, np.random.default_rng([a.seed, 3]))
+    params = run.host_params()
+    samples, _ = heartbeat.sample(params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
     ceiling = data.heartbeat_ceiling_bits(run.cfg["T"], run.cfg["m"])
     H_lower, H_upper = dpm.binomial_entropy_bounds(run.k.beta, run.k.ab, run.cfg["m"],
                                                    data.heartbeat_sequences().mean(0))
-    H_learned, H_se = heartbeat.reverse_entropy(run.host_params(), run.k, x_heldout[:2000],
+    H_learned, H_se = heartbeat.reverse_entropy(params, run.k, x_heldout[:2000],
                                                 np.random.default_rng([a.seed, 4]))
     outside = [t for t in range(2, run.cfg["T"] + 1)          # beyond Monte Carlo error (3 standard errors)
                if not H_lower[t] - 3 * H_se[t] <= H_learned[t] <= H_upper[t] + 3 * H_se[t]]
