@@ -9,8 +9,8 @@ One thread per row (or per output entry), each kernel with a plain NumPy twin th
                      twins: model.reverse, dpm.kl_terms, dpm.q_sample, dpm.p_step_fixed_first,
                      heartbeat.reverse_rate, dpm.binomial_q_rate
   Swiss-roll training (Trainer; twin model.loss_and_grads + mlp.Adam, the kernels those of fast.Trainer)
-                     _schedule (§2.4.1; fast.py's own source), _tables, _draw_batch, _forward, _head_back (Eq. 14 and its gradient),
-                     _outer, _colsum, _hidden_back, _fold, _schedule_back, _finite, _adam
+                     _schedule (§2.4.1; fast.py's own source), tables (_outer, _add_row), _draw_batch, _forward, _head_back (Eq. 14 and its gradient),
+                     _outer, _colsum, _hidden_back, fold (_outer, _colsum), _schedule_back, _finite, _adam
   heartbeat training (HeartbeatTrainer; twin heartbeat.loss_and_grads + mlp.Adam)
                      _hb_draw, _hb_forward, _hb_head, _sigmoid_back, _outer, _colsum, _adam
   random numbers     _normal, _uniform: numba's xoroshiro128+, one stream per row (tested by their moments)
@@ -342,32 +342,6 @@ _schedule_back_t = cuda.jit(device=True)(fast._schedule_back.py_func)
 
 
 @cuda.jit
-def _tables(basis_T, W1g, b1, W3, b3, table1, Weff, beff):
-    """fast.Net.tables' products, one thread per (t, h): table1[t] = g(t)·W1_g + b1,
-    W_eff(t) = Σ_j g_j(t) W3_j, b_eff(t) = Σ_j g_j(t) b3_j."""
-    k = cuda.grid(1)
-    H = b1.shape[0]
-    if k >= basis_T.shape[0] * H:
-        return
-    t, h = k // H, k % H
-    J = basis_T.shape[1]
-    acc = b1[h]
-    for j in range(J):
-        acc += basis_T[t, j] * W1g[j, h]
-    table1[t, h] = acc
-    for o in range(Weff.shape[1]):
-        acc = 0.0
-        for j in range(J):
-            acc += basis_T[t, j] * W3[j, o, h]
-        Weff[t, o, h] = acc
-        if h == 0:
-            accb = 0.0
-            for j in range(J):
-                accb += basis_T[t, j] * b3[j, o]
-            beff[t, o] = accb
-
-
-@cuda.jit
 def _draw_batch(states, x_train, T, x0, t, eps):
     """model.draw_batch on the GPU: a uniform data index, t uniform on 2..T and frozen noise ε per row."""
     i = cuda.grid(1)
@@ -459,6 +433,32 @@ def _outer(A, B, out):
 
 
 @cuda.jit
+def _add_row(out, b):
+    """out[t] += b for every row (b1 onto the per-t table of the first layer)."""
+    k = cuda.grid(1)
+    if k < out.size:
+        out[k // b.shape[0], k % b.shape[0]] += b[k % b.shape[0]]
+
+
+def tables(basis, W1g, b1, W3, b3, table1, Weff, beff):
+    """fast.Net.tables' products on the device: table1 = g(t)·W1_g + b1, W_eff(t) = Σ_j g_j(t) W3_j and
+    b_eff(t), each basisᵀ times a parameter (_outer); basis (J, T + 1) flushed as in fast.Net."""
+    T1, J = basis.shape[1], basis.shape[0]
+    for out, w in ((table1, W1g), (Weff.reshape(T1, Weff.size // T1), W3.reshape(J, W3.size // J)), (beff, b3)):
+        _outer[blocks(out.size), TPB](basis, w, out)
+    _add_row[blocks(table1.size), TPB](table1, b1)
+
+
+def fold(basis_T, G, Gb, Gt1, gW3, gb3, gW1g, gb1):
+    """The per-t sums back onto the bumps, the adjoint of tables(): gW3 = Σ_t g(t) G[t], gb3, gW1_g =
+    Σ_t g(t) Gt1[t] (basis times the per-t sums, _outer of basis_T), and b1's gradient Σ_t Gt1[t]."""
+    T1, J = basis_T.shape[0], basis_T.shape[1]
+    for out, s in ((gW3.reshape(J, gW3.size // J), G.reshape(T1, G.size // T1)), (gb3, Gb), (gW1g, Gt1)):
+        _outer[blocks(out.size), TPB](basis_T, s, out)
+    _colsum[blocks(gb1.size), TPB](Gt1, gb1)
+
+
+@cuda.jit
 def _colsum(A, out):
     """out[h] = Σ_i A[i, h] (a bias's gradient)."""
     h = cuda.grid(1)
@@ -499,36 +499,6 @@ def _hidden_back(g_h2, W2, h1, u, W1u, F, x0, eps, t, coef, g_xt, g_h1, Gt1, acc
             g += (g_u[D + m] * u[i, D + M + m] - g_u[D + M + m] * u[i, D + m]) * F[d, m]
         total += g * (x0[i, d] * 0.5 / coef[ti, 0] - eps[i, d] * 0.5 / coef[ti, 1])
     cuda.atomic.add(acc, (ti, 6), total)
-
-
-@cuda.jit
-def _fold(basis, G, Gb, Gt1, gW3, gb3, gW1g, gb1):
-    """The per-t sums back onto the bumps (gW3 = Σ_t g(t) G[t], gb3, gW1_g = Σ_t g(t) Gt1[t]) and b1's
-    gradient Σ_t Gt1[t]; one thread per hidden unit h."""
-    h = cuda.grid(1)
-    H = Gt1.shape[1]
-    if h >= H:
-        return
-    J, T1 = basis.shape[0], basis.shape[1]
-    s = 0.0
-    for t in range(T1):
-        s += Gt1[t, h]
-    gb1[h] = s
-    for j in range(J):
-        s = 0.0
-        for t in range(T1):
-            s += basis[j, t] * Gt1[t, h]
-        gW1g[j, h] = s
-        for o in range(G.shape[1]):
-            s = 0.0
-            for t in range(T1):
-                s += basis[j, t] * G[t, o, h]
-            gW3[j, o, h] = s
-            if h == 0:
-                sb = 0.0
-                for t in range(T1):
-                    sb += basis[j, t] * Gb[t, o]
-                gb3[j, o] = sb
 
 
 @cuda.jit
@@ -657,8 +627,7 @@ class Trainer(_DeviceOptimiser):
         k, p, g = self.k, self.params, self.grads
         T, D, In, n, H = k.T, k.D, self.In, self.batch, k.cfg["H"]
         _schedule[1, 1](p["c"], self.basis64, self.logit_base, k.cfg["beta1"], self.beta, self.ab, self.coef)
-        _tables[blocks((T + 1) * H), TPB](self.basis_T32, p["W1"][In:], p["b1"], p["W3"], p["b3"],
-                                          self.table1, self.Weff, self.beff)
+        tables(self.basis32, p["W1"][In:], p["b1"], p["W3"], p["b3"], self.table1, self.Weff, self.beff)
         self._zero(self.G, self.Gb, self.Gt1, self.acc, self.scal)
         W1u = p["W1"][:In]
         nb = blocks(n)
@@ -671,7 +640,7 @@ class Trainer(_DeviceOptimiser):
         _hidden_back[nb, TPB](self.g_h2, p["W2"], self.h1, self.u, W1u, self.F, self.x0, self.eps, self.t,
                               self.coef, self.g_xt, self.g_h1, self.Gt1, self.acc)
         _outer[blocks(In * H), TPB](self.u, self.g_h1, g["W1"][:In])
-        _fold[blocks(H), TPB](self.basis32, self.G, self.Gb, self.Gt1, g["W3"], g["b3"], g["W1"][In:], g["b1"])
+        fold(self.basis_T32, self.G, self.Gb, self.Gt1, g["W3"], g["b3"], g["W1"][In:], g["b1"])
         _schedule_back[1, 1](self.acc, self.beta, self.ab, self.basis64, D, n, self.scal, self.g_beta,
                              self.g_ab, g["c"])
         return float(self.scal.copy_to_host()[2])

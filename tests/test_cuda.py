@@ -150,7 +150,7 @@ def test_every_kernel_compiles_to_ptx():
     assert out.returncode == 0, out.stderr[-3000:]
     if out.stdout.startswith("SKIP"):
         pytest.skip(out.stdout.strip())
-    assert out.stdout.count("characters of PTX") == len(out.stdout.strip().splitlines()) >= 26
+    assert out.stdout.count("characters of PTX") == len(out.stdout.strip().splitlines()) >= 25
 
 
 def test_sample_py_on_cuda_for_both_datasets_and_its_refusals(tmp_path, monkeypatch, capsys):
@@ -350,17 +350,15 @@ def test_glue_kernels_match_numpy():
     W1g, W3, b3 = p["W1"][-J:].astype(np.float32), p["W3"].astype(np.float32), p["b3"].astype(np.float32)
     table1, Weff, beff = cuda.device_array((T + 1, H), np.float32), cuda.device_array((T + 1, 4, H), np.float32), \
         cuda.device_array((T + 1, 4), np.float32)
-    ck._tables[ck.blocks((T + 1) * H), ck.TPB](cuda.to_device(host.basis_T), cuda.to_device(W1g),
-                                               cuda.to_device(p["b1"].astype(np.float32)), cuda.to_device(W3),
-                                               cuda.to_device(b3), table1, Weff, beff)
+    ck.tables(cuda.to_device(host.basis), cuda.to_device(W1g), cuda.to_device(p["b1"].astype(np.float32)),
+              cuda.to_device(W3), cuda.to_device(b3), table1, Weff, beff)
     bT = host.basis_T.astype(np.float64)
     assert np.allclose(table1.copy_to_host(), bT @ p["W1"][-J:] + p["b1"], rtol=1e-5, atol=1e-6)
     assert np.allclose(Weff.copy_to_host(), np.einsum("tj,joh->toh", bT, p["W3"]), rtol=1e-5, atol=1e-6)
     assert np.allclose(beff.copy_to_host(), bT @ p["b3"], rtol=1e-5, atol=1e-6)
     G, Gb, Gt1 = (rng.standard_normal(s).astype(np.float32) for s in ((T + 1, 4, H), (T + 1, 4), (T + 1, H)))
     outs = [cuda.device_array(s, np.float32) for s in ((J, 4, H), (J, 4), (J, H), (H,))]
-    ck._fold[ck.blocks(H), ck.TPB](cuda.to_device(host.basis), cuda.to_device(G), cuda.to_device(Gb),
-                                   cuda.to_device(Gt1), *outs)
+    ck.fold(cuda.to_device(host.basis_T), cuda.to_device(G), cuda.to_device(Gb), cuda.to_device(Gt1), *outs)
     B = host.basis.astype(np.float64)
     for got, want in zip(outs, (np.einsum("jt,toh->joh", B, G), B @ Gb, B @ Gt1, Gt1.sum(0))):
         assert np.allclose(got.copy_to_host(), want, rtol=1e-5, atol=1e-5)
