@@ -237,10 +237,10 @@ class GaussNet:
     def __init__(self, params, k):
         if k.cfg["H"] > MAX_H or k.cfg["D"] + 2 * k.cfg["M"] > MAX_IN or 2 * k.cfg["D"] > 8:
             raise ValueError(f"the CUDA kernels hold at most {MAX_H} hidden units and {MAX_IN} inputs")
-        host = fast.Net(k, 1, np.float32)
+        host = fast.Tables(k, np.float32)
         p = {name: np.asarray(v, np.float32) for name, v in params.items()}
         p["c"] = np.asarray(params["c"], np.float64)      # the schedule stays float64, as in fast.py
-        host.tables(p)
+        host.update(p)
         self.beta = host.beta
         self.sqrt_T = math.sqrt(k.T)
         put = lambda a: cuda.to_device(np.ascontiguousarray(a))
@@ -441,8 +441,8 @@ def _add_row(out, b):
 
 
 def tables(basis, W1g, b1, W3, b3, table1, Weff, beff):
-    """fast.Net.tables' products on the device: table1 = g(t)·W1_g + b1, W_eff(t) = Σ_j g_j(t) W3_j and
-    b_eff(t), each basisᵀ times a parameter (_outer); basis (J, T + 1) flushed as in fast.Net."""
+    """fast.Tables.update's products on the device: table1 = g(t)·W1_g + b1, W_eff(t) = Σ_j g_j(t) W3_j and
+    b_eff(t), each basisᵀ times a parameter (_outer); basis (J, T + 1) flushed as in fast.Tables."""
     T1, J = basis.shape[1], basis.shape[0]
     for out, w in ((table1, W1g), (Weff.reshape(T1, Weff.size // T1), W3.reshape(J, W3.size // J)), (beff, b3)):
         _outer[blocks(out.size), TPB](basis, w, out)
@@ -605,7 +605,7 @@ class Trainer(_DeviceOptimiser):
         super().__init__({name: fast.shapes(cfg)[name] for name in fast.PARAM_NAMES}, np.float32, n, seed,
                          (b1, b2, eps))
         self.k = k
-        host = fast.Net(k, 1, np.float32)
+        host = fast.Tables(k, np.float32)
         self.In, self.sqrt_T = host.In, math.sqrt(T)
         put = lambda a: cuda.to_device(np.ascontiguousarray(a))
         self.basis64, self.basis32, self.basis_T32 = put(k.basis), put(host.basis), put(host.basis_T)

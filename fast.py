@@ -19,7 +19,11 @@ Work per training step (batch n; the same maths as model.loss_and_grads):
   _schedule_back      ∂/∂β_t, ∂/∂ᾱ_t, back to c
   _adam               one Adam update of the flat vector, refused if any gradient is not finite
 """
+import concurrent.futures
+import ctypes
+import glob
 import math
+import os
 
 import numpy as np
 
@@ -234,9 +238,9 @@ def _head(h2, Weff, beff, x0, xt, t, coef, sqrt_T, weight, g_h2, G, Gb, gb2, g_x
 
 
 @kernel
-def _layer1_back(g_h1, h1, u, W1u, t, Gt1, gb1, gW1u, g_u, with_u):
-    """The first layer's backward (mlp.backward): g ← g·(1 − h1²) in place; its sum per t into Gt1 and
-    over samples into gb1; gW1u = uᵀ g; g_u = g W1_uᵀ (with_u False: those two are left to BLAS)."""
+def _layer1_back(g_h1, h1, u, W1u, t, Gt1, gW1u, g_u, with_u):
+    """The first layer's backward (mlp.backward): g ← g·(1 − h1²) in place; its sum per t into Gt1 (b1's
+    gradient is their sum); gW1u = uᵀ g; g_u = g W1_uᵀ (with_u False: those two are left to BLAS)."""
     gW1u[:] = 0.0
     H = g_h1.shape[1]
     for i in range(g_h1.shape[0]):
@@ -271,11 +275,6 @@ def _layer1_back(g_h1, h1, u, W1u, t, Gt1, gb1, gW1u, g_u, with_u):
                 gw[h] += uc * g[h]
                 s += g[h] * w[h]
             g_u[i, c] = s
-    for h in range(H):                               # b1's gradient: the per-t sums, summed
-        acc = Gt1[0, h] - Gt1[0, h]
-        for s_ in range(Gt1.shape[0]):
-            acc += Gt1[s_, h]
-        gb1[h] = acc
 
 
 @kernel
@@ -401,15 +400,85 @@ def _reverse_logpdf(h2, Weff, beff, x, t, coef, sqrt_T, x_prev, out):
         out[i] += s
 
 
+# ---------------------------------------------------------------- both cores
+
+def _find_openblas():
+    """(set_num_threads, get_num_threads) of the OpenBLAS that NumPy's wheel bundles, or None where NumPy
+    uses another BLAS (then dpm runs one batch part at a time and lets that BLAS use the cores)."""
+    root = os.path.dirname(np.__file__)
+    for path in glob.glob(root + ".libs/*openblas*") + glob.glob(os.path.join(root, ".dylibs", "*openblas*")):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+            set_, get_ = (getattr(lib, f"{prefix}_{verb}_num_threads{suffix}", None) for verb in ("set", "get"))
+            if set_ is not None and get_ is not None:
+                set_.argtypes, set_.restype, get_.argtypes, get_.restype = [ctypes.c_int], None, [], ctypes.c_int
+                return set_, get_
+    return None
+
+
+_OPENBLAS = _find_openblas()
+_POOL = None
+
+
+class _SplitWork:
+    """Runs a batch's parts at once, one per core (nogil kernels and one-thread BLAS calls release the GIL).
+
+    With two threads inside each matrix product, OpenBLAS splits 128-wide products badly and its idle
+    thread spins while the kernels run (bench.py: 4.2 ms per batch-4096 step against 2.3 ms for half the
+    batch on one core). So while a split runs, BLAS is set to one thread, and set back after."""
+
+    def __init__(self, parts):
+        self.hold = parts > 1 and _OPENBLAS is not None
+
+    def __enter__(self):
+        global _POOL
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dpm")
+        if self.hold:
+            self.threads = _OPENBLAS[1]()
+            _OPENBLAS[0](1)
+        return self
+
+    def run(self, fn, jobs):
+        """[fn(*job) for job in jobs], the first job on this thread and the others on the worker."""
+        later = [_POOL.submit(fn, *job) for job in jobs[1:]]
+        try:
+            first = fn(*jobs[0])
+        finally:                             # nothing still runs when the caller moves on
+            concurrent.futures.wait(later)
+        return [first] + [f.result() for f in later]
+
+    def __exit__(self, *exc):
+        if self.hold:
+            _OPENBLAS[0](self.threads)
+
+
+def default_parts(n, min_rows=512):
+    """How many parts to split a batch of n into: 2 where NumPy's OpenBLAS can be held to one thread
+    and each part has at least min_rows (below that the hand-off costs more than it saves: batch 512
+    trains in 0.46 ms as one part and 0.52 ms as two), else 1."""
+    return 2 if _OPENBLAS is not None and n >= 2 * min_rows else 1
+
+
+def split(n, parts):
+    """Boundaries of parts nearly equal slices of range(n)."""
+    return [n * i // parts for i in range(parts + 1)]
+
+
 # ---------------------------------------------------------------- host side
 
-class Net:
-    """The network for one batch size: preallocated buffers, and the per-t tables of the current params."""
+class Tables:
+    """The per-t quantities of the current parameters, shared by every batch part: β, ᾱ and the
+    coefficients (float64); g(t)·W1_g + b1, and the readout folded over the bumps, W_eff(t) = Σ_j g_j(t) W3_j
+    and b_eff(t) (network dtype)."""
 
-    def __init__(self, k, n, dtype):
+    def __init__(self, k, dtype):
         cfg = k.cfg
         D, J, H, M, T = cfg["D"], cfg["J"], cfg["H"], cfg["M"], cfg["T"]
-        self.k, self.n, self.dtype, self.D, self.In, self.T = k, n, dtype, D, D + 2 * M, T
+        self.k, self.dtype, self.D, self.In, self.T = k, dtype, D, D + 2 * M, T
         self.sqrt_T = math.sqrt(T)
         # Far bumps weigh as little as 1e-71: subnormal in float32, and arithmetic on subnormals is
         # about 100 times slower. Below float32's smallest normal number they are zero here.
@@ -423,15 +492,10 @@ class Net:
         self.coef[0, 0] = 1.0
         z = lambda *s: np.zeros(s, dtype)
         self.table1, self.Weff, self.beff = z(T + 1, H), z(T + 1, 2 * D, H), z(T + 1, 2 * D)
-        self.u, self.P1, self.h1, self.h2 = z(n, self.In), z(n, H), z(n, H), z(n, H)
-        self.xF = z(n, M)
         self.blas_input = self.In > 8      # narrow inputs (x alone) are cheaper in the kernels
         self.exact = dtype == np.float64  # float64 (for checking) uses libm's tanh, float32 _tanh32
-        self.xt, self.x_net = np.zeros((n, D)), z(n, D)
 
-    def tables(self, p):
-        """β, ᾱ and the coefficients (float64); g(t)·W1_g, and the readout folded over bumps,
-        W_eff(t) = Σ_j g_j(t) W3_j and b_eff(t) (network dtype)."""
+    def update(self, p):
         _schedule(p["c"].astype(np.float64), self.k.basis, self.logit_base, self.k.cfg["beta1"],
                   self.beta, self.ab, self.coef)
         J = self.basis_T.shape[1]
@@ -440,47 +504,94 @@ class Net:
         np.matmul(self.basis_T, p["W3"].reshape(J, -1), out=self.Weff.reshape(self.T + 1, -1))
         np.matmul(self.basis_T, p["b3"], out=self.beff)
 
+
+class Net:
+    """The network's buffers for up to n rows, reading the per-t tables from tab."""
+
+    def __init__(self, tab, n):
+        H, D, M, dtype = tab.table1.shape[1], tab.D, (tab.In - tab.D) // 2, tab.dtype
+        self.tab, self.n = tab, n
+        z = lambda *s: np.zeros(s, dtype)
+        self.u, self.P1, self.h1, self.h2 = z(n, tab.In), z(n, H), z(n, H), z(n, H)
+        self.xF = z(n, M)
+        self.xt, self.x_net = np.zeros((n, D)), z(n, D)
+
     def hidden(self, p, t, m, last_act=True):
         """The two tanh layers for the first m rows of x_net (last_act False: the second layer's matrix
         product only, for a kernel that adds b2 and applies tanh itself)."""
-        u, P1, h1, h2, D = self.u[:m], self.P1[:m], self.h1[:m], self.h2[:m], self.D
+        tab = self.tab
+        u, P1, h1, h2, D = self.u[:m], self.P1[:m], self.h1[:m], self.h2[:m], tab.D
         u[:, :D] = self.x_net[:m]
-        if self.In > D:                    # u = [x, sin(xF), cos(xF)] (mlp.forward)
+        if tab.In > D:                     # u = [x, sin(xF), cos(xF)] (mlp.forward)
             xF = self.xF[:m]
-            np.matmul(self.x_net[:m], self.F, out=xF)
+            np.matmul(self.x_net[:m], tab.F, out=xF)
             M = xF.shape[1]
             np.sin(xF, out=u[:, D:D + M])
             np.cos(xF, out=u[:, D + M:])
-        W1u = p["W1"][:self.In]
-        if self.blas_input:
+        W1u = p["W1"][:tab.In]
+        if tab.blas_input:
             np.matmul(u, W1u, out=P1)
-        _first_layer(u, W1u, self.table1, t, P1, not self.blas_input, self.exact, h1)
+        _first_layer(u, W1u, tab.table1, t, P1, not tab.blas_input, tab.exact, h1)
         np.matmul(h1, p["W2"], out=P1)
         if not last_act:
             return u, h1, P1
-        _bias_act(P1, p["b2"], self.exact, h2)
+        _bias_act(P1, p["b2"], tab.exact, h2)
         return u, h1, h2
+
+
+class _Part:
+    """One slice of a training batch: its network buffers and its share of every gradient sum."""
+    SUMS = ("G", "Gb", "Gt1", "acc", "gW2", "gb2", "gW1u")
+
+    def __init__(self, tab, n):
+        D, H, T, In, dtype = tab.D, tab.table1.shape[1], tab.T, tab.In, tab.dtype
+        self.net = Net(tab, n)
+        z = lambda *s: np.zeros(s, dtype)
+        self.G, self.Gb, self.Gt1 = z(T + 1, 2 * D, H), z(T + 1, 2 * D), z(T + 1, H)
+        self.gW2, self.gb2, self.gW1u = z(H, H), z(H), z(In, H)
+        self.g_h2, self.g_h1, self.g_u = z(n, H), z(n, H), z(n, In)
+        self.g_xt, self.acc = np.zeros((n, D)), np.zeros((T + 1, 7))
+
+    def forward_backward(self, p, x0, eps, t, weight):
+        """The per-sample half of model.loss_and_grads for these rows, each gradient summed over them;
+        weight = ∂loss/∂KL_i. Returns Σ_i KL_i and Σ_i ‖x⁽⁰⁾_i‖²."""
+        net, tab = self.net, self.net.tab
+        r2 = _noised(x0, eps, t, tab.coef, net.xt, net.x_net)
+        u, h1, h2 = net.hidden(p, t, len(x0))
+        for a in (self.G, self.Gb, self.Gt1, self.acc):
+            a[...] = 0.0
+        kl_sum = _head(h2, tab.Weff, tab.beff, x0, net.xt[:len(x0)], t, tab.coef, tab.sqrt_T, weight,
+                       self.g_h2, self.G, self.Gb, self.gb2, self.g_xt, self.acc)
+        g_h2, g_h1 = self.g_h2[:len(x0)], self.g_h1[:len(x0)]
+        np.matmul(h1.T, g_h2, out=self.gW2)
+        np.matmul(g_h2, p["W2"].T, out=g_h1)
+        W1u, g_u, blas = p["W1"][:tab.In], self.g_u[:len(x0)], tab.blas_input
+        _layer1_back(g_h1, h1, u, W1u, t, self.Gt1, self.gW1u, g_u, not blas)
+        if blas:
+            np.matmul(u.T, g_h1, out=self.gW1u)
+            np.matmul(g_h1, W1u.T, out=g_u)
+        _input_back(g_u, u, tab.F, x0, eps, t, tab.coef, self.g_xt, self.acc)
+        return kl_sum, r2
 
 
 class Trainer:
     """The training step of model.loss_and_grads followed by mlp.Adam, on flat preallocated buffers.
 
-    params, grads, m, v: name → view (the names and shapes of model.init) in the network dtype."""
+    params, grads, m, v: name → view (the names and shapes of model.init) in the network dtype.
+    parts: how many slices of the batch run at once (default_parts); the gradient sums add up across them."""
 
-    def __init__(self, k, n, dtype=np.float32, b1=0.9, b2=0.999, eps=1e-8):
+    def __init__(self, k, n, dtype=np.float32, b1=0.9, b2=0.999, eps=1e-8, parts=None):
         cfg = k.cfg
-        D, H, T = cfg["D"], cfg["H"], cfg["T"]
-        self.k, self.batch, self.net = k, n, Net(k, n, dtype)
+        self.k, self.batch, self.tab = k, n, Tables(k, dtype)
         self.theta, self.params = flat_views(cfg, dtype)
         self.grad, self.grads = flat_views(cfg, dtype)
         self.m_flat, self.m = flat_views(cfg, dtype)
         self.v_flat, self.v = flat_views(cfg, dtype)
         self.hyper = tuple(dtype(h) for h in (b1, b2, eps))
         self.n = 0                          # Adam's step count, as mlp.Adam.n
-        z = lambda *s: np.zeros(s, dtype)
-        self.G, self.Gb, self.Gt1 = z(T + 1, 2 * D, H), z(T + 1, 2 * D), z(T + 1, H)
-        self.g_h2, self.g_h1, self.g_u = z(n, H), z(n, H), z(n, self.net.In)
-        self.g_xt, self.acc = np.zeros((n, D)), np.zeros((T + 1, 7))
+        self.bounds = split(n, default_parts(n) if parts is None else max(1, min(parts, n)))
+        self.parts = [_Part(self.tab, hi - lo) for lo, hi in zip(self.bounds, self.bounds[1:])]
+        T = cfg["T"]
         self.g_beta, self.g_ab = np.zeros(T + 1), np.zeros(T + 1)
 
     def load(self, params):
@@ -489,29 +600,28 @@ class Trainer:
 
     def loss_and_grads(self, x0, eps, t):
         """model.loss_and_grads: returns the loss (nats per point); the gradient goes into self.grads."""
-        net, p, g = self.net, self.params, self.grads
-        T, D, In, n = self.k.T, self.k.D, net.In, len(x0)
-        net.tables(p)
-        r2 = _noised(x0, eps, t, net.coef, net.xt, net.x_net) / n
-        u, h1, h2 = net.hidden(p, t, n)
-        for a in (self.G, self.Gb, self.Gt1, self.acc):
-            a[...] = 0.0
-        kl_sum = _head(h2, net.Weff, net.beff, x0, net.xt, t, net.coef, net.sqrt_T, (T - 1) / n,
-                       self.g_h2, self.G, self.Gb, g["b2"], self.g_xt, self.acc)
-        J = net.basis.shape[0]
-        np.matmul(net.basis, self.G.reshape(T + 1, -1), out=g["W3"].reshape(J, -1))
-        np.matmul(net.basis, self.Gb, out=g["b3"])
-        np.matmul(h1.T, self.g_h2, out=g["W2"])
-        np.matmul(self.g_h2, p["W2"].T, out=self.g_h1)
-        W1u, gW1u, blas = p["W1"][:In], g["W1"][:In], net.blas_input
-        _layer1_back(self.g_h1, h1, u, W1u, t, self.Gt1, g["b1"], gW1u, self.g_u, not blas)
-        if blas:
-            np.matmul(u.T, self.g_h1, out=gW1u)
-            np.matmul(self.g_h1, W1u.T, out=self.g_u)
-        np.matmul(net.basis, self.Gt1, out=g["W1"][In:])
-        _input_back(self.g_u, u, net.F, x0, eps, t, net.coef, self.g_xt, self.acc)
-        abT, beta1 = net.ab[T], self.k.cfg["beta1"]
-        _schedule_back(self.acc, net.beta, net.ab, self.k.basis,
+        tab, p, g = self.tab, self.params, self.grads
+        T, D, In, n = self.k.T, self.k.D, tab.In, len(x0)
+        tab.update(p)
+        jobs = [(p, x0[lo:hi], eps[lo:hi], t[lo:hi], (T - 1) / n) for lo, hi in zip(self.bounds, self.bounds[1:])]
+        if len(jobs) == 1:
+            sums = [self.parts[0].forward_backward(*jobs[0])]
+        else:
+            with _SplitWork(len(jobs)) as work:
+                sums = work.run(lambda part, job: part.forward_backward(*job), list(zip(self.parts, jobs)))
+        kl_sum, r2 = (sum(s[i] for s in sums) for i in (0, 1))
+        first = self.parts[0]
+        for other in self.parts[1:]:
+            for name in _Part.SUMS:
+                getattr(first, name).__iadd__(getattr(other, name))
+        J = tab.basis.shape[0]
+        np.matmul(tab.basis, first.G.reshape(T + 1, -1), out=g["W3"].reshape(J, -1))
+        np.matmul(tab.basis, first.Gb, out=g["b3"])
+        np.matmul(tab.basis, first.Gt1, out=g["W1"][In:])
+        np.sum(first.Gt1, axis=0, out=g["b1"])
+        g["W2"][...], g["b2"][...], g["W1"][:In] = first.gW2, first.gb2, first.gW1u
+        abT, beta1, r2 = tab.ab[T], self.k.cfg["beta1"], r2 / n
+        _schedule_back(first.acc, tab.beta, tab.ab, self.k.basis,
                        0.5 * D / (1.0 - abT) - 0.5 * (D - r2), self.g_beta, self.g_ab, g["c"])
         # dpm.prior_and_edge_terms averaged over the batch: it is linear in ‖x⁽⁰⁾‖²
         edge = (dpm.gaussian_entropy(1.0 - abT, D) - dpm.gaussian_entropy(beta1, D)
@@ -529,58 +639,80 @@ class Trainer:
         return loss
 
 
-def evaluate(params, k, x0, rng, n_draws=4, batch=8192, dtype=np.float32):
+ROWS = 2048   # rows per pass of evaluate, sample, log_weights: 2048 × 128 float32 hidden units stay in L2
+
+
+def _setup(params, k, n, batch, dtype, parts):
+    """The tables of params and one Net per part of up to min(batch, ROWS) rows, for evaluate, sample and
+    log_weights. (bench.py, sample_100000: 0.75 s in passes of 2048 rows, 0.91 s in passes of 16384.)"""
+    tab = Tables(k, dtype)
+    p = {name: np.asarray(v, dtype) for name, v in params.items()}
+    tab.update(p)
+    parts = default_parts(n) if parts is None else max(1, min(parts, n))
+    return tab, p, [Net(tab, min(batch, ROWS, -(-n // parts))) for _ in range(parts)], split(n, parts)
+
+
+def _chunks(lo, hi, size):
+    return [(s, min(s + size, hi)) for s in range(lo, hi, size)]
+
+
+def evaluate(params, k, x0, rng, n_draws=4, batch=8192, dtype=np.float32, parts=None):
     """model.evaluate through the kernels: per-point K − L_null (nats) and the mean KL_t; the same RNG draws.
 
     The network runs in dtype (float32: the model as trained); the KL arithmetic is float64 either way."""
-    T, D = k.T, k.D
-    net = Net(k, min(batch, len(x0)), dtype)
-    p = {name: np.asarray(v, dtype) for name, v in params.items()}
-    net.tables(p)
-    kl_sum, kl_t = np.zeros(len(x0)), np.zeros(T + 1)
-    kl = np.zeros(net.n)
-    for _ in range(n_draws):
-        for t in range(2, T + 1):
-            tt = np.full(net.n, t)
-            for s in range(0, len(x0), batch):
-                x = x0[s:s + batch]
-                m = len(x)
-                _noised(x, rng.standard_normal(x.shape), tt[:m], net.coef, net.xt[:m], net.x_net[:m])
-                _, _, h2 = net.hidden(p, tt[:m], m)
-                _head_kl(h2, net.Weff, net.beff, x, net.xt[:m], tt[:m], net.coef, net.sqrt_T, kl[:m])
-                kl_sum[s:s + m] += kl[:m]
-                kl_t[t] += kl[:m].sum()
+    T, D, n = k.T, k.D, len(x0)
+    tab, p, nets, bounds = _setup(params, k, n, batch, dtype, parts)
+    kl_sum, kl_t, kl = np.zeros(n), np.zeros(T + 1), np.zeros(n)
+    t_all = np.zeros(n, np.int64)
+
+    def part(net, lo, hi, eps):
+        for s, e in _chunks(lo, hi, net.n):
+            m = e - s
+            _noised(x0[s:e], eps[s:e], t_all[s:e], tab.coef, net.xt[:m], net.x_net[:m])
+            _, _, h2 = net.hidden(p, t_all[s:e], m)
+            _head_kl(h2, tab.Weff, tab.beff, x0[s:e], net.xt[:m], t_all[s:e], tab.coef, tab.sqrt_T, kl[s:e])
+
+    with _SplitWork(len(nets)) as work:
+        for _ in range(n_draws):
+            for t in range(2, T + 1):
+                t_all[:] = t
+                eps = np.concatenate([rng.standard_normal((e - s, D)) for s, e in _chunks(0, n, batch)])
+                work.run(part, [(net, lo, hi, eps) for net, lo, hi in zip(nets, bounds, bounds[1:])])
+                kl_sum += kl
+                kl_t[t] += kl.sum()
     kl_sum /= n_draws
-    kl_t /= n_draws * len(x0)
-    return dpm.prior_and_edge_terms(x0, k.cfg["beta1"], net.ab[T]) - kl_sum, kl_t
+    kl_t /= n_draws * n
+    return dpm.prior_and_edge_terms(x0, k.cfg["beta1"], tab.ab[T]) - kl_sum, kl_t
 
 
-def sample(params, k, n, rng, keep=(), batch=16384, dtype=np.float32):
+def sample(params, k, n, rng, keep=(), batch=ROWS, dtype=np.float32, parts=None):
     """model.sample through the kernels (Eq. 5 then Eq. 44), with the same RNG draws."""
     T, D = k.T, k.D
-    net = Net(k, min(batch, n), dtype)
-    p = {name: np.asarray(v, dtype) for name, v in params.items()}
-    net.tables(p)
+    tab, p, nets, bounds = _setup(params, k, n, batch, dtype, parts)
     x = rng.standard_normal((n, D))
-    x_new = np.empty_like(x)
-    tt = np.zeros(net.n, np.int64)
+    x_new, noise = np.empty_like(x), np.empty_like(x)
+    t_all = np.zeros(n, np.int64)
     kept = {}
-    noise = np.empty_like(x)
-    for t in range(T, 1, -1):
-        if t in keep:
-            kept[t] = x.copy()
-        rng.standard_normal(out=noise)
-        tt[:] = t
-        for s in range(0, n, batch):
-            m = min(batch, n - s)
-            net.x_net[:m] = x[s:s + m]
-            _, _, P2 = net.hidden(p, tt[:m], m, last_act=False)
-            _head_sample(P2, p["b2"], net.exact, net.Weff, net.beff, x[s:s + m], tt[:m], net.coef, net.sqrt_T,
-                         noise[s:s + m], x_new[s:s + m])
-        x, x_new = x_new, x
+
+    def part(net, lo, hi, x, x_new):
+        for s, e in _chunks(lo, hi, net.n):
+            m = e - s
+            net.x_net[:m] = x[s:e]
+            _, _, P2 = net.hidden(p, t_all[s:e], m, last_act=False)
+            _head_sample(P2, p["b2"], tab.exact, tab.Weff, tab.beff, x[s:e], t_all[s:e], tab.coef, tab.sqrt_T,
+                         noise[s:e], x_new[s:e])
+
+    with _SplitWork(len(nets)) as work:
+        for t in range(T, 1, -1):
+            if t in keep:
+                kept[t] = x.copy()
+            rng.standard_normal(out=noise)
+            t_all[:] = t
+            work.run(part, [(net, lo, hi, x, x_new) for net, lo, hi in zip(nets, bounds, bounds[1:])])
+            x, x_new = x_new, x
     if 1 in keep:
         kept[1] = x.copy()
-    x = dpm.p_step_fixed_first(x, net.beta[1], rng.standard_normal(x.shape))
+    x = dpm.p_step_fixed_first(x, tab.beta[1], rng.standard_normal(x.shape))
     kept[0] = x
     return x, kept
 
@@ -589,10 +721,8 @@ def log_weights(params, k, x0, rng, n_traj, batch=8192, dtype=np.float32):
     """model.log_weights (Eq. 9's integrand along forward trajectories) through the kernels; the same RNG
     draws. The network runs in dtype, the log densities in float64."""
     T, D, n = k.T, k.D, len(x0)
-    net = Net(k, min(batch, n), dtype)
-    p = {name: np.asarray(v, dtype) for name, v in params.items()}
-    net.tables(p)
-    beta = net.beta
+    tab, p, (net,), _ = _setup(params, k, n, batch, dtype, 1)
+    beta = tab.beta
     out = np.zeros((n, n_traj))
     col = np.zeros(n)
     tt = np.zeros(net.n, np.int64)
@@ -605,12 +735,12 @@ def log_weights(params, k, x0, rng, n_traj, batch=8192, dtype=np.float32):
                 col += dpm.gaussian_logpdf(x, np.sqrt(1.0 - beta[1]) * x_new, beta[1])
             else:
                 tt[:] = t
-                for s in range(0, n, batch):
-                    m = min(batch, n - s)
-                    net.x_net[:m] = x_new[s:s + m]
+                for s, e in _chunks(0, n, net.n):
+                    m = e - s
+                    net.x_net[:m] = x_new[s:e]
                     _, _, h2 = net.hidden(p, tt[:m], m)
-                    _reverse_logpdf(h2, net.Weff, net.beff, x_new[s:s + m], tt[:m], net.coef, net.sqrt_T,
-                                    x[s:s + m], col[s:s + m])
+                    _reverse_logpdf(h2, tab.Weff, tab.beff, x_new[s:e], tt[:m], tab.coef, tab.sqrt_T,
+                                    x[s:e], col[s:e])
             x = x_new
         out[:, j] = col + dpm.gaussian_logpdf(x, 0.0, 1.0)
     return out

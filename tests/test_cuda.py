@@ -334,13 +334,13 @@ def test_heartbeat_batches_drawn_on_the_device_follow_the_forward_process():
 
 def test_glue_kernels_match_numpy():
     """The kernels between the big ones, each against its NumPy twin: the schedule (dpm.beta_schedule,
-    dpm.alpha_bar), the per-t tables and their fold back onto the bumps (fast.Net.tables' products), the
+    dpm.alpha_bar), the per-t tables and their fold back onto the bumps (fast.Tables.update's products), the
     weight-gradient products, and the binomial start and last step (dpm.binomial_q_rate)."""
     import fast
     cfg, k, p, rng = small_gauss(11)
     T, J, H, D = k.T, cfg["J"], cfg["H"], 2
     beta_d, ab_d, coef_d = cuda.device_array(T + 1), cuda.device_array(T + 1), cuda.to_device(np.zeros((T + 1, 9)))
-    host = fast.Net(k, 1, np.float32)
+    host = fast.Tables(k, np.float32)
     ck._schedule[1, 1](cuda.to_device(p["c"]), cuda.to_device(k.basis), cuda.to_device(host.logit_base),
                        cfg["beta1"], beta_d, ab_d, coef_d)
     beta, ab = k.schedule(p)

@@ -36,12 +36,14 @@ def rel_err(a, b):
     return float(np.max(np.abs(np.asarray(a) - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
-def compare_step(M, seed, n, dtype, tol, scale=0.3, loss_floor=0.0):
-    """fast.Trainer's loss and every gradient against model.loss_and_grads on one random batch."""
+def compare_step(M, seed, n, dtype, tol, scale=0.3, loss_floor=0.0, parts=1):
+    """fast.Trainer's loss and every gradient against model.loss_and_grads on one random batch, the batch
+    cut into parts run at once (their gradient sums added up)."""
     cfg, k, p, rng = setup(M, seed, scale)
     x0, eps, t = batch(rng, n, cfg["T"])
     loss, grads = model.loss_and_grads(p, k, x0, eps, t)
-    tr = fast.Trainer(k, n, dtype)
+    tr = fast.Trainer(k, n, dtype, parts=parts)
+    assert len(tr.parts) == min(parts, n)
     tr.load(p)
     assert abs(tr.loss_and_grads(x0, eps, t) - loss) < tol * max(loss_floor, abs(loss))
     for name in grads:
@@ -51,22 +53,38 @@ def compare_step(M, seed, n, dtype, tol, scale=0.3, loss_floor=0.0):
 
 
 # M = 0: the input layer runs in the kernels; M = 4 (10 inputs): it runs in BLAS (Net.blas_input)
+@pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("M", [0, 4])
 @pytest.mark.parametrize("n", [1, 2, 37, 257])
-def test_training_step_matches_reference_in_float64(M, n):
-    tr = compare_step(M, n + 10 * M, n, np.float64, 1e-10)
-    assert tr.net.blas_input == (M > 0)
+def test_training_step_matches_reference_in_float64(M, n, parts):
+    tr = compare_step(M, n + 10 * M, n, np.float64, 1e-10, parts=parts)
+    assert tr.tab.blas_input == (M > 0)
 
 
+@pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("M", [0, 4])
-def test_training_step_in_float32_matches_reference(M):
-    compare_step(M, 3, 300, np.float32, 1e-5)
+def test_training_step_in_float32_matches_reference(M, parts):
+    compare_step(M, 3, 300, np.float32, 1e-5, parts=parts)
 
 
 @settings(max_examples=15)
-@given(n=st.integers(1, 60), seed=st.integers(0, 2**31 - 1), M=st.sampled_from([0, 4]))
-def test_training_step_matches_reference_for_any_batch(n, seed, M):
-    compare_step(M, seed, n, np.float64, 1e-9, scale=1.0, loss_floor=1.0)
+@given(n=st.integers(1, 60), seed=st.integers(0, 2**31 - 1), M=st.sampled_from([0, 4]), parts=st.integers(1, 3))
+def test_training_step_matches_reference_for_any_batch(n, seed, M, parts):
+    compare_step(M, seed, n, np.float64, 1e-9, scale=1.0, loss_floor=1.0, parts=parts)
+
+
+def test_split_work_restores_blas_threads():
+    """While the parts of a batch run, NumPy's OpenBLAS is held to one thread; afterwards it is as it was."""
+    if fast._OPENBLAS is None:
+        pytest.skip("NumPy does not use a bundled OpenBLAS here: batches run in one part")
+    set_threads, get_threads = fast._OPENBLAS
+    before = get_threads()
+    with fast._SplitWork(3) as work:
+        assert get_threads() == 1
+        assert work.run(lambda a, b: a * b, [(2, 3), (4, 5), (6, 7)]) == [6, 20, 42]
+    assert get_threads() == before
+    with fast._SplitWork(1):
+        assert get_threads() == before
 
 
 def test_adam_kernel_matches_mlp_adam_over_several_steps():
@@ -107,8 +125,8 @@ def test_schedule_kernel_matches_dpm():
     rng = np.random.default_rng(6)
     k = model.Consts(cfg)
     p = perturbed_params(cfg, rng, scale=2.0)
-    net = fast.Net(k, 1, np.float64)
-    net.tables(p)
+    net = fast.Tables(k, np.float64)
+    net.update(p)
     beta, ab = k.schedule(p)
     assert rel_err(net.beta, beta) < 1e-14 and rel_err(net.ab, ab) < 1e-14
     t = np.arange(2, cfg["T"] + 1)
@@ -134,33 +152,35 @@ def test_first_layer_and_its_backward_match_numpy(with_u, In):
         assert np.max(np.abs(h1 - want)) < tol
     h1, g = want, rng.standard_normal((n, H))
     g_pre = g * (1 - h1 * h1)
-    Gt1, gb1, gW1u, g_u = np.zeros((T + 1, H)), np.zeros(H), np.zeros((In, H)), np.zeros((n, In))
-    fast._layer1_back(g.copy(), h1, u, W1u, t, Gt1, gb1, gW1u, g_u, with_u)
+    Gt1, gW1u, g_u = np.zeros((T + 1, H)), np.zeros((In, H)), np.zeros((n, In))
+    fast._layer1_back(g.copy(), h1, u, W1u, t, Gt1, gW1u, g_u, with_u)
     assert rel_err(Gt1, np.stack([g_pre[t == s].sum(0) for s in range(T + 1)])) < 1e-14
-    assert rel_err(gb1, g_pre.sum(0)) < 1e-14
     if with_u:
         assert rel_err(gW1u, u.T @ g_pre) < 1e-14 and rel_err(g_u, g_pre @ W1u.T) < 1e-14
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("M", [0, 4])
-def test_evaluation_matches_reference(M):
-    """Same RNG draws, 250 points in batches of 64 (the last one short)."""
+def test_evaluation_matches_reference(M, parts):
+    """Same RNG draws, 250 points in batches of 64 (the last one short), cut into parts run at once."""
     cfg, k, p, rng = setup(M, 8)
     x = rng.standard_normal((250, 2))
     a, kl_a = model.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
-    b, kl_b = fast.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64, dtype=np.float64)
+    b, kl_b = fast.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64, dtype=np.float64,
+                            parts=parts)
     assert rel_err(b, a) < 1e-10 and rel_err(kl_b, kl_a) < 1e-10
     # the float32 network (how train.py evaluates the float32 model) moves K by float32 rounding only
     c, _ = fast.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
     assert np.max(np.abs(c - a)) < 1e-4 and abs(c.mean() - a.mean()) < 1e-5
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("M", [0, 4])
-def test_sampling_matches_reference(M):
+def test_sampling_matches_reference(M, parts):
     cfg, k, p, rng = setup(M, 9)
     keep = (cfg["T"], 3, 1)
     a, ka = model.sample(p, k, 101, np.random.default_rng(2), keep=keep)
-    b, kb = fast.sample(p, k, 101, np.random.default_rng(2), keep=keep, batch=32, dtype=np.float64)
+    b, kb = fast.sample(p, k, 101, np.random.default_rng(2), keep=keep, batch=32, dtype=np.float64, parts=parts)
     assert rel_err(b, a) < 1e-10 and all(rel_err(kb[t], ka[t]) < 1e-10 for t in ka)
     c, _ = fast.sample(p, k, 101, np.random.default_rng(2), batch=32, dtype=np.float32)
     assert np.max(np.abs(c - a)) < 1e-4
