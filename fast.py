@@ -32,6 +32,7 @@ from jitopts import kernel
 
 PARAM_NAMES = ("W1", "b1", "W2", "b2", "W3", "b3", "c")
 N_COEF = 9   # columns of the per-t coefficient table, see _schedule
+ONE = np.float32(1.0)   # 1 − h² in the network dtype: a float64 1.0 would widen float32 loops to float64
 
 
 def shapes(cfg):
@@ -184,7 +185,7 @@ def _head(h2, Weff, beff, x0, xt, t, coef, sqrt_T, weight, g_h2, G, Gb, gb2, g_x
     """The readout, the KL of Eq. 14 per sample, and their backward (dpm.kl_terms, dpm.kl_backward).
 
     Returns Σ_i KL_i (nats). weight: ∂loss/∂KL_i, the same for every sample. Writes ∂loss/∂h2 (through
-    tanh) into g_h2, its sum over samples into gb2, the direct ∂loss/∂x⁽ᵗ⁾ into g_xt; accumulates per t
+    tanh) into g_h2, the direct ∂loss/∂x⁽ᵗ⁾ into g_xt; adds the sum of g_h2 over samples to gb2, and per t
     the readout's gradient into G, Gb (folded over bumps by the caller) and, into acc[t, 0:6], the
     gradients with respect to the schedule's per-t constants √(1−β_t), √β_t, c0, c1, logit β_t and β̃_t
     (chained to β and ᾱ once per t by _schedule_back)."""
@@ -192,7 +193,6 @@ def _head(h2, Weff, beff, x0, xt, t, coef, sqrt_T, weight, g_h2, G, Gb, gb2, g_x
     H = h2.shape[1]
     out = np.empty(2 * D, h2.dtype)
     g_out = np.empty(2 * D, h2.dtype)
-    gb2[:] = 0.0
     total = 0.0
     inv_sqrt_T = 1.0 / sqrt_T
     for i in range(n):
@@ -231,7 +231,7 @@ def _head(h2, Weff, beff, x0, xt, t, coef, sqrt_T, weight, g_h2, G, Gb, gb2, g_x
                 Gk[h] += gk * hi[h]
                 gh[h] += gk * w[h]
         for h in range(H):
-            v = gh[h] * (1.0 - hi[h] * hi[h])
+            v = gh[h] * (ONE - hi[h] * hi[h])
             gh[h] = v
             gb2[h] += v
     return total
@@ -240,8 +240,7 @@ def _head(h2, Weff, beff, x0, xt, t, coef, sqrt_T, weight, g_h2, G, Gb, gb2, g_x
 @kernel
 def _layer1_back(g_h1, h1, u, W1u, t, Gt1, gW1u, g_u, with_u):
     """The first layer's backward (mlp.backward): g ← g·(1 − h1²) in place; its sum per t into Gt1 (b1's
-    gradient is their sum); gW1u = uᵀ g; g_u = g W1_uᵀ (with_u False: those two are left to BLAS)."""
-    gW1u[:] = 0.0
+    gradient is their sum); gW1u += uᵀ g; g_u = g W1_uᵀ (with_u False: those two are left to BLAS)."""
     H = g_h1.shape[1]
     for i in range(g_h1.shape[0]):
         g, hi = g_h1[i], h1[i]
@@ -251,7 +250,7 @@ def _layer1_back(g_h1, h1, u, W1u, t, Gt1, gW1u, g_u, with_u):
             s0 = g_u[i, 0] = 0.0                     # accumulate in g_u's dtype
             s1 = g_u[i, 1] = 0.0
             for h in range(H):
-                v = g[h] * (1.0 - hi[h] * hi[h])
+                v = g[h] * (ONE - hi[h] * hi[h])
                 g[h] = v
                 r[h] += v
                 gw0[h] += u0 * v
@@ -261,7 +260,7 @@ def _layer1_back(g_h1, h1, u, W1u, t, Gt1, gW1u, g_u, with_u):
             g_u[i, 0], g_u[i, 1] = s0, s1
             continue
         for h in range(H):
-            v = g[h] * (1.0 - hi[h] * hi[h])
+            v = g[h] * (ONE - hi[h] * hi[h])
             g[h] = v
             r[h] += v
         if not with_u:
@@ -470,6 +469,9 @@ def split(n, parts):
 
 # ---------------------------------------------------------------- host side
 
+ROWS = 2048        # rows per pass of evaluate, sample and log_weights
+ROWS_TRAIN = 512   # rows per pass of a training step's part
+
 class Tables:
     """The per-t quantities of the current parameters, shared by every batch part: β, ᾱ and the
     coefficients (float64); g(t)·W1_g + b1, and the readout folded over the bumps, W_eff(t) = Σ_j g_j(t) W3_j
@@ -540,37 +542,48 @@ class Net:
 
 
 class _Part:
-    """One slice of a training batch: its network buffers and its share of every gradient sum."""
+    """One slice of a training batch: its network buffers and its share of every gradient sum. It runs
+    in passes of up to ROWS_TRAIN rows, so that a pass's hidden units stay in L2 (batch 4096 trains about
+    8% faster than in passes of 2048 rows)."""
     SUMS = ("G", "Gb", "Gt1", "acc", "gW2", "gb2", "gW1u")
 
     def __init__(self, tab, n):
         D, H, T, In, dtype = tab.D, tab.table1.shape[1], tab.T, tab.In, tab.dtype
-        self.net = Net(tab, n)
+        rows = min(n, ROWS_TRAIN)
+        self.net = Net(tab, rows)
         z = lambda *s: np.zeros(s, dtype)
         self.G, self.Gb, self.Gt1 = z(T + 1, 2 * D, H), z(T + 1, 2 * D), z(T + 1, H)
         self.gW2, self.gb2, self.gW1u = z(H, H), z(H), z(In, H)
-        self.g_h2, self.g_h1, self.g_u = z(n, H), z(n, H), z(n, In)
-        self.g_xt, self.acc = np.zeros((n, D)), np.zeros((T + 1, 7))
+        self.pass_W2, self.pass_W1u = z(H, H), z(In, H)
+        self.g_h2, self.g_h1, self.g_u = z(rows, H), z(rows, H), z(rows, In)
+        self.g_xt, self.acc = np.zeros((rows, D)), np.zeros((T + 1, 7))
 
     def forward_backward(self, p, x0, eps, t, weight):
         """The per-sample half of model.loss_and_grads for these rows, each gradient summed over them;
         weight = ∂loss/∂KL_i. Returns Σ_i KL_i and Σ_i ‖x⁽⁰⁾_i‖²."""
-        net, tab = self.net, self.net.tab
+        for name in self.SUMS:
+            getattr(self, name)[...] = 0.0
+        kl_sum = r2 = 0.0
+        for s, e in _chunks(0, len(x0), self.net.n):
+            kl, r = self._rows(p, x0[s:e], eps[s:e], t[s:e], weight)
+            kl_sum, r2 = kl_sum + kl, r2 + r
+        return kl_sum, r2
+
+    def _rows(self, p, x0, eps, t, weight):
+        net, tab, m = self.net, self.net.tab, len(x0)
         r2 = _noised(x0, eps, t, tab.coef, net.xt, net.x_net)
-        u, h1, h2 = net.hidden(p, t, len(x0))
-        for a in (self.G, self.Gb, self.Gt1, self.acc):
-            a[...] = 0.0
-        kl_sum = _head(h2, tab.Weff, tab.beff, x0, net.xt[:len(x0)], t, tab.coef, tab.sqrt_T, weight,
-                       self.g_h2, self.G, self.Gb, self.gb2, self.g_xt, self.acc)
-        g_h2, g_h1 = self.g_h2[:len(x0)], self.g_h1[:len(x0)]
-        np.matmul(h1.T, g_h2, out=self.gW2)
+        u, h1, h2 = net.hidden(p, t, m)
+        g_h2, g_h1, g_u, g_xt = self.g_h2[:m], self.g_h1[:m], self.g_u[:m], self.g_xt[:m]
+        kl_sum = _head(h2, tab.Weff, tab.beff, x0, net.xt[:m], t, tab.coef, tab.sqrt_T, weight,
+                       g_h2, self.G, self.Gb, self.gb2, g_xt, self.acc)
+        self.gW2 += np.matmul(h1.T, g_h2, out=self.pass_W2)
         np.matmul(g_h2, p["W2"].T, out=g_h1)
-        W1u, g_u, blas = p["W1"][:tab.In], self.g_u[:len(x0)], tab.blas_input
+        W1u, blas = p["W1"][:tab.In], tab.blas_input
         _layer1_back(g_h1, h1, u, W1u, t, self.Gt1, self.gW1u, g_u, not blas)
         if blas:
-            np.matmul(u.T, g_h1, out=self.gW1u)
+            self.gW1u += np.matmul(u.T, g_h1, out=self.pass_W1u)
             np.matmul(g_h1, W1u.T, out=g_u)
-        _input_back(g_u, u, tab.F, x0, eps, t, tab.coef, self.g_xt, self.acc)
+        _input_back(g_u, u, tab.F, x0, eps, t, tab.coef, g_xt, self.acc)
         return kl_sum, r2
 
 
@@ -639,7 +652,6 @@ class Trainer:
         return loss
 
 
-ROWS = 2048   # rows per pass of evaluate, sample, log_weights: 2048 × 128 float32 hidden units stay in L2
 
 
 def _setup(params, k, n, batch, dtype, parts):

@@ -67,6 +67,14 @@ def test_training_step_in_float32_matches_reference(M, parts):
     compare_step(M, 3, 300, np.float32, 1e-5, parts=parts)
 
 
+@pytest.mark.parametrize("M", [0, 4])
+def test_training_step_in_several_passes_matches_reference(M, monkeypatch):
+    """Each part runs in passes of ROWS_TRAIN rows (the last one short), its gradient sums added up."""
+    monkeypatch.setattr(fast, "ROWS_TRAIN", 16)
+    tr = compare_step(M, 12, 101, np.float64, 1e-10, parts=2)
+    assert [part.net.n for part in tr.parts] == [16, 16]
+
+
 @settings(max_examples=15)
 @given(n=st.integers(1, 60), seed=st.integers(0, 2**31 - 1), M=st.sampled_from([0, 4]), parts=st.integers(1, 3))
 def test_training_step_matches_reference_for_any_batch(n, seed, M, parts):
