@@ -191,13 +191,15 @@ def main(argv=None):
     want = lambda name: not only or name in only
     emit = lambda d: print(json.dumps(d), flush=True)
     b = a.backend
+    # numba: how many parts of a batch run at once, one per core (fast.default_parts)
+    parts = (lambda n: dict(parts=fast.default_parts(n))) if b == "numba" else (lambda n: {})
     k = model.Consts(COMPARISON)
     params = model.init(COMPARISON, np.random.default_rng(0))
     for name, bs in (("train_step_b512", 512), ("train_step_b4096", 4096)):
         if want(name) or (bs == 512 and want("train_step_gflops")):
             ms = bench_train(b, bs, a.repeat)
             if want(name):
-                emit(stats(name, ms, "ms", backend=b))
+                emit(stats(name, ms, "ms", backend=b, **parts(bs)))
             if bs == 512 and want("train_step_gflops"):
                 peak, how = peak_gflops()
                 flops = fast.step_flops(COMPARISON, 512)
@@ -208,11 +210,11 @@ def main(argv=None):
         ev = fast.evaluate if b == "numba" else model.evaluate
         s = timed(lambda: ev(params, k, x, np.random.default_rng(0), n_draws=1), 5, 1)
         emit(stats("eval_K_20000", s, "s", backend=b, draws=1, t_terms=COMPARISON["T"] - 1,
-                   network=("float32" if b == "numba" else "float64"), kl_arithmetic="float64"))
+                   network=("float32" if b == "numba" else "float64"), kl_arithmetic="float64", **parts(20_000)))
     if want("sample_100000"):
         sm = fast.sample if b == "numba" else model.sample
         s = timed(lambda: sm(params, k, 100_000, np.random.default_rng(0)), 5, 1)
-        emit(stats("sample_100000", s, "s", backend=b, steps=COMPARISON["T"]))
+        emit(stats("sample_100000", s, "s", backend=b, steps=COMPARISON["T"], **parts(100_000)))
     if b == "numba" and (want("cold_start_cold_cache") or want("cold_start_warm_cache")):
         cold, warm = [], []
         for _ in range(3):

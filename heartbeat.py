@@ -100,7 +100,7 @@ def reverse_rate(p, k, xt, t):
 
 def draw_batch(rng, x_train, n, T):
     """A training minibatch: n sequences and t uniform on 2..T."""
-    return x_train[rng.integers(0, len(x_train), n)], rng.integers(2, T + 1, n)
+    return np.take(x_train, rng.integers(0, len(x_train), n), axis=0), rng.integers(2, T + 1, n)
 
 
 def loss_and_grads(p, k, x0, t, rng):

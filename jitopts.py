@@ -7,8 +7,9 @@ Caching policy:
 - Where no cache directory is writable (a read-only install with no writable HOME and no
   NUMBA_CACHE_DIR), numba refuses cache=True at import; dpm then compiles in memory instead of failing.
 - DPM_JIT_CACHE=0 turns the disk cache off (for example to time a cold start).
-Kernels are single-threaded: the matrix products go to NumPy's BLAS, which has its own threads, and
-parallel=True costs seconds of compiling for no gain at these sizes (numba-notes §0).
+Kernels are single-threaded and release the GIL (nogil): parallel=True costs seconds of compiling for no
+gain at these sizes (numba-notes §0). Large batches use the cores by running two parts at once on
+Python threads, BLAS held to one thread meanwhile (fast._SplitWork).
 """
 import os
 
