@@ -423,6 +423,8 @@ def _find_openblas():
 
 _OPENBLAS = _find_openblas()
 _POOL = None
+if hasattr(os, "register_at_fork"):      # a forked child has no worker thread: it makes its own pool
+    os.register_at_fork(after_in_child=lambda: globals().update(_POOL=None))
 
 
 class _SplitWork:

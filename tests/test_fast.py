@@ -2,6 +2,9 @@
 
 In float64 the kernels must agree with the reference to rounding (1e-10 relative); in float32 (how
 train.py trains) to float32 rounding (1e-5 relative)."""
+import os
+import signal
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -73,6 +76,19 @@ def test_training_step_in_several_passes_matches_reference(M, monkeypatch):
     monkeypatch.setattr(fast, "ROWS_TRAIN", 16)
     tr = compare_step(M, 12, 101, np.float64, 1e-10, parts=2)
     assert [part.net.n for part in tr.parts] == [16, 16]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
+def test_a_forked_child_gets_its_own_worker():
+    """A child forked after the worker thread started has no such thread: its parts must still run."""
+    with fast._SplitWork(2) as work:
+        assert work.run(lambda a: a + 1, [(1,), (2,)]) == [2, 3]
+    pid = os.fork()
+    if pid == 0:                                   # the child: killed by SIGALRM if it hangs
+        signal.alarm(30)
+        with fast._SplitWork(2) as work:
+            os._exit(0 if work.run(lambda a: a + 1, [(1,), (2,)]) == [2, 3] else 1)
+    assert os.waitpid(pid, 0)[1] == 0
 
 
 @settings(max_examples=15)
