@@ -13,7 +13,7 @@ One thread per row (or per output entry), each kernel with a plain NumPy twin th
                      _outer, _colsum, _hidden_back, fold (_outer, _colsum), _schedule_back, _finite, _adam
   heartbeat training (HeartbeatTrainer; twin heartbeat.loss_and_grads + mlp.Adam)
                      _hb_draw, _hb_forward, _hb_head, _sigmoid_back, _outer, _colsum, _adam
-  random numbers     _normal, _uniform: numba's xoroshiro128+, one stream per row (tested by their moments)
+  random numbers     _draw: numba's xoroshiro128+, one stream per row (tested by their moments)
 
 The network is evaluated row by row inside each thread (a fused per-sample kernel) rather than through a
 tiled matrix product: the hidden layers are small (128 or 50 units), each thread keeps its activations
@@ -67,11 +67,21 @@ def _sigmoid(z):
 
 
 @cuda.jit(device=True)
+def _dense(below, W, b, out, sigmoid):
+    """One layer for one row: out = act(below W + b), act the sigmoid or tanh (mlp.forward, heartbeat.forward)."""
+    for h in range(W.shape[1]):
+        acc = b[h]
+        for j in range(W.shape[0]):
+            acc += below[j] * W[j, h]
+        out[h] = _sigmoid(acc) if sigmoid else _tanh(acc)
+
+
+@cuda.jit(device=True)
 def _hidden(x, ti, F, W1u, table1, W2, b2, u, h1, h2):
     """mlp.forward up to the last hidden layer for one row x (D,) at step ti: u = [x, sin(xF), cos(xF)],
     h1 = tanh(u W1_u + table1[t]), h2 = tanh(h1 W2 + b2). u, h1, h2 are the row's outputs: local arrays
     when sampling, rows of the batch's arrays when training (the backward pass needs them)."""
-    D, M, H = x.shape[0], F.shape[1], W2.shape[0]
+    D, M = x.shape[0], F.shape[1]
     for d in range(D):
         u[d] = x[d]
     for m in range(M):
@@ -80,16 +90,8 @@ def _hidden(x, ti, F, W1u, table1, W2, b2, u, h1, h2):
             s += x[d] * F[d, m]
         u[D + m] = math.sin(s)
         u[D + M + m] = math.cos(s)
-    for h in range(H):
-        acc = table1[ti, h]
-        for j in range(D + 2 * M):
-            acc += u[j] * W1u[j, h]
-        h1[h] = _tanh(acc)
-    for h in range(H):
-        acc = b2[h]
-        for j in range(H):
-            acc += h1[j] * W2[j, h]
-        h2[h] = _tanh(acc)
+    _dense(u, W1u, table1[ti], h1, False)
+    _dense(h1, W2, b2, h2, False)
 
 
 @cuda.jit(device=True)
@@ -115,23 +117,16 @@ def _gauss_net(x, ti, F, W1u, table1, W2, b2, Weff, beff, out):
 # ---------------------------------------------------------------- kernels
 
 @cuda.jit
-def _normal(states, out):
-    """out (n, D) ← N(0, 1) draws; thread k uses states[k] for rows k, k + stride, ..."""
+def _draw(states, out, uniform):
+    """out (n, D) ← U(0, 1) draws if uniform, else N(0, 1); thread k uses states[k] for rows k, k + stride, ..."""
     k = cuda.grid(1)
     stride = cuda.gridsize(1)
     for i in range(k, out.shape[0], stride):
         for d in range(out.shape[1]):
-            out[i, d] = xoroshiro128p_normal_float64(states, k)
-
-
-@cuda.jit
-def _uniform(states, out):
-    """out (n, D) ← U(0, 1) draws, as _normal."""
-    k = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    for i in range(k, out.shape[0], stride):
-        for d in range(out.shape[1]):
-            out[i, d] = xoroshiro128p_uniform_float64(states, k)
+            if uniform:
+                out[i, d] = xoroshiro128p_uniform_float64(states, k)
+            else:
+                out[i, d] = xoroshiro128p_normal_float64(states, k)
 
 
 @cuda.jit
@@ -193,20 +188,10 @@ def _gauss_kl(x0, xt, ti, coef, sqrt_T, F, W1u, table1, W2, b2, Weff, beff, kl_s
 def _hb_net(x, ti, scale, evidence, W1, b1, W2, b2, W3, b3, W4, b4, u, h1, h2, h3, xhat):
     """heartbeat.forward for one row x (D,) of bits at step ti: u = scale·e(x, t), three sigmoid layers,
     x̂ = sigmoid(h3 W4 + b4). The outputs are local arrays when sampling, the batch's rows when training."""
-    D, H = x.shape[0], W2.shape[0]
-    for d in range(D):
+    for d in range(x.shape[0]):
         u[d] = scale * evidence[ti, int(x[d])]
-    for W, b, below, out in ((W1, b1, u, h1), (W2, b2, h1, h2), (W3, b3, h2, h3)):
-        for h in range(H):
-            acc = b[h]
-            for j in range(W.shape[0]):
-                acc += below[j] * W[j, h]
-            out[h] = _sigmoid(acc)
-    for d in range(D):
-        acc = b4[d]
-        for j in range(H):
-            acc += h3[j] * W4[j, d]
-        xhat[d] = _sigmoid(acc)
+    for W, b, below, out in ((W1, b1, u, h1), (W2, b2, h1, h2), (W3, b3, h2, h3), (W4, b4, h3, xhat)):
+        _dense(below, W, b, out, True)
 
 
 @cuda.jit
@@ -261,12 +246,12 @@ def sample(params, k, n, seed=0):
     x, x_new = cuda.device_array((n, k.D)), cuda.device_array((n, k.D))
     noise = cuda.device_array((n, k.D))
     grid = blocks(min(n, 65_536))
-    _normal[grid, TPB](states, x)
+    _draw[grid, TPB](states, x, False)
     for t in range(k.T, 1, -1):
-        _normal[grid, TPB](states, noise)
+        _draw[grid, TPB](states, noise, False)
         _gauss_step[nb, TPB](x, t, *net.args, noise, x_new)
         x, x_new = x_new, x
-    _normal[grid, TPB](states, noise)
+    _draw[grid, TPB](states, noise, False)
     _fixed_step[nb, TPB](x, math.sqrt(1.0 - net.beta[1]), math.sqrt(net.beta[1]), noise, x_new)
     return x_new.copy_to_host()
 
@@ -285,7 +270,7 @@ def evaluate(params, k, x0, seed=0, n_draws=1):
     coef = net.args[0]
     for _ in range(n_draws):
         for t in range(2, k.T + 1):
-            _normal[grid, TPB](states, eps)
+            _draw[grid, TPB](states, eps, False)
             _q_sample[nb, TPB](x0_d, t, coef, eps, xt)
             _gauss_kl[nb, TPB](x0_d, xt, t, *net.args, kl_sum, kl_t)
     ab_T = float(np.prod(1.0 - net.beta[1:]))
@@ -305,13 +290,13 @@ def sample_heartbeat(params, k, n, seed=0):
     nb, grid = blocks(n), blocks(min(n, 65_536))
     u = cuda.device_array((n, k.D))
     x, x_new = cuda.device_array((n, k.D)), cuda.device_array((n, k.D))
-    _uniform[grid, TPB](states, u)
+    _draw[grid, TPB](states, u, True)
     _threshold[nb, TPB](u, k.m, x)
     for t in range(k.T, 1, -1):
-        _uniform[grid, TPB](states, u)
+        _draw[grid, TPB](states, u, True)
         _binomial_step[nb, TPB](x, t, k.cfg["input_scale"], evidence, post, *w, u, x_new)
         x, x_new = x_new, x
-    _uniform[grid, TPB](states, u)
+    _draw[grid, TPB](states, u, True)
     _binomial_fixed_step[nb, TPB](x, k.beta[1], k.m, u, x_new)
     return x_new.copy_to_host()
 
@@ -573,6 +558,12 @@ class _DeviceOptimiser:
         """The parameters (or Adam's moments "m", "v", or "grad") as host arrays, name → array."""
         return self._split(self.flats[store].copy_to_host())
 
+    @staticmethod
+    def _upload(*pairs):
+        """(device buffer, host array) pairs: each host array copied in, in its buffer's dtype."""
+        for buffer, array in pairs:
+            buffer.copy_to_device(np.ascontiguousarray(array, buffer.dtype))
+
     def _zero(self, *arrays):
         for a in arrays:
             _zero[blocks(a.size), TPB](a.reshape(a.size))
@@ -647,9 +638,7 @@ class Trainer(_DeviceOptimiser):
 
     def loss_and_grads(self, x0, eps, t):
         """model.loss_and_grads for a given minibatch (host arrays): the loss; the gradient in self.grads."""
-        self.x0.copy_to_device(np.ascontiguousarray(x0, np.float64))
-        self.eps.copy_to_device(np.ascontiguousarray(eps, np.float64))
-        self.t.copy_to_device(np.ascontiguousarray(t, np.int64))
+        self._upload((self.x0, x0), (self.eps, eps), (self.t, t))
         return self._loss_and_grads()
 
     def step(self, lr):
@@ -771,9 +760,7 @@ class HeartbeatTrainer(_DeviceOptimiser):
 
     def loss_and_grads(self, x0, t, xt):
         """heartbeat.loss_and_grads for a given minibatch and x⁽ᵗ⁾ (host arrays); the gradient in self.grads."""
-        self.x0.copy_to_device(np.ascontiguousarray(x0, np.float64))
-        self.t.copy_to_device(np.ascontiguousarray(t, np.int64))
-        self.xt.copy_to_device(np.ascontiguousarray(xt, np.float64))
+        self._upload((self.x0, x0), (self.t, t), (self.xt, xt))
         return self._loss_and_grads()
 
     def step(self, lr):

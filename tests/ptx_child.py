@@ -25,8 +25,7 @@ states = np.zeros(4, xoroshiro128p_dtype)
 net = (f64(7, 9), 1.0, f32(2, 3), f32(8, 8), f32(7, 8), f32(8, 8), f32(8), f32(7, 4, 8), f32(7, 4))
 hb_net = (f64(20, 6), f64(6), f64(6, 6), f64(6), f64(6, 6), f64(6), f64(6, 20), f64(20))
 EXAMPLES = {
-    "_normal": (states, f64(3, 2)),
-    "_uniform": (states, f64(3, 2)),
+    "_draw": (states, f64(3, 2), True),
     "_gauss_step": (f64(3, 2), 2) + net + (f64(3, 2), f64(3, 2)),
     "_fixed_step": (f64(3, 2), 0.5, 0.5, f64(3, 2), f64(3, 2)),
     "_q_sample": (f64(3, 2), 2, f64(7, 9), f64(3, 2), f64(3, 2)),
@@ -61,7 +60,7 @@ EXAMPLES = {
 
 if __name__ == "__main__":
     kernels = {name for name, v in vars(ck).items()
-               if isinstance(v, type(ck._normal)) and not v.targetoptions.get("device")}
+               if isinstance(v, type(ck._draw)) and not v.targetoptions.get("device")}
     missing = kernels - set(EXAMPLES)
     if missing:
         sys.exit(f"no PTX example arguments for {sorted(missing)}")
@@ -71,7 +70,7 @@ if __name__ == "__main__":
             ptx, _ = cuda.compile_ptx(getattr(ck, name).py_func, sig, cc=(8, 0))
         except Exception as e:                       # the toolkit's libraries are absent: not our error
             text = f"{type(e).__name__}: {e}"
-            if name == "_normal" and any(w in text.lower() for w in ("nvrtc", "nvvm", "dynamiclib")):
+            if name == "_draw" and any(w in text.lower() for w in ("nvrtc", "nvvm", "dynamiclib")):
                 print(f"SKIP: the CUDA toolkit packages are not installed ({text.splitlines()[0][:120]})")
                 sys.exit(0)
             raise
