@@ -18,9 +18,11 @@ import time
 
 import numpy as np
 
-import model
+import datasets
+import gaussian
+from adam import Adam
 
-COMPARISON = dict(model.DEFAULTS, M=0)       # no Fourier features: the model the issue compares with PyTorch
+COMPARISON = dict(datasets.SWISSROLL.model, M=0)       # no Fourier features: the model the issue compares with PyTorch
 
 
 def stats(name, samples, unit, **extra):
@@ -35,24 +37,23 @@ def make_trainer(backend, cfg, batch, seed=0):
     """A function doing one training step as train.py does, for either backend."""
     import data
     import fast
-    import mlp
-    k = model.Consts(cfg)
+    consts = gaussian.Gaussian(cfg)
     rng = np.random.default_rng(seed)
     x_train = data.swissroll(200_000, [seed, 0])
-    params = model.init(cfg, rng)
+    params = consts.init(rng)
     if backend == "numpy":
-        opt = mlp.Adam(params)
+        opt = Adam(params)
 
         def step():
-            x0, t, eps = model.draw_batch(rng, x_train, batch, cfg["T"])
-            _, grads = model.loss_and_grads(params, k, x0, eps, t)
+            x0, t, eps = gaussian.draw_batch(rng, x_train, batch, cfg["T"])
+            _, grads = gaussian.loss_and_grads(params, consts, x0, eps, t)
             opt.step(params, grads, 1e-3)
     else:
-        trainer = fast.Trainer(k, batch)
+        trainer = fast.Trainer(consts, batch)
         trainer.load(params)
 
         def step():
-            x0, t, eps = model.draw_batch(rng, x_train, batch, cfg["T"])
+            x0, t, eps = gaussian.draw_batch(rng, x_train, batch, cfg["T"])
             trainer.step(x0, eps, t, 1e-3)
     return step
 
@@ -98,10 +99,10 @@ def first_step():
     """What train.py does before its first step, then that step (run in a child process by cold_start)."""
     import train
     with tempfile.TemporaryDirectory() as d:
-        args = train.parse(["--data", "swissroll", "--out", d])
-        x_train = train.load_data(args)[0]
-        run = train.Run(args, x_train)
-        train.train_step(run, x_train)
+        args, ds = train.parse(["--data", "swissroll", "--out", d])
+        x_train = ds.load(datasets.N_TRAIN, [args.seed, 0], args.noise)
+        run = train.Run(args, ds, x_train)
+        train.train_step(run)
     print(time.time())
 
 
@@ -115,7 +116,7 @@ def cuda_peak_gflops(dev):
 
 
 # What bench.py --device cuda times (the tests shrink it to run the code in the simulator).
-CUDA_SIZES = {"cfg": model.DEFAULTS, "train": (512, 65_536), "repeat": (300, 100), "sample": 1_000_000,
+CUDA_SIZES = {"cfg": datasets.SWISSROLL.model, "train": (512, 65_536), "repeat": (300, 100), "sample": 1_000_000,
               "eval": 20_000, "timed": 5, "hb_cfg": None, "hb_train": 512, "hb_sample": 10_000}
 
 
@@ -137,9 +138,9 @@ def bench_cuda(a):
     emit = lambda d: print(json.dumps(d), flush=True)
     z = CUDA_SIZES
     cfg = z["cfg"]
-    k = model.Consts(cfg)
+    k = gaussian.Gaussian(cfg)
     rng = np.random.default_rng(0)
-    params = {n: v + 0.05 * rng.standard_normal(v.shape) for n, v in model.init(cfg, rng).items()}
+    params = {n: v + 0.05 * rng.standard_normal(v.shape) for n, v in k.init(rng).items()}
     peak = cuda_peak_gflops(dev)
     x_train = data.swissroll(200_000, [0, 0])
     for bs, repeat in zip(z["train"], z["repeat"]):
@@ -158,10 +159,10 @@ def bench_cuda(a):
     x = data.swissroll(z["eval"], [0, 1])
     s = timed(lambda: cuda_kernels.evaluate(params, k, x, seed=1), z["timed"], 1)
     emit(stats(f"eval_K_{z['eval']}", s, "s", device="cuda", gpu=gpu, draws=1, t_terms=k.T - 1))
-    import heartbeat                          # the heartbeat's default model, T = 2000
-    hcfg = z["hb_cfg"] or heartbeat.DEFAULTS
-    hk = heartbeat.Consts(hcfg)
-    hp = heartbeat.init(hcfg, np.random.default_rng(0))
+    import binomial                           # the heartbeat's default model, T = 2000
+    hcfg = z["hb_cfg"] or datasets.HEARTBEAT.model
+    hk = binomial.Binomial(hcfg)
+    hp = hk.init(np.random.default_rng(0))
     trainer = cuda_kernels.HeartbeatTrainer(hk, z["hb_train"], data.heartbeat(1000, [0, 0]), seed=1)
     trainer.load(hp)
     ms = timed(lambda: trainer.step(1e-4), z["repeat"][0], 3) * 1e3
@@ -193,8 +194,8 @@ def main(argv=None):
     b = a.backend
     # numba: how many parts of a batch run at once, one per core (fast.default_parts)
     parts = (lambda n: dict(parts=fast.default_parts(n))) if b == "numba" else (lambda n: {})
-    k = model.Consts(COMPARISON)
-    params = model.init(COMPARISON, np.random.default_rng(0))
+    k = gaussian.Gaussian(COMPARISON)
+    params = k.init(np.random.default_rng(0))
     for name, bs in (("train_step_b512", 512), ("train_step_b4096", 4096)):
         if want(name) or (bs == 512 and want("train_step_gflops")):
             ms = bench_train(b, bs, a.repeat)
@@ -207,12 +208,12 @@ def main(argv=None):
                            flop_per_step=flops, peak_gflops=peak, peak_is=how))
     if want("eval_K_20000"):
         x = data.swissroll(20_000, [0, 1])
-        ev = fast.evaluate if b == "numba" else model.evaluate
+        ev = fast.evaluate if b == "numba" else gaussian.evaluate
         s = timed(lambda: ev(params, k, x, np.random.default_rng(0), n_draws=1), 5, 1)
         emit(stats("eval_K_20000", s, "s", backend=b, draws=1, t_terms=COMPARISON["T"] - 1,
                    network=("float32" if b == "numba" else "float64"), kl_arithmetic="float64", **parts(20_000)))
     if want("sample_100000"):
-        sm = fast.sample if b == "numba" else model.sample
+        sm = fast.sample if b == "numba" else gaussian.sample
         s = timed(lambda: sm(params, k, 100_000, np.random.default_rng(0)), 5, 1)
         emit(stats("sample_100000", s, "s", backend=b, steps=COMPARISON["T"], **parts(100_000)))
     if b == "numba" and (want("cold_start_cold_cache") or want("cold_start_warm_cache")):

@@ -52,3 +52,28 @@ def load(path):
 def path_in(run):
     """A run directory names its checkpoint; a file path is taken as it is."""
     return os.path.join(run, "checkpoint.npz") if os.path.isdir(run) or not run.endswith(".npz") else run
+
+
+def load_run(path, expect_data=None):
+    """(meta, params, consts, the data set's row) from a checkpoint, checked against this code's model."""
+    import datasets
+    meta, arrays = load(path_in(path))
+    try:
+        ds = datasets.get(meta["data"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path} was trained on {meta.get('data')!r}, which this dpm does not know") from None
+    if expect_data is not None and ds.name != expect_data:
+        raise CheckpointError(f"{path} was trained on {ds.name!r}, not {expect_data!r}")
+    try:
+        consts = ds.Consts(dict(ds.model, **meta["cfg"]))
+        want = consts.init(np.random.default_rng(0))
+        params = {name: arrays[f"p/{name}"] for name in want}
+        noise = float(meta["noise"]) if "noise" in ds.own_flags else 0.0
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is missing or has a malformed entry ({e})") from None
+    for name, arr in params.items():
+        if arr.shape != want[name].shape:
+            raise CheckpointError(f"{path}: {name} has shape {arr.shape}, expected {want[name].shape}")
+    if not 0 <= noise < 1:
+        raise CheckpointError(f"{path} has noise {noise}, outside [0, 1)")
+    return meta, params, consts, ds

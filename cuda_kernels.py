@@ -32,7 +32,7 @@ from numba import cuda
 from numba.cuda.random import create_xoroshiro128p_states, xoroshiro128p_normal_float64, xoroshiro128p_uniform_float64
 
 import fast
-import heartbeat
+from net_sigmoid import SigmoidMLP
 
 TPB = int(os.environ.get("DPM_CUDA_TPB", "128"))
 MAX_H = 256          # the largest hidden layer a thread holds in local memory
@@ -284,7 +284,7 @@ def sample_heartbeat(params, k, n, seed=0):
     if k.cfg["H"] > MAX_H:
         raise ValueError(f"the CUDA kernels hold at most {MAX_H} hidden units")
     put = lambda a: cuda.to_device(np.ascontiguousarray(a, np.float64))
-    w = [put(params[name]) for name in heartbeat.PARAM_NAMES]
+    w = [put(params[name]) for name in SigmoidMLP.PARAM_NAMES]
     evidence, post = put(k.evidence), put(k.post)
     states = _states(n, seed)
     nb, grid = blocks(n), blocks(min(n, 65_536))
@@ -726,8 +726,8 @@ class HeartbeatTrainer(_DeviceOptimiser):
 
     def __init__(self, k, n, x_train, seed=0, b1=0.9, b2=0.999, eps=1e-8):
         D, H = k.D, k.cfg["H"]
-        shapes = {name: v.shape for name, v in heartbeat.init(k.cfg, np.random.default_rng(0)).items()}
-        super().__init__({name: shapes[name] for name in heartbeat.PARAM_NAMES}, np.float64, n, seed, (b1, b2, eps))
+        shapes = {name: v.shape for name, v in k.init(np.random.default_rng(0)).items()}
+        super().__init__({name: shapes[name] for name in SigmoidMLP.PARAM_NAMES}, np.float64, n, seed, (b1, b2, eps))
         self.k = k
         put = lambda a: cuda.to_device(np.ascontiguousarray(a, np.float64))
         self.evidence, self.post, self.ab = put(k.evidence), put(k.post), put(k.ab)

@@ -11,6 +11,10 @@ import numpy as np
 LN2 = math.log(2.0)
 
 
+def bits(nats):
+    return nats / LN2
+
+
 def logit(p):
     return np.log(p) - np.log1p(-p)
 
@@ -21,10 +25,10 @@ def sigmoid(z):
     return np.where(z >= 0, 1.0, e) / (1.0 + e)
 
 
-# ---------------------------------------------------------------- schedule (§2.4.1, code §5.2–5.3)
+# ---------------------------------------------------------------- schedule (§2.4.1; official code generate_beta_arr)
 
 def temporal_basis(T, J):
-    """The code's J normalised Gaussian bumps over t (paper Eq. 63, code generate_temporal_basis).
+    """J normalised Gaussian bumps over t (Eq. 63; the official code's generate_temporal_basis).
 
     Returns (J, T + 1); column t holds the weights of the bumps at step t and sums to 1.
     """
@@ -52,7 +56,7 @@ def beta_schedule(c, basis, base):
 
 
 def alpha_bar(beta):
-    """ᾱ_t = Π_{s≤t} (1 − β_s), with ᾱ₀ = 1 (the closed form of §3.5 / Table App.1)."""
+    """ᾱ_t = Π_{s≤t} (1 − β_s), with ᾱ₀ = 1 (Eq. 3's closed form for the kernels of Table App.1)."""
     return np.cumprod(1.0 - beta)
 
 
@@ -79,12 +83,12 @@ def q_posterior(x0, xt, beta_t, ab_t, ab_prev):
     return c0 * x0 + c1 * xt, beta_t * (1.0 - ab_prev) / (1.0 - ab_t)
 
 
-# ---------------------------------------------------------------- reverse process (Eq. 5, code §5.1)
+# ---------------------------------------------------------------- reverse process (Eq. 5; official code get_mu_sigma)
 
 def reverse_mu_sigma(xt, a, b, beta_t, T):
-    """p(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾) = N(mu, diag sigma²) as a perturbation of the forward step (code get_mu_sigma):
+    """p(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾) = N(mu, diag Σ) (Eq. 5) as a perturbation of the forward step (official code get_mu_sigma):
 
-    mu = x⁽ᵗ⁾√(1−β_t) + a√β_t,   sigma² = Σ = sigmoid(b/√T + logit β_t).
+    mu = x⁽ᵗ⁾√(1−β_t) + a√β_t,   Σ = sigmoid(b/√T + logit β_t).
     With a = b = 0 the reverse kernel is the forward kernel read backwards.
     """
     mu = np.sqrt(1.0 - beta_t) * xt + np.sqrt(beta_t) * a
@@ -124,6 +128,12 @@ def prior_and_edge_terms(x0, beta1, ab_T):
     return H_T - H_1 - 0.5 * (1.0 - ab_T - beta1) * (D - r2)
 
 
+def prior_and_edge_terms_grad_ab_T(x0, ab_T):
+    """∂/∂ᾱ_T of prior_and_edge_terms, per point: (D − ‖x⁽⁰⁾‖²)/2 − D/(2(1 − ᾱ_T))."""
+    D = x0.shape[-1]
+    return 0.5 * (D - np.sum(x0 * x0, axis=-1)) - 0.5 * D / (1.0 - ab_T)
+
+
 def log_null(x0):
     """L_null per point: log π(x⁽⁰⁾) with π = N(0, I) (Table 1 caption), nats."""
     D = x0.shape[-1]
@@ -139,9 +149,9 @@ def kl_terms(x0, xt, t, beta, ab, a, b, T):
     """
     bt, abt, abp = beta[t][:, None], ab[t][:, None], ab[t - 1][:, None]
     mu, Sigma = reverse_mu_sigma(xt, a, b, bt, T)
-    mu_t, beta_t = q_posterior(x0, xt, bt, abt, abp)
-    kl = gaussian_kl(mu_t, beta_t, mu, Sigma).sum(1)
-    return kl, (x0, xt, a, mu, Sigma, mu_t, beta_t, bt, abt, abp)
+    mu_tilde, beta_tilde = q_posterior(x0, xt, bt, abt, abp)
+    kl = gaussian_kl(mu_tilde, beta_tilde, mu, Sigma).sum(1)
+    return kl, (x0, xt, a, mu, Sigma, mu_tilde, beta_tilde, bt, abt, abp)
 
 
 def kl_backward(g_kl, cache, T):
@@ -150,33 +160,33 @@ def kl_backward(g_kl, cache, T):
     Returns ∂L/∂a, ∂L/∂b, ∂L/∂x⁽ᵗ⁾ (direct part, not through the network), and per-sample
     ∂L/∂β_t, ∂L/∂ᾱ_t, ∂L/∂ᾱ_{t−1} (frozen noise: x⁽ᵗ⁾ moves with ᾱ_t).
     """
-    x0, xt, a, mu, Sigma, mu_t, beta_t, bt, abt, abp = cache
+    x0, xt, a, mu, Sigma, mu_tilde, beta_tilde, bt, abt, abp = cache
     w = g_kl[:, None]
-    diff = mu_t - mu
-    g_Sigma = w * 0.5 * (1.0 / Sigma - (beta_t + diff**2) / Sigma**2)
-    g_betat = np.sum(w * 0.5 * (1.0 / Sigma - 1.0 / beta_t), 1, keepdims=True)
-    g_mut = w * diff / Sigma
-    g_mu = -g_mut
+    diff = mu_tilde - mu
+    g_Sigma = w * 0.5 * (1.0 / Sigma - (beta_tilde + diff**2) / Sigma**2)
+    g_beta_tilde = np.sum(w * 0.5 * (1.0 / Sigma - 1.0 / beta_tilde), 1, keepdims=True)
+    g_mu_tilde = w * diff / Sigma
+    g_mu = -g_mu_tilde
     g_z = g_Sigma * Sigma * (1.0 - Sigma)           # Sigma = sigmoid(z), z = b/√T + logit β_t
     g_b = g_z / math.sqrt(T)
     sa, sb = np.sqrt(1.0 - bt), np.sqrt(bt)
     g_a = g_mu * sb
     one_m = 1.0 - abt
     c1 = sa * (1.0 - abp) / one_m
-    g_xt = g_mu * sa + g_mut * c1
+    g_xt = g_mu * sa + g_mu_tilde * c1
     # scalars of the schedule, per sample
     g_sa = np.sum(g_mu * xt, 1, keepdims=True)
     g_sb = np.sum(g_mu * a, 1, keepdims=True)
-    g_c0 = np.sum(g_mut * x0, 1, keepdims=True)
-    g_c1 = np.sum(g_mut * xt, 1, keepdims=True)
+    g_c0 = np.sum(g_mu_tilde * x0, 1, keepdims=True)
+    g_c1 = np.sum(g_mu_tilde * xt, 1, keepdims=True)
     g_logit = np.sum(g_z, 1, keepdims=True)
     sqp = np.sqrt(abp)
     g_bt = (g_logit / (bt * (1.0 - bt)) - g_sa * 0.5 / sa + g_sb * 0.5 / sb
             + g_c0 * sqp / one_m - g_c1 * 0.5 / sa * (1.0 - abp) / one_m
-            + g_betat * (1.0 - abp) / one_m)
-    g_abp = (g_c0 * bt / (2.0 * sqp * one_m) - g_c1 * sa / one_m - g_betat * bt / one_m)
+            + g_beta_tilde * (1.0 - abp) / one_m)
+    g_abp = (g_c0 * bt / (2.0 * sqp * one_m) - g_c1 * sa / one_m - g_beta_tilde * bt / one_m)
     g_abt_direct = (g_c0 * sqp * bt / one_m**2 + g_c1 * sa * (1.0 - abp) / one_m**2
-                    + g_betat * bt * (1.0 - abp) / one_m**2)
+                    + g_beta_tilde * bt * (1.0 - abp) / one_m**2)
     return g_a, g_b, g_xt, g_bt[:, 0], g_abt_direct[:, 0], g_abp[:, 0]
 
 
@@ -266,7 +276,7 @@ def binomial_posterior(x0, xt, beta_t, ab_prev, m):
 
 
 def binomial_evidence(xt, ab_t, m):
-    """The evidence that x⁽ᵗ⁾ carries about one bit of x⁽⁰⁾, from the closed-form marginal (§3.6):
+    """The evidence that x⁽ᵗ⁾ carries about one bit of x⁽⁰⁾, from the closed-form marginal (binomial_marginal):
     e = log q(x⁽ᵗ⁾|x⁽⁰⁾ = 1) − log q(x⁽ᵗ⁾|x⁽⁰⁾ = 0). Bits are independent given x⁽⁰⁾, so
     q(x⁽⁰⁾|x⁽ᵗ⁾) ∝ q(x⁽⁰⁾) exp(Σᵢ x⁽⁰⁾ᵢ eᵢ): e is all that x⁽ᵗ⁾ and t say about x⁽⁰⁾. 0 at ᾱ_t = 0."""
     r1, r0 = binomial_marginal(1.0, ab_t, m), binomial_marginal(0.0, ab_t, m)
@@ -329,7 +339,7 @@ def binomial_edge_terms(x0, beta1, m):
     """Everything in K(x⁽⁰⁾) but the KL sum, exactly, per sequence (nats), for β_T = 1 (so ᾱ_T = 0).
 
     Eq. 12 per point is E log π(x⁽ᵀ⁾) + H_q(X⁽ᵀ⁾|x⁽⁰⁾) + E[log p(x⁽⁰⁾|x⁽¹⁾)|x⁽⁰⁾] − Σ_{t≥2} E KL_t. With
-    ᾱ_T = 0, x⁽ᵀ⁾ ~ π whatever x⁽⁰⁾ is, so the first two cancel (§3.6 of shared/paper.md). The last step is
+    ᾱ_T = 0, x⁽ᵀ⁾ ~ π whatever x⁽⁰⁾ is, so the first two cancel. The last step is
     fixed to the forward kernel (App. B.2): p(x⁽⁰⁾ = 1|x⁽¹⁾) = x⁽¹⁾(1 − β₁) + m β₁, averaged here over
     both values of each bit of x⁽¹⁾. (Eq. 14's −H_q(X⁽¹⁾|X⁽⁰⁾) is this term's value for data from π.)"""
     total = 0.0

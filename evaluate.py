@@ -15,27 +15,25 @@ import sys
 import numpy as np
 
 import ckpt
-import data
+import cli
+import datasets
 import dpm
-import fast
-import model
-import sample
-import train
+from cli import UsageError, positive
 
 
 def parse(argv):
-    p = train.Parser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="run directory (holding checkpoint.npz) or a checkpoint file")
     p.add_argument("--samples", default="1,10,100,1000", help="comma-separated N (trajectories per point)")
-    p.add_argument("--points", type=train.positive(int), default=1000, help="held-out points")
+    p.add_argument("--points", type=positive(int), default=1000, help="held-out points")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
         args.samples = sorted({int(s) for s in args.samples.split(",")})
     except ValueError:
-        raise train.UsageError(f"--samples must be comma-separated positive integers, got {args.samples!r}")
+        raise UsageError(f"--samples must be comma-separated positive integers, got {args.samples!r}")
     if args.samples[0] < 1:
-        raise train.UsageError(f"--samples must be positive, got {args.samples}")
+        raise UsageError(f"--samples must be positive, got {args.samples}")
     return args
 
 
@@ -51,32 +49,32 @@ def estimates(lw, ns):
 
 def main(argv=None):
     args = parse(argv)
-    meta, params, k = sample.load_run(args.run)
-    if meta["data"] != "swissroll":
-        raise train.UsageError(f"evaluate.py (Eq. 9) covers the Swiss roll only; {args.run} is a {meta['data']} run")
-    x = data.load(meta["data"], args.points, train.HELDOUT_SEED, meta["noise"])
+    meta, params, consts, ds = ckpt.load_run(args.run)
+    if ds.log_weights is None:
+        raise UsageError(f"evaluate.py (Eq. 9) covers Gaussian diffusion only; {args.run} is a {ds.name} run")
+    noise = meta["noise"]
+    x = ds.load(args.points, datasets.HELDOUT_SEED, noise)
     rng = np.random.default_rng([args.seed, 5])
-    kmn, _ = fast.evaluate(params, k, x, rng, n_draws=4)
-    K = model.bits(kmn + dpm.log_null(x))
-    lw = fast.log_weights(params, k, x, rng, max(args.samples))
+    kmn, _ = ds.fast.evaluate(params, consts, x, rng, n_draws=4)
+    K = dpm.bits(kmn + consts.log_null(x))
+    lw = ds.log_weights(params, consts, x, rng, max(args.samples))
     se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v)))
-    limit = data.limit_bits(meta["noise"])
+    limit = ds.limit_bits(consts.cfg, noise)
     print(f"{len(x)} held-out points, bits per point; limit -H(data) = {limit:.4f}")
     print(f"  K (Eq. 14, 4 draws)        {K.mean():8.4f} ± {se(K):.4f}")
     rows = []
     for n, est in estimates(lw, args.samples).items():
-        b = model.bits(est)
+        b = dpm.bits(est)
         d = b - K
         rows.append({"N": n, "log_p_bits": float(b.mean()), "stderr_bits": se(b),
                      "over_K_bits": float(d.mean()), "over_K_stderr_bits": se(d)})
         print(f"  log p, N = {n:<6d}          {b.mean():8.4f} ± {se(b):.4f}   over K {d.mean():+.4f} ± {se(d):.4f}")
     out = os.path.join(os.path.dirname(ckpt.path_in(args.run)), "importance_sampling.json")
-    with open(out, "w") as f:
-        json.dump({"points": len(x), "K_bits": float(K.mean()), "K_stderr_bits": se(K), "limit_bits": limit,
-                   "estimates": rows}, f, indent=1)
+    cli.write_text(out, json.dumps({"points": len(x), "K_bits": float(K.mean()), "K_stderr_bits": se(K),
+                                    "limit_bits": limit, "estimates": rows}, indent=1))
     print(f"-> {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(train.cli(main, "evaluate.py"))
+    sys.exit(cli.cli(main, "evaluate.py"))

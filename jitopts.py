@@ -1,4 +1,4 @@
-"""The one place that decides how dpm's CPU kernels are compiled (see shared numba-notes §3, §5).
+"""The one place that decides how dpm's CPU kernels are compiled.
 
 Caching policy:
 - Compiled kernels are cached on disk (numba's cache=True): a warm start skips the 2-4 s of compiling.
@@ -8,7 +8,7 @@ Caching policy:
   NUMBA_CACHE_DIR), numba refuses cache=True at import; dpm then compiles in memory instead of failing.
 - DPM_JIT_CACHE=0 turns the disk cache off (for example to time a cold start).
 Kernels are single-threaded and release the GIL (nogil): parallel=True costs seconds of compiling for no
-gain at these sizes (numba-notes §0). Large batches use the cores by running two parts at once on
+gain at these sizes. Large batches use the cores by running two parts at once on
 Python threads, BLAS held to one thread meanwhile (fast._SplitWork).
 """
 import os

@@ -13,6 +13,7 @@ import tempfile
 import pytest
 
 import bench
+import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,13 +33,11 @@ def test_bench_on_cuda_runs_its_code_in_the_simulator_and_refuses_without_a_gpu(
     """The simulator has no speed to speak of, so only the code path and the output format are checked, on a
     tiny model; without a GPU (available() False) it is one line on stderr and exit status 2."""
     import cuda_kernels
-    import model
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         pytest.skip("a real GPU run is bench.py's own business")
-    import heartbeat
-    monkeypatch.setattr(bench, "CUDA_SIZES", {"cfg": dict(model.DEFAULTS, H=4, M=1, J=3, T=4), "train": (5, 9),
+    monkeypatch.setattr(bench, "CUDA_SIZES", {"cfg": dict(datasets.SWISSROLL.model, H=4, M=1, J=3, T=4), "train": (5, 9),
                                               "repeat": (2, 2), "sample": 12, "eval": 10, "timed": 1,
-                                              "hb_cfg": dict(heartbeat.DEFAULTS, T=5, H=3), "hb_train": 6,
+                                              "hb_cfg": dict(datasets.HEARTBEAT.model, T=5, H=3), "hb_train": 6,
                                               "hb_sample": 7})
     import numpy as np
     with np.errstate(over="ignore"):
@@ -76,7 +75,7 @@ def open_tmp():
 
 
 def test_runs_from_a_read_only_install_with_no_writable_cache(open_tmp):
-    """numba-notes §3: cache=True raises at import where no cache directory is writable. jitopts must fall
+    """numba raises at import for cache=True where no cache directory is writable. jitopts must fall
     back to compiling in memory, so a read-only install with no writable HOME still trains and samples."""
     ro = open_tmp / "ro"
     ro.mkdir()
@@ -90,9 +89,9 @@ def test_runs_from_a_read_only_install_with_no_writable_cache(open_tmp):
     probe = run_as_unprivileged([sys.executable, "-c", "import numba"], str(ro), env)
     if probe.returncode != 0:
         pytest.skip(f"this interpreter cannot be run unprivileged here: {probe.stderr.strip()[-200:]}")
-    code = ("import numpy as np, model, fast\n"
-            "cfg = dict(model.DEFAULTS, H=8, J=3, T=5, M=2); k = model.Consts(cfg)\n"
-            "tr = fast.Trainer(k, 4); tr.load(model.init(cfg, np.random.default_rng(0)))\n"
+    code = ("import numpy as np, datasets, gaussian, fast\n"
+            "cfg = dict(datasets.SWISSROLL.model, H=8, J=3, T=5, M=2); k = gaussian.Gaussian(cfg)\n"
+            "tr = fast.Trainer(k, 4); tr.load(gaussian.Gaussian(cfg).init(np.random.default_rng(0)))\n"
             "x = np.ones((4, 2)); tr.step(x, x, np.array([2, 3, 4, 5]), 1e-3)\n"
             "fast.sample(tr.params, k, 5, np.random.default_rng(0)); print('ok')\n")
     r = run_as_unprivileged([sys.executable, "-c", code], str(ro), env)

@@ -1,5 +1,5 @@
-"""Binomial diffusion (§2.2, §3.6 of shared/paper.md) and the heartbeat data: closed forms against
-brute force, the Bernoulli KL, and the known answer of the reverse-equals-forward model."""
+"""Binomial diffusion (§2.2, Table App.1) and the heartbeat data: closed forms against brute force, the
+Bernoulli KL, and the known answer of the reverse-equals-forward model."""
 import math
 from fractions import Fraction
 
@@ -60,7 +60,7 @@ def test_bernoulli_kl_is_nonnegative_finite_and_zero_only_when_equal(q, p):
        t_frac=st.floats(0, 1), T=st.sampled_from([3, 50, 2000, 100_000]))
 def test_reverse_rate_kl_and_gradient_stay_finite_near_0_and_1(xhat, xt, x0, t_frac, T):
     """f_b from any x̂ in [0, 1], at any t, even where the posterior rates are within 1e-10 of 0 or 1:
-    strictly inside (0, 1), a finite KL against the true posterior, and a finite gradient (heartbeat.py's)."""
+    strictly inside (0, 1), a finite KL against the true posterior, and a finite gradient (binomial.py's)."""
     t = 2 + int(t_frac * (T - 2))
     beta, ab = dpm.binomial_beta(T), dpm.binomial_alpha_bar(T)
     post0, post1 = (dpm.binomial_posterior(b, xt, beta[t], ab[t - 1], 0.2) for b in (0.0, 1.0))
@@ -74,7 +74,7 @@ def test_reverse_rate_kl_and_gradient_stay_finite_near_0_and_1(xhat, xt, x0, t_f
 @settings(max_examples=40)
 @given(T=st.integers(3, 3000), m=st.floats(0.01, 0.99), data_=st.data())
 def test_evidence_gives_the_posterior_of_x0(T, m, data_):
-    """The claim heartbeat.py rests on: q(x⁽⁰⁾ᵢ = 1|x⁽ᵗ⁾ᵢ) = sigmoid(logit(prior) + eᵢ), e from dpm.binomial_evidence,
+    """The claim binomial.py rests on: q(x⁽⁰⁾ᵢ = 1|x⁽ᵗ⁾ᵢ) = sigmoid(logit(prior) + eᵢ), e from dpm.binomial_evidence,
     against Bayes' rule on the marginals."""
     t = data_.draw(st.integers(1, T - 1))
     prior, xt = data_.draw(st.floats(0.01, 0.99)), data_.draw(st.sampled_from([0.0, 1.0]))
@@ -107,8 +107,8 @@ def test_kl_gradient_matches_finite_differences():
 
 
 def test_reverse_equal_to_forward_gives_K_equal_to_L_null_exactly():
-    """§3.5's known answer for binomial diffusion: for data from π = B(m) the exact reverse kernel is the
-    forward kernel read backwards; heartbeat.py's rate gives it when x̂ = q(x⁽⁰⁾ = 1|x⁽ᵗ⁾) for such data,
+    """The known answer for binomial diffusion: for data from π = B(m) the exact reverse kernel is the
+    forward kernel read backwards; binomial.py's rate gives it when x̂ = q(x⁽⁰⁾ = 1|x⁽ᵗ⁾) for such data,
     sigmoid(logit m + e). Then every trajectory has log w = log π(x⁽⁰⁾), so K(x⁽⁰⁾) = log π(x⁽⁰⁾) for any
     x⁽⁰⁾. Bits are independent given x⁽⁰⁾ here, so each E_{x⁽ᵗ⁾|x⁽⁰⁾} KL_t is a sum over the two values of
     each bit: no sampling."""
@@ -144,7 +144,7 @@ def test_heartbeat_data_and_its_known_figures():
     assert abs(data.heartbeat_ceiling_bits(2000) - (-2.3659)) < 1e-4      # −H(X⁽¹⁾), by enumeration
     assert data.heartbeat_ceiling_bits(2000) < math.log2(1 / 5)            # below the true log-likelihood
     edge = dpm.binomial_edge_terms(seqs, 1 / 2000, 0.2) / math.log(2)
-    assert np.allclose(edge, -0.0439, atol=1e-4)                          # §3.6: 0.044 bits/seq
+    assert np.allclose(edge, -0.0439, atol=1e-4)                          # 0.044 bits/seq
 
 
 def exact_reverse_entropy_per_bit(beta, ab, m, p0, t):

@@ -7,13 +7,17 @@ import os
 
 import numpy as np
 import pytest
+from numba import cuda
 
+import binomial
+import cli
 import cuda_kernels as ck
 import data
+import datasets
 import dpm
-import heartbeat
-import model
-from numba import cuda
+import gaussian
+from adam import Adam
+from net_sigmoid import SigmoidMLP
 
 pytestmark = pytest.mark.skipif(not ck.available(), reason="no GPU and no CUDA simulator")
 
@@ -22,17 +26,17 @@ SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 def small_gauss(seed, M=3):
     """A small Swiss-roll config with perturbed weights (nothing at a symmetric zero)."""
-    cfg = dict(model.DEFAULTS, M=M, H=8, J=4, T=6)
+    cfg = dict(datasets.SWISSROLL.model, M=M, H=8, J=4, T=6)
     rng = np.random.default_rng(seed)
-    p = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in model.init(cfg, rng).items()}
-    return cfg, model.Consts(cfg), p, rng
+    p = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in gaussian.Gaussian(cfg).init(rng).items()}
+    return cfg, gaussian.Gaussian(cfg), p, rng
 
 
 def small_heartbeat(seed, T, H):
     """A small heartbeat config with random weights of scale 0.7."""
-    k = heartbeat.Consts(dict(heartbeat.DEFAULTS, T=T, H=H))
+    k = binomial.Binomial(dict(datasets.HEARTBEAT.model, T=T, H=H))
     rng = np.random.default_rng(seed)
-    p = {name: rng.normal(0, 0.7, v.shape) for name, v in heartbeat.init(k.cfg, rng).items()}
+    p = {name: rng.normal(0, 0.7, v.shape) for name, v in binomial.Binomial(k.cfg).init(rng).items()}
     return k, p, rng
 
 
@@ -45,7 +49,7 @@ def test_gauss_step_matches_model_reverse(n, M):
     for t in (2, k.T):
         out = cuda.device_array((n, 2))
         ck._gauss_step[ck.blocks(n), ck.TPB](cuda.to_device(x), t, *net.args, cuda.to_device(noise), out)
-        mu, Sigma, _ = model.reverse(p, k, x, np.full(n, t), beta)
+        mu, Sigma, _ = gaussian.reverse(p, k, x, np.full(n, t), beta)
         assert np.allclose(out.copy_to_host(), mu + np.sqrt(Sigma) * noise, rtol=1e-4, atol=1e-5), t
 
 
@@ -65,8 +69,8 @@ def test_q_sample_and_gauss_kl_match_dpm(n):
         assert np.allclose(xt_d.copy_to_host(), xt, rtol=1e-12, atol=1e-12)
         ck._gauss_kl[ck.blocks(n), ck.TPB](x0_d, xt_d, t, *net.args, kl_sum, kl_t)
         tt = np.full(n, t)
-        a, b, _ = model.mlp.forward(p, xt, k.basis[:, tt].T, k.F)
-        kl, _ = dpm.kl_terms(x0, xt, tt, beta, ab, a, b, k.T)
+        out, _ = k.net.forward(p, xt, tt)
+        kl, _ = dpm.kl_terms(x0, xt, tt, beta, ab, out[:, :2], out[:, 2:], k.T)
         want_sum += kl
         want_t[t] = kl.sum()
     assert np.allclose(kl_sum.copy_to_host(), want_sum, rtol=1e-4, atol=1e-6)
@@ -101,12 +105,12 @@ def test_binomial_step_matches_heartbeat_reverse_rate(n):
     x = data.heartbeat(n, 4)
     x[rng.random(x.shape) < 0.2] = 1.0
     u = rng.random(x.shape)
-    w = [cuda.to_device(np.ascontiguousarray(p[name])) for name in heartbeat.PARAM_NAMES]
+    w = [cuda.to_device(np.ascontiguousarray(p[name])) for name in SigmoidMLP.PARAM_NAMES]
     for t in (2, 17, k.T):
         out = cuda.device_array(x.shape)
         ck._binomial_step[ck.blocks(n), ck.TPB](cuda.to_device(x), t, k.cfg["input_scale"], cuda.to_device(k.evidence),
                                                 cuda.to_device(k.post), *w, cuda.to_device(u), out)
-        f, _ = heartbeat.reverse_rate(p, k, x, np.full(n, t))
+        f, _ = binomial.reverse_rate(p, k, x, np.full(n, t))
         clear = np.abs(u - f) > 1e-9
         assert np.array_equal(out.copy_to_host()[clear], (u < f).astype(float)[clear]), t
 
@@ -114,18 +118,18 @@ def test_binomial_step_matches_heartbeat_reverse_rate(n):
 def test_samplers_and_evaluation_end_to_end():
     """The host wrappers: shapes, the clamp of nothing, and the bound: on a model that is the forward
     kernel (untrained), K − L_null must be 0 within Monte Carlo error, as on the CPU."""
-    cfg = dict(model.DEFAULTS, M=2, H=4, J=3, T=5)
-    k = model.Consts(cfg)
-    p = model.init(cfg, np.random.default_rng(0))
+    cfg = dict(datasets.SWISSROLL.model, M=2, H=4, J=3, T=5)
+    k = gaussian.Gaussian(cfg)
+    p = gaussian.Gaussian(cfg).init(np.random.default_rng(0))
     with np.errstate(over="ignore"):
         x = ck.sample(p, k, 40, seed=2)
         x0 = data.swissroll(60, [0, 1])
         kmn, kl_t = ck.evaluate(p, k, x0, seed=3)
     assert x.shape == (40, 2) and np.all(np.isfinite(x))
     assert abs(kmn.mean()) < 4 * kmn.std() / math.sqrt(len(kmn)) and kl_t[:2].sum() == 0
-    hcfg = dict(heartbeat.DEFAULTS, T=8, H=3)
-    hk = heartbeat.Consts(hcfg)
-    hp = heartbeat.init(hcfg, np.random.default_rng(0))
+    hcfg = dict(datasets.HEARTBEAT.model, T=8, H=3)
+    hk = binomial.Binomial(hcfg)
+    hp = binomial.Binomial(hcfg).init(np.random.default_rng(0))
     with np.errstate(over="ignore"):
         xb = ck.sample_heartbeat(hp, hk, 30, seed=4)
     assert xb.shape == (30, 20) and set(np.unique(xb)) <= {0.0, 1.0}
@@ -134,12 +138,12 @@ def test_samplers_and_evaluation_end_to_end():
 @pytest.mark.skipif(not SIM and not cuda.is_available(), reason="needs a GPU")
 @pytest.mark.skipif(SIM, reason="a real GPU only: the simulator has no speed to speak of")
 def test_real_gpu_sampling_agrees_with_the_cpu_in_distribution():
-    cfg = dict(model.DEFAULTS)
-    k = model.Consts(cfg)
+    cfg = dict(datasets.SWISSROLL.model)
+    k = gaussian.Gaussian(cfg)
     rng = np.random.default_rng(0)
-    p = {n: v + 0.05 * rng.standard_normal(v.shape) for n, v in model.init(cfg, rng).items()}
+    p = {n: v + 0.05 * rng.standard_normal(v.shape) for n, v in gaussian.Gaussian(cfg).init(rng).items()}
     x = ck.sample(p, k, 200_000, seed=1)
-    y, _ = model.sample(p, k, 200_000, np.random.default_rng(2))
+    y, _ = gaussian.sample(p, k, 200_000, np.random.default_rng(2))
     assert np.allclose(x.mean(0), y.mean(0), atol=0.02) and np.allclose(x.std(0), y.std(0), atol=0.02)
 
 
@@ -162,11 +166,11 @@ def test_sample_py_on_cuda_for_both_datasets_and_its_refusals(tmp_path, monkeypa
     """sample.py --device cuda on tiny runs of both datasets (the simulator is slow: small networks), and
     one clear line with exit status 2 where no GPU exists or a CPU-only option is asked for."""
     import train
-    from test_train import one_error_line, run_sample
+    from conftest import one_error_line, run_sample
     tiny = ["--steps", "20", "--heldout", "100", "--draws", "1", "--eval-every", "1000"]
-    assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "sr"), "--hidden", "4", "--fourier", "1",
+    assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "sr"), "--hidden", "4", "--fourier", "1",
                                               "--T", "4", *tiny]) == 0
-    assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "hb"), "--data", "heartbeat", "--hidden", "3",
+    assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "hb"), "--data", "heartbeat", "--hidden", "3",
                                               "--T", "6", *tiny]) == 0
     capsys.readouterr()
     with np.errstate(over="ignore"):
@@ -183,10 +187,10 @@ def test_sample_py_on_cuda_for_both_datasets_and_its_refusals(tmp_path, monkeypa
 @pytest.mark.parametrize("n, M", [(1, 2), (37, 2), (19, 0)])
 def test_training_step_matches_model_loss_and_grads(n, M):
     """The GPU training step's loss and every gradient against the float64 NumPy reference, on the same
-    minibatch; then one Adam update against mlp.Adam's."""
+    minibatch; then one Adam update against adam.Adam's."""
     cfg, k, p, rng = small_gauss(200 + n, M)
     x0, eps, t = rng.standard_normal((n, 2)), rng.standard_normal((n, 2)), rng.integers(2, k.T + 1, n)
-    loss, grads = model.loss_and_grads(p, k, x0, eps, t)
+    loss, grads = gaussian.loss_and_grads(p, k, x0, eps, t)
     tr = ck.Trainer(k, n, x0, seed=1)
     tr.load(p)
     got = tr.loss_and_grads(x0, eps, t)
@@ -195,7 +199,7 @@ def test_training_step_matches_model_loss_and_grads(n, M):
     for name, want in grads.items():
         err = np.max(np.abs(host[name] - want)) / max(np.max(np.abs(want)), 1e-12)
         assert err < 2e-4, (name, err)
-    opt = model.mlp.Adam({name: v.copy() for name, v in p.items()})
+    opt = Adam({name: v.copy() for name, v in p.items()})
     ref = {name: v.copy() for name, v in p.items()}
     opt.step(ref, grads, 1e-2)
     tr.apply(got, 1e-2)
@@ -225,14 +229,14 @@ def test_training_on_the_device_draws_batches_and_refuses_nan():
 
 def test_a_short_gpu_run_gives_the_cpu_runs_K():
     """30 steps on the same minibatches through cuda_kernels.Trainer and fast.Trainer (both float32): the
-    parameters agree to float rounding and so does the held-out K (model.evaluate, float64, same noise)."""
+    parameters agree to float rounding and so does the held-out K (gaussian.evaluate, float64, same noise)."""
     cfg, k, p, rng = small_gauss(9)
     gpu, cpu = ck.Trainer(k, 24, np.zeros((1, 2))), model_trainer(k, 24)
     gpu.load(p)
     cpu.load(p)
     x_train = data.swissroll(2000, [0, 0])
     for step in range(30):
-        x0, t, eps = model.draw_batch(rng, x_train, 24, k.T)
+        x0, t, eps = gaussian.draw_batch(rng, x_train, 24, k.T)
         cpu.step(x0, eps, t, 3e-3)
         gpu.apply(gpu.loss_and_grads(x0, eps, t), 3e-3)
     a = {n: np.asarray(v, np.float64) for n, v in gpu.host().items()}
@@ -240,8 +244,8 @@ def test_a_short_gpu_run_gives_the_cpu_runs_K():
     for name in a:
         assert np.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
     x = data.swissroll(300, [0, 1])
-    Ka, _ = model.evaluate(a, k, x, np.random.default_rng(4), n_draws=1)
-    Kb, _ = model.evaluate(b, k, x, np.random.default_rng(4), n_draws=1)
+    Ka, _ = gaussian.evaluate(a, k, x, np.random.default_rng(4), n_draws=1)
+    Kb, _ = gaussian.evaluate(b, k, x, np.random.default_rng(4), n_draws=1)
     assert abs(Ka.mean() - Kb.mean()) < 1e-4 and abs(Kb.mean()) > 1e-3      # it has moved from 0, equally
 
 
@@ -253,10 +257,10 @@ def model_trainer(k, n):
 def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch, capsys):
     import ckpt
     import train
-    from test_train import one_error_line, run_sample
+    from conftest import one_error_line, run_sample
     tiny = ["--hidden", "4", "--fourier", "1", "--T", "4", "--batch-size", "16", "--heldout", "60", "--draws", "1",
             "--eval-every", "6", "--device", "cuda"]
-    run = lambda out, *a: train.cli(train.main, "train.py", ["--out", str(tmp_path / out), *tiny, *a])
+    run = lambda out, *a: cli.cli(train.main, "train.py", ["--out", str(tmp_path / out), *tiny, *a])
     with np.errstate(over="ignore"):
         assert run("a", "--steps", "6") == 0
         assert run("a", "--steps", "12", "--resume") == 0
@@ -267,7 +271,7 @@ def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch
     assert all(np.array_equal(a[key], b[key]) for key in a)
     assert run_sample(tmp_path / "a", "-n", "10", "--out", tmp_path / "s.npy") == 0       # a CPU sampler reads it
     capsys.readouterr()
-    assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "a"), *tiny[:-2], "--steps", "18",
+    assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "a"), *tiny[:-2], "--steps", "18",
                                               "--resume"]) == 2                         # a cpu resume of a cuda run
     assert "device" in one_error_line(capsys)
     real, calls = ck.Trainer._loss_and_grads, {"n": 0}
@@ -288,9 +292,9 @@ def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch
     hb = ["--data", "heartbeat", "--T", "6", "--hidden", "3", "--batch-size", "16", "--heldout", "40",
           "--eval-every", "5", "--device", "cuda"]
     with np.errstate(over="ignore"):
-        assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "5"]) == 0
-        assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "10", "--resume"]) == 0
-        assert train.cli(train.main, "train.py", ["--out", str(tmp_path / "h2"), *hb, "--steps", "10"]) == 0
+        assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "5"]) == 0
+        assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "10", "--resume"]) == 0
+        assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h2"), *hb, "--steps", "10"]) == 0
     _, a = ckpt.load(str(tmp_path / "h1" / "checkpoint.npz"))
     _, b = ckpt.load(str(tmp_path / "h2" / "checkpoint.npz"))
     assert all(np.array_equal(a[key], b[key]) for key in a) and "rng/xoroshiro" in a
@@ -302,11 +306,11 @@ def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("n", [1, 29])
 def test_heartbeat_training_step_matches_its_twin(n):
-    """The GPU heartbeat step against heartbeat.loss_and_grads (float64, same x⁽ᵗ⁾), then Adam against mlp.Adam."""
+    """The GPU heartbeat step against binomial.loss_and_grads (float64, same x⁽ᵗ⁾), then Adam against adam.Adam."""
     k, p, rng = small_heartbeat(n, 40, 5)
-    x0, t = heartbeat.draw_batch(rng, data.heartbeat(50, 1), n, k.T)
-    xt = heartbeat.forward_sample(k, x0, t, np.random.default_rng(7))
-    loss, grads = heartbeat.loss_and_grads(p, k, x0, t, np.random.default_rng(7))     # draws the same x⁽ᵗ⁾
+    x0, t = binomial.draw_batch(rng, data.heartbeat(50, 1), n, k.T)
+    xt = binomial.forward_sample(k, x0, t, np.random.default_rng(7))
+    loss, grads = binomial.loss_and_grads(p, k, x0, t, np.random.default_rng(7))     # draws the same x⁽ᵗ⁾
     tr = ck.HeartbeatTrainer(k, n, data.heartbeat(50, 1))
     tr.load(p)
     got = tr.loss_and_grads(x0, t, xt)
@@ -315,16 +319,16 @@ def test_heartbeat_training_step_matches_its_twin(n):
     for name, want in grads.items():
         assert np.allclose(host[name], want, rtol=1e-8, atol=1e-10), name
     ref = {name: v.copy() for name, v in p.items()}
-    model.mlp.Adam(ref).step(ref, grads, 1e-2)
+    Adam(ref).step(ref, grads, 1e-2)
     tr.apply(got, 1e-2)
     new = tr.host()
     assert all(np.allclose(new[name], ref[name], rtol=1e-9, atol=1e-12) for name in ref)
 
 
 def test_heartbeat_batches_drawn_on_the_device_follow_the_forward_process():
-    k = heartbeat.Consts(dict(heartbeat.DEFAULTS, T=40, H=3))
+    k = binomial.Binomial(dict(datasets.HEARTBEAT.model, T=40, H=3))
     tr = ck.HeartbeatTrainer(k, 64, data.heartbeat(100, 1), seed=3)
-    tr.load(heartbeat.init(k.cfg, np.random.default_rng(0)))
+    tr.load(binomial.Binomial(k.cfg).init(np.random.default_rng(0)))
     with np.errstate(over="ignore"):
         losses = [tr.step(1e-3) for _ in range(4)]
     x0, t, xt = tr.x0.copy_to_host(), tr.t.copy_to_host(), tr.xt.copy_to_host()

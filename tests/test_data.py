@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import data
+import datasets
 
 
 def test_standardised_roll_has_zero_mean_and_unit_variance():
@@ -75,5 +76,5 @@ def test_limit_and_ceiling_match_known_values_and_monte_carlo():
 
 
 def test_unknown_dataset_is_refused():
-    with pytest.raises(ValueError, match="unknown dataset"):
-        data.load("mnist", 10, 0, 0.02)
+    with pytest.raises(ValueError, match="unknown data set"):
+        datasets.get("mnist")

@@ -1,5 +1,5 @@
 """The paper's equations against independent answers: Monte Carlo, brute-force conditioning, iteration,
-and the known answer of §3.5 (reverse kernel = forward kernel gives K − L_null = 0)."""
+and the known answer (reverse kernel = forward kernel gives K − L_null = 0)."""
 import math
 
 import numpy as np
@@ -94,7 +94,7 @@ def expected_kl_forward_as_reverse(x0, t, beta, ab):
 
 @given(st.lists(st.floats(1e-4, 0.5), min_size=3, max_size=40), st.lists(f64, min_size=1, max_size=3))
 def test_known_answer_reverse_equals_forward_gives_zero(b, x0):
-    """§3.5: with p(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾) the forward kernel read backwards, K = log π(x⁽⁰⁾) exactly, for any x⁽⁰⁾,
+    """The known answer: with p(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾) the forward kernel read backwards, K = log π(x⁽⁰⁾) exactly, for any x⁽⁰⁾,
     once the prior and t = 1 terms are kept exact (prior_and_edge_terms)."""
     beta = np.array([0.0] + b)
     ab = dpm.alpha_bar(beta)

@@ -1,4 +1,4 @@
-"""fast.py (the Numba path) against its NumPy twins (model.py, mlp.py, dpm.py), at awkward sizes.
+"""fast.py (the Numba path) against its NumPy twins (gaussian.py, mlp.py, dpm.py), at awkward sizes.
 
 In float64 the kernels must agree with the reference to rounding (1e-10 relative); in float32 (how
 train.py trains) to float32 rounding (1e-5 relative)."""
@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import datasets
 import dpm
 import fast
-import mlp
-import model
+import gaussian
+from adam import Adam
 
 
 def config(M):
-    return dict(model.DEFAULTS, M=M, H=16, J=4, T=9)
+    return dict(datasets.SWISSROLL.model, M=M, H=16, J=4, T=9)
 
 
 def perturbed_params(cfg, rng, scale=0.3):
-    p = model.init(cfg, rng)
+    p = gaussian.Gaussian(cfg).init(rng)
     return {k: v + scale * rng.standard_normal(v.shape) for k, v in p.items()}
 
 
@@ -28,7 +29,7 @@ def setup(M, seed, scale=0.3):
     """A small config, its constants and perturbed parameters (so nothing is at a symmetric zero)."""
     cfg = config(M)
     rng = np.random.default_rng(seed)
-    return cfg, model.Consts(cfg), perturbed_params(cfg, rng, scale), rng
+    return cfg, gaussian.Gaussian(cfg), perturbed_params(cfg, rng, scale), rng
 
 
 def batch(rng, n, T):
@@ -40,11 +41,11 @@ def rel_err(a, b):
 
 
 def compare_step(M, seed, n, dtype, tol, scale=0.3, loss_floor=0.0, parts=1):
-    """fast.Trainer's loss and every gradient against model.loss_and_grads on one random batch, the batch
+    """fast.Trainer's loss and every gradient against gaussian.loss_and_grads on one random batch, the batch
     cut into parts run at once (their gradient sums added up)."""
     cfg, k, p, rng = setup(M, seed, scale)
     x0, eps, t = batch(rng, n, cfg["T"])
-    loss, grads = model.loss_and_grads(p, k, x0, eps, t)
+    loss, grads = gaussian.loss_and_grads(p, k, x0, eps, t)
     tr = fast.Trainer(k, n, dtype, parts=parts)
     assert len(tr.parts) == min(parts, n)
     tr.load(p)
@@ -114,15 +115,15 @@ def test_split_work_restores_blas_threads():
 def test_adam_kernel_matches_mlp_adam_over_several_steps():
     cfg = config(0)
     rng = np.random.default_rng(4)
-    k = model.Consts(cfg)
+    k = gaussian.Gaussian(cfg)
     p = perturbed_params(cfg, rng)
     ref = {name: v.copy() for name, v in p.items()}
-    opt = mlp.Adam(ref)
+    opt = Adam(ref)
     tr = fast.Trainer(k, 33, np.float64)
     tr.load(p)
     for step in range(5):
         x0, eps, t = batch(rng, 33, cfg["T"])
-        _, grads = model.loss_and_grads(ref, k, x0, eps, t)
+        _, grads = gaussian.loss_and_grads(ref, k, x0, eps, t)
         opt.step(ref, grads, 1e-2)
         tr.step(x0, eps, t, 1e-2)
     for name in ref:
@@ -135,7 +136,7 @@ def test_adam_kernel_matches_mlp_adam_over_several_steps():
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_gradient_is_refused_and_changes_nothing(bad):
     cfg = config(0)
-    tr = fast.Trainer(model.Consts(cfg), 5, np.float32)
+    tr = fast.Trainer(gaussian.Gaussian(cfg), 5, np.float32)
     tr.load(perturbed_params(cfg, np.random.default_rng(5)))
     before = tr.theta.copy()
     tr.grad[:] = 0.1
@@ -147,7 +148,7 @@ def test_non_finite_gradient_is_refused_and_changes_nothing(bad):
 def test_schedule_kernel_matches_dpm():
     cfg = config(0)
     rng = np.random.default_rng(6)
-    k = model.Consts(cfg)
+    k = gaussian.Gaussian(cfg)
     p = perturbed_params(cfg, rng, scale=2.0)
     net = fast.Tables(k, np.float64)
     net.update(p)
@@ -189,7 +190,7 @@ def test_evaluation_matches_reference(M, parts):
     """Same RNG draws, 250 points in batches of 64 (the last one short), cut into parts run at once."""
     cfg, k, p, rng = setup(M, 8)
     x = rng.standard_normal((250, 2))
-    a, kl_a = model.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
+    a, kl_a = gaussian.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
     b, kl_b = fast.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64, dtype=np.float64,
                             parts=parts)
     assert rel_err(b, a) < 1e-10 and rel_err(kl_b, kl_a) < 1e-10
@@ -203,7 +204,7 @@ def test_evaluation_matches_reference(M, parts):
 def test_sampling_matches_reference(M, parts):
     cfg, k, p, rng = setup(M, 9)
     keep = (cfg["T"], 3, 1)
-    a, ka = model.sample(p, k, 101, np.random.default_rng(2), keep=keep)
+    a, ka = gaussian.sample(p, k, 101, np.random.default_rng(2), keep=keep)
     b, kb = fast.sample(p, k, 101, np.random.default_rng(2), keep=keep, batch=32, dtype=np.float64, parts=parts)
     assert rel_err(b, a) < 1e-10 and all(rel_err(kb[t], ka[t]) < 1e-10 for t in ka)
     c, _ = fast.sample(p, k, 101, np.random.default_rng(2), batch=32, dtype=np.float32)
@@ -212,8 +213,8 @@ def test_sampling_matches_reference(M, parts):
 
 def test_trainer_params_are_views_of_one_flat_vector():
     cfg = config(4)
-    tr = fast.Trainer(model.Consts(cfg), 3)
-    ref = model.init(cfg, np.random.default_rng(0))
+    tr = fast.Trainer(gaussian.Gaussian(cfg), 3)
+    ref = gaussian.Gaussian(cfg).init(np.random.default_rng(0))
     assert set(tr.params) == set(ref)
     for name, v in tr.params.items():
         assert v.shape == ref[name].shape and np.shares_memory(v, tr.theta)

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 
 import data
+import datasets
 import dpm
-import mlp
-import model
+import gaussian
+from net_fourier import FourierMLP
 
 
 def numeric_grad(f, x, h=1e-6):
@@ -32,34 +33,43 @@ def close(analytic, numeric, tol=1e-6):
 def net():
     rng = np.random.default_rng(0)
     D, J, H, M = 2, 4, 7, 3
-    p = mlp.init(rng, D, J, H, M)
+    mlp = FourierMLP({"T": 6, "D": D, "J": J, "H": H, "M": M, "fourier_scale": 2.0})
+    p = mlp.init(rng)
     for k in p:                       # a nonzero readout, so every layer's gradient is exercised
         p[k] += 0.3 * rng.standard_normal(p[k].shape)
     x = rng.standard_normal((5, D))
-    g = dpm.temporal_basis(6, J)[:, rng.integers(1, 7, 5)].T
-    F = mlp.fourier_matrix(D, M, 2.0)
+    t = rng.integers(1, 7, 5)
     w_a, w_b = rng.standard_normal((5, D)), rng.standard_normal((5, D))
-    return p, x, g, F, w_a, w_b
+    return mlp, p, x, t, w_a, w_b
 
 
-def net_loss(p, x, g, F, w_a, w_b):
-    a, b, _ = mlp.forward(p, x, g, F)
-    return np.sum(w_a * a) + np.sum(w_b * np.tanh(b))
+def net_loss(mlp, p, x, t, w_a, w_b):
+    out, _ = mlp.forward(p, x, t)
+    return np.sum(w_a * out[:, :mlp.D]) + np.sum(w_b * np.tanh(out[:, mlp.D:]))
 
 
-@pytest.mark.parametrize("name", mlp.PARAM_NAMES)
+def net_backward(mlp, p, x, t, w_a, w_b):
+    out, cache = mlp.forward(p, x, t)
+    return mlp.backward(p, cache, np.concatenate([w_a, w_b * (1 - np.tanh(out[:, mlp.D:]) ** 2)], axis=1))
+
+
+@pytest.mark.parametrize("name", FourierMLP.PARAM_NAMES)
 def test_each_layer_and_the_readout(net, name):
-    p, x, g, F, w_a, w_b = net
-    a, b, cache = mlp.forward(p, x, g, F)
-    grads, _ = mlp.backward(p, cache, w_a, w_b * (1 - np.tanh(b) ** 2))
-    close(grads[name], numeric_grad(lambda: net_loss(p, x, g, F, w_a, w_b), p[name]))
+    grads, _ = net_backward(*net)
+    close(grads[name], numeric_grad(lambda: net_loss(*net), net[1][name]))
 
 
 def test_input_gradient_through_fourier_features(net):
-    p, x, g, F, w_a, w_b = net
-    a, b, cache = mlp.forward(p, x, g, F)
-    _, g_x = mlp.backward(p, cache, w_a, w_b * (1 - np.tanh(b) ** 2))
-    close(g_x, numeric_grad(lambda: net_loss(p, x, g, F, w_a, w_b), x))
+    _, g_x = net_backward(*net)
+    close(g_x, numeric_grad(lambda: net_loss(*net), net[2]))
+
+
+def test_prior_and_edge_terms_gradient():
+    """dpm.prior_and_edge_terms_grad_ab_T against central differences in ᾱ_T, per point."""
+    x0 = np.random.default_rng(2).standard_normal((6, 3))
+    for ab_T in (1e-4, 0.37, 0.9):
+        num = (dpm.prior_and_edge_terms(x0, 1e-3, ab_T + 1e-7) - dpm.prior_and_edge_terms(x0, 1e-3, ab_T - 1e-7)) / 2e-7
+        assert np.allclose(dpm.prior_and_edge_terms_grad_ab_T(x0, ab_T), num, rtol=1e-6, atol=1e-6)
 
 
 def kl_setup(seed=1, T=6):
@@ -102,16 +112,16 @@ def test_kl_gradient_wrt_schedule_scalars():
 
 
 def test_full_loss_gradient_including_the_schedule():
-    cfg = dict(model.DEFAULTS, H=6, J=4, T=7, beta1=1e-3, M=3, fourier_scale=2.0)
+    cfg = dict(datasets.SWISSROLL.model, H=6, J=4, T=7, beta1=1e-3, M=3, fourier_scale=2.0)
     rng = np.random.default_rng(4)
-    k = model.Consts(cfg)
-    p = model.init(cfg, rng)
+    consts = gaussian.Gaussian(cfg)
+    p = consts.init(rng)
     for name in p:
         p[name] += 0.3 * rng.standard_normal(p[name].shape)
     x0 = data.swissroll(9, 5)
     eps = rng.standard_normal(x0.shape)
     t = rng.integers(2, cfg["T"] + 1, len(x0))
-    _, grads = model.loss_and_grads(p, k, x0, eps, t)
+    _, grads = gaussian.loss_and_grads(p, consts, x0, eps, t)
     for name in p:
-        num = numeric_grad(lambda: model.loss_and_grads(p, k, x0, eps, t)[0], p[name], h=1e-4 if name == "c" else 1e-6)
+        num = numeric_grad(lambda: gaussian.loss_and_grads(p, consts, x0, eps, t)[0], p[name], h=1e-4 if name == "c" else 1e-6)
         close(grads[name], num, tol=1e-6)

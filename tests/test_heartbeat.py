@@ -1,4 +1,4 @@
-"""The heartbeat model (heartbeat.py): gradients against finite differences, the K estimator against
+"""The heartbeat model (binomial.py): gradients against finite differences, the K estimator against
 closed forms, the exact-posterior model against the ceiling, the sampler, and train.py/sample.py end to end."""
 import json
 import math
@@ -7,21 +7,25 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
+import binomial
 import ckpt
+import cli
 import data
+import datasets
 import dpm
-import heartbeat
-import model
+import smc
 import train
-from test_train import one_error_line, run_sample
+from net_sigmoid import SigmoidMLP
 
-CFG = dict(heartbeat.DEFAULTS)
+from conftest import one_error_line, run_sample
+
+CFG = dict(datasets.HEARTBEAT.model)
 
 
 def random_params(seed, cfg=CFG):
     """Every weight non-zero (init's readout is zero, which would hide the hidden layers' gradients)."""
     rng = np.random.default_rng(seed)
-    return {k: rng.normal(0.0, 0.7, v.shape) for k, v in heartbeat.init(cfg, rng).items()}
+    return {k: rng.normal(0.0, 0.7, v.shape) for k, v in binomial.Binomial(cfg).init(rng).items()}
 
 
 def exact_rate(seqs=None):
@@ -40,14 +44,14 @@ def exact_rate(seqs=None):
 
 
 def test_gradients_match_finite_differences():
-    k = heartbeat.Consts(dict(CFG, T=60))
+    k = binomial.Binomial(dict(CFG, T=60))
     p = random_params(0, k.cfg)
-    x0, t = heartbeat.draw_batch(np.random.default_rng(1), data.heartbeat(100, 2), 37, k.T)
-    loss_at = lambda q: heartbeat.loss_and_grads(q, k, x0, t, np.random.default_rng(3))  # same x⁽ᵗ⁾ each call
+    x0, t = binomial.draw_batch(np.random.default_rng(1), data.heartbeat(100, 2), 37, k.T)
+    loss_at = lambda q: binomial.loss_and_grads(q, k, x0, t, np.random.default_rng(3))  # same x⁽ᵗ⁾ each call
     _, g = loss_at(p)
     rng = np.random.default_rng(4)
     h = 1e-6
-    for name in heartbeat.PARAM_NAMES:
+    for name in SigmoidMLP.PARAM_NAMES:
         for _ in range(6):
             i = tuple(rng.integers(0, s) for s in p[name].shape)
             plus, minus = {n: v.copy() for n, v in p.items()}, {n: v.copy() for n, v in p.items()}
@@ -61,10 +65,10 @@ def test_K_estimate_matches_its_closed_form_where_bits_are_independent():
     """With a zero readout W₄, x̂ = sigmoid(b₄) is constant and f_b depends on x⁽ᵗ⁾ᵢ alone, so E KL_t is a sum
     over the two values of each bit. evaluate()'s Monte Carlo (full sum over t) and the training loss's
     (t drawn uniformly) must both agree with it within their errors (b₄ = logit m is the untrained model)."""
-    k = heartbeat.Consts(dict(CFG, T=200))
+    k = binomial.Binomial(dict(CFG, T=200))
     x0 = data.heartbeat(1, 0)
     for prior in (k.m, 0.35):
-        p = heartbeat.init(k.cfg, np.random.default_rng(0))
+        p = binomial.Binomial(k.cfg).init(np.random.default_rng(0))
         p["b4"][:] = dpm.logit(prior)
         exact = 0.0
         for t in range(2, k.T + 1):
@@ -74,12 +78,12 @@ def test_K_estimate_matches_its_closed_form_where_bits_are_independent():
                 post0, post1 = (dpm.binomial_posterior(v, b, k.beta[t], k.ab[t - 1], k.m) for v in (0.0, 1.0))
                 f = dpm.binomial_reverse_rate_x0(post0, post1, prior)
                 exact += np.sum(p_b * dpm.bernoulli_kl(np.where(x0 > 0.5, post1, post0), f))
-        exact = float(dpm.binomial_edge_terms(x0, k.beta[1], k.m)[0] - heartbeat.log_null(x0, k.m)[0] - exact)
-        kmn, kl_t = heartbeat.evaluate(p, k, np.repeat(x0, 1000, 0), np.random.default_rng(1))
+        exact = float(dpm.binomial_edge_terms(x0, k.beta[1], k.m)[0] - binomial.log_null(x0, k.m)[0] - exact)
+        kmn, kl_t = binomial.evaluate(p, k, np.repeat(x0, 1000, 0), np.random.default_rng(1))
         assert abs(kmn.mean() - exact) < 4 * kmn.std() / math.sqrt(len(kmn)) and kmn.std() > 0
         assert kl_t[:2].sum() == 0 and np.all(kl_t[2:] >= 0)
         rng = np.random.default_rng(2)
-        losses = [heartbeat.loss_and_grads(p, k, np.repeat(x0, 512, 0), rng.integers(2, k.T + 1, 512), rng)[0]
+        losses = [binomial.loss_and_grads(p, k, np.repeat(x0, 512, 0), rng.integers(2, k.T + 1, 512), rng)[0]
                   for _ in range(40)]
         assert abs(-np.mean(losses) - exact) < 4 * np.std(losses) / math.sqrt(len(losses)) + 1e-9
 
@@ -87,16 +91,16 @@ def test_K_estimate_matches_its_closed_form_where_bits_are_independent():
 def test_exact_posterior_model_reaches_the_ceiling_and_not_beyond(monkeypatch):
     """K of the best possible x̂ lies just under −H(X⁽¹⁾) (App. B.2's ceiling): the factorised reverse kernel
     loses a little. A wrong KL, edge term or posterior table would move it by far more than 0.01 bits."""
-    monkeypatch.setattr(heartbeat, "reverse_rate", exact_rate())
-    k = heartbeat.Consts(CFG)
-    kmn, _ = heartbeat.evaluate(None, k, data.heartbeat(1500, 5), np.random.default_rng(6))
-    K = model.bits(kmn + heartbeat.log_null(data.heartbeat(1500, 5), k.m))
+    monkeypatch.setattr(binomial, "reverse_rate", exact_rate())
+    k = binomial.Binomial(CFG)
+    kmn, _ = binomial.evaluate(None, k, data.heartbeat(1500, 5), np.random.default_rng(6))
+    K = dpm.bits(kmn + binomial.log_null(data.heartbeat(1500, 5), k.m))
     se = K.std() / math.sqrt(len(K))
     ceiling = data.heartbeat_ceiling_bits(k.T)
     assert se < 0.005
     assert ceiling - 0.015 < K.mean() < ceiling + 3 * se
     # and its samples are the 5 true sequences, evenly, but for the fixed last step's flips (~0.3%)
-    x, _ = heartbeat.sample(None, k, 3000, np.random.default_rng(7))
+    x, _ = binomial.sample(None, k, 3000, np.random.default_rng(7))
     q = data.heartbeat_quality(x)
     assert q["true_fraction"] > 0.99 and q["max_phase_deviation"] < 0.03
 
@@ -105,10 +109,10 @@ def test_clamped_bits_never_move_and_free_bits_follow_the_model(monkeypatch):
     """Inpainting through the perturbed binomial kernel (Table App.1, r_t = r): the clamped bits hold their
     values at every kept step, x⁽ᵀ⁾ included; with a clamp that agrees with the data and the exact-posterior
     model, the samples are the sequences that agree with it."""
-    monkeypatch.setattr(heartbeat, "reverse_rate", exact_rate())
-    k = heartbeat.Consts(dict(CFG, T=300))
-    r1 = heartbeat.parse_condition("bits=" + ",".join(["1"] + ["?"] * 4 + ["1"] + ["?"] * 14), k.D)
-    x, kept = heartbeat.sample(None, k, 400, np.random.default_rng(0), keep=range(0, k.T + 1), r1=r1)
+    monkeypatch.setattr(binomial, "reverse_rate", exact_rate())
+    k = binomial.Binomial(dict(CFG, T=300))
+    r1 = binomial.parse_condition("bits=" + ",".join(["1"] + ["?"] * 4 + ["1"] + ["?"] * 14), k.D)
+    x, kept = binomial.sample(None, k, 400, np.random.default_rng(0), keep=range(0, k.T + 1), r1=r1)
     for t, xt in kept.items():
         assert np.all(xt[:, 0] == 1) and np.all(xt[:, 5] == 1), t
     assert np.all(x[:, 0] == 1)
@@ -119,14 +123,14 @@ def test_smc_conditional_keeps_the_clamp_and_finds_the_sequences_that_agree(monk
     """Sequential Monte Carlo for clamped bits (beyond the paper): with the exact-posterior model, whose
     samples are the true sequences, clamping bit 0 to 1 must give phase 0 nearly always, where the
     paper's r_t = r chain gives about half (README); the clamp holds in every sample."""
-    monkeypatch.setattr(heartbeat, "reverse_rate", exact_rate())
-    k = heartbeat.Consts(dict(CFG, T=400))
-    r1 = heartbeat.parse_condition("bits=" + ",".join(["1"] + ["?"] * 19), k.D)
-    x, ess = heartbeat.sample_smc(None, k, 500, np.random.default_rng(0), r1, 2000)
+    monkeypatch.setattr(binomial, "reverse_rate", exact_rate())
+    k = binomial.Binomial(dict(CFG, T=400))
+    r1 = binomial.parse_condition("bits=" + ",".join(["1"] + ["?"] * 19), k.D)
+    x, ess = smc.binomial(None, k, 500, np.random.default_rng(0), r1, 2000)
     q = data.heartbeat_quality(x, r1)
     assert np.all(x[:, 0] == 1) and ess > 100
     assert q["true_fraction"] > 0.95 and q["phase_shares"][0] == 1.0
-    chain, _ = heartbeat.sample(None, k, 500, np.random.default_rng(0), r1=r1)
+    chain, _ = binomial.sample(None, k, 500, np.random.default_rng(0), r1=r1)
     assert data.heartbeat_quality(chain, r1)["true_fraction"] < 0.8          # the paper's chain, for contrast
 
 
@@ -134,7 +138,7 @@ def test_smc_conditional_keeps_the_clamp_and_finds_the_sequences_that_agree(monk
                                  "x=0.5", "gauss:0,0,1"])
 def test_bad_heartbeat_condition_is_refused(bad):
     with pytest.raises(ValueError):
-        heartbeat.parse_condition(bad, 20)
+        binomial.parse_condition(bad, 20)
 
 
 def test_quality_counts_true_sequences_and_phases():
@@ -151,7 +155,7 @@ TINY = ["--data", "heartbeat", "--T", "50", "--heldout", "200", "--eval-every", 
 
 
 def run_train(tmp_path, *args, out="hb"):
-    return train.cli(train.main, "train.py", ["--out", str(tmp_path / out), *TINY, *args])
+    return cli.cli(train.main, "train.py", ["--out", str(tmp_path / out), *TINY, *args])
 
 
 @pytest.fixture(scope="module")
@@ -208,10 +212,10 @@ def test_swissroll_only_flags_are_refused_for_the_heartbeat(tmp_path, capsys, ar
 
 def test_checkpoints_of_the_other_dataset_are_refused(hb_run, tmp_path, capsys):
     """A heartbeat checkpoint where a Swiss roll is expected, and the other way round."""
-    assert train.cli(train.main, "train.py", ["--out", str(hb_run), "--resume", "--steps", "400"]) == 2
+    assert cli.cli(train.main, "train.py", ["--out", str(hb_run), "--resume", "--steps", "400"]) == 2
     assert "heartbeat" in one_error_line(capsys)
     import evaluate
-    assert train.cli(evaluate.main, "evaluate.py", [str(hb_run)]) == 2
+    assert cli.cli(evaluate.main, "evaluate.py", [str(hb_run)]) == 2
     one_error_line(capsys)
 
 
@@ -222,13 +226,13 @@ def test_heartbeat_resume_is_exact_and_divergence_keeps_the_checkpoint(tmp_path,
     _, a = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
     _, b = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    real, calls = heartbeat.loss_and_grads, {"n": 0}
+    real, calls = binomial.loss_and_grads, {"n": 0}
 
     def poisoned(*args):
         calls["n"] += 1
         loss, g = real(*args)
         return (loss, g) if calls["n"] <= 150 else (float("nan"), g)
-    monkeypatch.setattr(heartbeat, "loss_and_grads", poisoned)
+    monkeypatch.setattr(binomial, "loss_and_grads", poisoned)
     assert run_train(tmp_path, "--steps", "300", out="c") == 3
     assert "diverged" in one_error_line(capsys)
     meta, arrays = ckpt.load(str(tmp_path / "c" / "checkpoint.npz"))

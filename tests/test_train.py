@@ -8,32 +8,18 @@ import numpy as np
 import pytest
 
 import ckpt
+import cli
 import fast
-import model
-import sample
+import gaussian
 import train
 
-FAST = ["--heldout", "1000", "--draws", "1", "--eval-every", "50"]
-
-
-def run_train(tmp_path, *args, out="run"):
-    return train.cli(train.main, "train.py", ["--out", str(tmp_path / out), *FAST, *args])
-
-
-def run_sample(*args):
-    return train.cli(sample.main, "sample.py", [str(a) for a in args])
-
-
-def one_error_line(capsys):
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
+from conftest import FAST, one_error_line, run_sample, run_train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("trained")
-    assert train.cli(train.main, "train.py", ["--out", str(d / "run"), "--steps", "400", *FAST]) == 0
+    assert cli.cli(train.main, "train.py", ["--out", str(d / "run"), "--steps", "400", *FAST]) == 0
     return d / "run"
 
 
@@ -112,14 +98,14 @@ def test_checkpoint_of_another_T_or_dataset_is_refused(trained, tmp_path, capsys
 
 def test_existing_run_is_not_overwritten_without_resume(trained, tmp_path, capsys):
     before = (trained / "checkpoint.npz").read_bytes()
-    assert train.cli(train.main, "train.py", ["--out", str(trained), "--steps", "5"]) == 2
+    assert cli.cli(train.main, "train.py", ["--out", str(trained), "--steps", "5"]) == 2
     one_error_line(capsys)
     assert (trained / "checkpoint.npz").read_bytes() == before
 
 
 def patch_loss(monkeypatch, backend, wrapper):
     """Route the backend's loss-and-gradient call through wrapper(real, *args)."""
-    owner = model if backend == "numpy" else fast.Trainer
+    owner = gaussian if backend == "numpy" else fast.Trainer
     real = owner.loss_and_grads
     monkeypatch.setattr(owner, "loss_and_grads", lambda *a: wrapper(real, *a))
     return owner, real

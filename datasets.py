@@ -1,0 +1,157 @@
+"""The one table of data sets: all that train.py, sample.py, evaluate.py and bench.py know about a data
+set, so that no script compares a data set's name. A new data set is one row here plus its generator or
+reader in data.py; a new network is a new net_*.py module, a new kind of diffusion a module like gaussian.py.
+"""
+import math
+
+import numpy as np
+
+import binomial
+import data
+import fast
+import figures
+import gaussian
+import smc
+
+
+def cuda():
+    """The GPU kernels, imported only when --device cuda asks for them (numba.cuda takes a second to load)."""
+    import cuda_kernels
+    return cuda_kernels
+
+
+class Dataset:
+    """One row of the table; every field is named where it is set below."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _swissroll_summary(m):
+    return (f"K = {m['K_bits']:.3f} ± {m['K_stderr_bits']:.3f} bits  "
+            f"K-L_null = {m['K_minus_L_null_bits']:.3f} ± {m['K_minus_L_null_stderr_bits']:.3f}  "
+            f"(limit {m['limit_bits'] - m['L_null_bits']:.3f}, ceiling {m['ceiling_bits'] - m['L_null_bits']:.3f})  "
+            f"alpha_bar_T = {m['alpha_bar_T']:.3f}  samples on the roll {m['sample_quality']['on_roll']:.1%}")
+
+
+def _heartbeat_summary(m):
+    sq = m["sample_quality"]
+    return (f"K = {m['K_bits']:.4f} ± {m['K_stderr_bits']:.4f} bits/sequence  "
+            f"K-L_null = {m['K_minus_L_null_bits']:.3f}  (limit {m['limit_bits']:.4f}, ceiling {m['ceiling_bits']:.4f})  "
+            f"samples: {sq['true_fraction']:.2%} true sequences, phases "
+            f"{' '.join(f'{s:.1%}' for s in sq['phase_shares'])}  entropy outside the §2.6 bounds at "
+            f"{len(m['entropy_bounds_nats']['t_outside_bounds'])} t")
+
+
+def _swissroll_report(x, condition, text, noise, rng):
+    """sample.py's lines about Swiss-roll samples: their true log-density, and for a condition how close
+    they come to exact draws of p_data r."""
+    x_real = data.swissroll(len(x), HELDOUT_SEED, noise)
+    q = data.sample_quality(x, x_real, noise)
+    print(f"{len(x)} samples: true log-density: mean {q['mean_bits']:.3f}, median "
+          f"{q['median_bits']:.3f} bits/point (held-out data: {q['data_mean_bits']:.3f}, "
+          f"{q['data_median_bits']:.3f}); {q['on_roll']:.1%} on the roll (at least as likely as the "
+          f"least likely 1% of data)")
+    if condition:
+        c = data.condition_summary(x, condition, noise, rng)
+        print(f"conditioned on {text}: mean true log-density {c['samples_mean_log_density_bits']:.3f} bits "
+              f"(exact conditional draws: {c['exact_mean_log_density_bits']:.3f}); mean "
+              f"{np.round(c['samples_mean'], 3).tolist()} (exact {np.round(c['exact_mean'], 3).tolist()})")
+        for cr in c.get("crossings", []):
+            print(f"  crossing at {cr['at']:+.3f}: {cr['sample_share']:.1%} of samples, exact {cr['exact_share']:.1%}")
+    return x_real
+
+
+def _heartbeat_report(x, r1, text, noise, rng):
+    """sample.py's lines about heartbeat samples: how many are true sequences, and how evenly the phases come."""
+    q = data.heartbeat_quality(x, r1)
+    print(f"{len(x)} samples: {q['true_fraction']:.2%} are one of the 5 true sequences; "
+          f"phases {' '.join(f'{s:.1%}' for s in q['phase_shares'])} (exact "
+          f"{' '.join(f'{s:.1%}' for s in q['exact_shares'])}; largest deviation {q['max_phase_deviation']:.1%})")
+    if r1 is not None and not any(q["exact_shares"]):
+        print("note: no true sequence agrees with these clamped bits, so p r is 0 on the data")
+    return None
+
+
+N_TRAIN = 200_000           # training points drawn per run (the data sets are generated)
+HELDOUT_SEED = [0, 1]       # the held-out set, independent of every training seed [seed, 0]
+
+SWISSROLL = Dataset(
+    name="swissroll",
+    kind=gaussian, Consts=gaussian.Gaussian,
+    # the model (saved in every checkpoint): T diffusion steps, J temporal bumps, H hidden units, D dimensions,
+    # M Fourier features of scale fourier_scale, the fixed β₁ and the schedule baseline's end β_T
+    model={"T": 40, "J": 10, "H": 128, "D": 2, "M": 32, "fourier_scale": 3.0, "beta1": 2.5e-6, "beta_T": 0.5},
+    cfg=lambda a: dict(SWISSROLL.model, T=a.T, beta1=a.beta1, H=a.hidden, M=a.fourier, fourier_scale=a.fourier_scale),
+    # train.py's defaults; a flag given on the command line wins
+    train={"steps": 100_000,          # total training steps
+           "lr": 1e-3,                 # Adam's initial learning rate
+           "lr_decay_steps": 40_000,   # the learning rate falls tenfold every this many steps (floor lr/1000)
+           "eval_every": 5000,         # a quick held-out K and a checkpoint every this many steps
+           "quick_eval": 4000,         # held-out points of that quick K (one noise draw)
+           "heldout": 20_000,          # held-out points of the final K
+           "draws": 4,                 # forward-noise draws per held-out point in the final K
+           "backend": "numba",         # numba: cpu_train's float32 kernels; numpy: the float64 reference
+           "T": 40, "hidden": 128,     # the model's T and H
+           "noise": 0.02,              # the roll's noise σ before standardising
+           "beta1": 2.5e-6,            # β₁ (see README, "Differences from the paper")
+           "fourier": 32, "fourier_scale": 3.0},   # the model's M and fourier_scale
+    own_flags=("noise", "beta1", "fourier", "fourier_scale"),
+    backends=("numba", "numpy"),
+    load=lambda n, seed, noise: data.swissroll(n, seed, noise),
+    fast=fast,                         # the accelerated CPU path (Trainer, evaluate, sample)
+    log_weights=fast.log_weights,      # Eq. 9's importance weights, for evaluate.py
+    cuda_trainer=lambda: cuda().Trainer, cuda_sample=lambda: cuda().sample,
+    parse_condition=gaussian.parse_condition,
+    conditioned=gaussian.sample_conditioned,
+    smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
+    output=lambda x: (x, "x,y"),
+    limit_bits=lambda cfg, noise: data.limit_bits(noise),
+    ceiling_bits=lambda cfg, noise: data.ceiling_bits(cfg["beta1"], noise),
+    quality=lambda x, x_heldout, noise: data.sample_quality(x, x_heldout[:len(x)], noise),
+    entropy=gaussian.entropy_check, entropy_points=4000,     # held-out points for the learned kernel's entropy
+    entropy_names=("lower bound H(β̃_t)", "upper bound H(β_t)"),
+    extra_metrics=lambda params, consts, m: {"beta": consts.schedule(params)[0].tolist(),
+                                             "alpha_bar_T": float(consts.schedule(params)[1][-1]),
+                                             "beta1": consts.cfg["beta1"]},
+    summary=_swissroll_summary, report=_swissroll_report, figure=figures.swissroll,
+)
+
+HEARTBEAT = Dataset(
+    name="heartbeat",
+    kind=binomial, Consts=binomial.Binomial,
+    # T diffusion steps (β_t = 1/(T − t + 1), §2.4.1), H hidden units, D bits, the mixing target m (App. D.1.2)
+    # and the scale of the network's evidence inputs
+    model={"T": 2000, "H": 50, "D": data.HEARTBEAT_BITS, "m": 0.2, "input_scale": 0.25},
+    cfg=lambda a: dict(HEARTBEAT.model, T=a.T, H=a.hidden),
+    train={"steps": 40_000, "lr": 3e-3, "lr_decay_steps": 20_000, "eval_every": 10_000, "quick_eval": 500,
+           "heldout": 10_000, "draws": 1, "backend": "numpy", "T": 2000, "hidden": 50},
+    own_flags=(),
+    backends=("numpy",),
+    load=lambda n, seed, noise: data.heartbeat(n, seed),
+    fast=None, log_weights=None,
+    cuda_trainer=lambda: cuda().HeartbeatTrainer, cuda_sample=lambda: cuda().sample_heartbeat,
+    parse_condition=binomial.parse_condition,
+    conditioned=lambda params, consts, n, rng, r1: binomial.sample(params, consts, n, rng, r1=r1)[0],
+    smc=smc.binomial,
+    output=lambda x: (x.astype(np.uint8), ",".join(f"b{i}" for i in range(x.shape[1]))),
+    limit_bits=lambda cfg, noise: math.log2(1.0 / data.HEARTBEAT_PERIOD),
+    ceiling_bits=lambda cfg, noise: data.heartbeat_ceiling_bits(cfg["T"], cfg["m"]),
+    quality=lambda x, x_heldout, noise: data.heartbeat_quality(x),
+    entropy=lambda params, consts, x, rng: binomial.entropy_check(params, consts, x, rng,
+                                                                  data.heartbeat_sequences().mean(0)),
+    entropy_points=2000,
+    entropy_names=("lower bound (Eq. 24)", "upper bound H_q(X⁽ᵗ⁾|X⁽ᵗ⁻¹⁾)"),
+    extra_metrics=lambda params, consts, m: {
+        "K_minus_ceiling_in_stderr": (m["K_bits"] - m["ceiling_bits"]) / m["K_stderr_bits"], "m": consts.m},
+    summary=_heartbeat_summary, report=_heartbeat_report, figure=figures.heartbeat,
+)
+
+DATASETS = {d.name: d for d in (SWISSROLL, HEARTBEAT)}
+
+
+def get(name):
+    """The row for name; ValueError naming the known ones otherwise."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r} (known: {', '.join(DATASETS)})")
+    return DATASETS[name]
