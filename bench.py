@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+import cli
 import datasets
 import gaussian
 from adam import Adam
@@ -173,12 +174,16 @@ def bench_cuda(a):
     return 0
 
 
+CPU_NAMES = ("train_step_b512", "train_step_b4096", "train_step_gflops", "eval_K_20000", "sample_100000",
+             "cold_start_cold_cache", "cold_start_warm_cache")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=("numba", "numpy"), default="numba")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: the numba.cuda kernels (cuda_kernels.py) on a GPU")
-    p.add_argument("--repeat", type=int, default=300, help="timed training steps per batch size")
+    p.add_argument("--repeat", type=cli.positive(int, 10**6), default=300, help="timed training steps per batch size")
     p.add_argument("--only", default="", help="comma-separated names to run (default: all)")
     p.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -189,6 +194,8 @@ def main(argv=None):
     import data
     import fast
     only = set(filter(None, a.only.split(",")))
+    if only - set(CPU_NAMES):
+        raise cli.UsageError(f"--only: unknown {', '.join(sorted(only - set(CPU_NAMES)))} (known: {', '.join(CPU_NAMES)})")
     want = lambda name: not only or name in only
     emit = lambda d: print(json.dumps(d), flush=True)
     b = a.backend
@@ -230,4 +237,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.cli(main, "bench.py"))

@@ -26,6 +26,33 @@ class Dataset:
     def __init__(self, **fields):
         self.__dict__.update(fields)
 
+    def check_cfg(self, cfg):
+        """ValueError unless every model setting is of its kind and inside its range (rules), for flags and
+        for checkpoints alike."""
+        for key, (kind, lo, hi) in self.rules.items():
+            v = cfg.get(key)
+            if kind is int:
+                ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+                want = f"an integer in [{lo}, {hi}]"
+            else:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo < v < hi
+                want = f"a number in ({lo:g}, {hi:g})"
+            if not ok:
+                raise ValueError(f"{key} must be {want}, got {v!r}")
+        if cfg["T"] * cfg["H"] > MAX_ELEMENTS:
+            raise ValueError(f"T x H = {cfg['T'] * cfg['H']} would not fit in memory (at most {MAX_ELEMENTS})")
+
+    def check_noise(self, noise):
+        """The data's noise σ: a number in [0, 1) for a data set that has one, else None."""
+        if "noise" not in self.train:
+            return None
+        if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and 0 <= noise < 1):
+            raise ValueError(f"noise must be in [0, 1), got {noise!r}")
+        return float(noise)
+
+
+MAX_ELEMENTS = 2**25        # the most numbers one buffer may hold: 128 MiB in float32
+
 
 def _swissroll_summary(m):
     return (f"K = {m['K_bits']:.3f} ± {m['K_stderr_bits']:.3f} bits  "
@@ -96,7 +123,8 @@ SWISSROLL = Dataset(
            "noise": 0.02,              # the roll's noise σ before standardising
            "beta1": 2.5e-6,            # β₁ (see README, "Differences from the paper")
            "fourier": 32, "fourier_scale": 3.0},   # the model's M and fourier_scale
-    own_flags=("noise", "beta1", "fourier", "fourier_scale"),
+    rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 2048), "D": (int, 2, 2),
+           "M": (int, 0, 1024), "fourier_scale": (float, 0, 1e6), "beta1": (float, 0, 1), "beta_T": (float, 0, 1)},
     backends=("numba", "numpy"),
     load=lambda n, seed, noise: data.swissroll(n, seed, noise),
     fast=fast,                         # the accelerated CPU path (Trainer, evaluate, sample)
@@ -126,7 +154,8 @@ HEARTBEAT = Dataset(
     cfg=lambda a: dict(HEARTBEAT.model, T=a.T, H=a.hidden),
     train={"steps": 40_000, "lr": 3e-3, "lr_decay_steps": 20_000, "eval_every": 10_000, "quick_eval": 500,
            "heldout": 10_000, "draws": 1, "backend": "numpy", "T": 2000, "hidden": 50},
-    own_flags=(),
+    rules={"T": (int, 3, 1_000_000), "H": (int, 1, 2048), "D": (int, 20, 20), "m": (float, 0, 1),
+           "input_scale": (float, 0, 1e6)},
     backends=("numpy",),
     load=lambda n, seed, noise: data.heartbeat(n, seed),
     fast=None, log_weights=None,

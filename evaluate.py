@@ -7,10 +7,13 @@ log p̂(x⁽⁰⁾) = log (1/N) Σ_j w_j, with w the integrand of Eq. 9. Its exp
 (N = 1 is the single-trajectory bound) towards log p(x⁽⁰⁾), so it must stay below the limit −H(data).
 Errors are standard errors over points; "over K" is the paired difference on the same points.
 """
-import json
 import math
 import os
+import signal
 import sys
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)      # Ctrl-C while still importing: stop, no traceback
 
 import numpy as np
 
@@ -25,8 +28,8 @@ def parse(argv):
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="run directory (holding checkpoint.npz) or a checkpoint file")
     p.add_argument("--samples", default="1,10,100,1000", help="comma-separated N (trajectories per point)")
-    p.add_argument("--points", type=positive(int), default=1000, help="held-out points")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--points", type=positive(int, 10**5), default=1000, help="held-out points")
+    p.add_argument("--seed", type=cli.seed, default=0)
     args = p.parse_args(argv)
     try:
         args.samples = sorted({int(s) for s in args.samples.split(",")})
@@ -34,6 +37,9 @@ def parse(argv):
         raise UsageError(f"--samples must be comma-separated positive integers, got {args.samples!r}")
     if args.samples[0] < 1:
         raise UsageError(f"--samples must be positive, got {args.samples}")
+    if args.points * args.samples[-1] > 2 * 10**7:
+        raise UsageError(f"--points x the largest --samples is at most 20,000,000 (the log-weights are kept in "
+                         f"memory), got {args.points * args.samples[-1]:,}")
     return args
 
 
@@ -70,8 +76,8 @@ def main(argv=None):
                      "over_K_bits": float(d.mean()), "over_K_stderr_bits": se(d)})
         print(f"  log p, N = {n:<6d}          {b.mean():8.4f} ± {se(b):.4f}   over K {d.mean():+.4f} ± {se(d):.4f}")
     out = os.path.join(os.path.dirname(ckpt.path_in(args.run)), "importance_sampling.json")
-    cli.write_text(out, json.dumps({"points": len(x), "K_bits": float(K.mean()), "K_stderr_bits": se(K),
-                                    "limit_bits": limit, "estimates": rows}, indent=1))
+    cli.write_text(out, cli.strict_json({"points": len(x), "K_bits": float(K.mean()), "K_stderr_bits": se(K),
+                                         "limit_bits": limit, "estimates": rows}))
     print(f"-> {out}")
     return 0
 

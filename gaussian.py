@@ -177,20 +177,27 @@ def sample(params, consts, n, rng, keep=()):
     return x, kept
 
 
-def parse_condition(text, D):
-    """--condition text → ("gauss", m (D,), s) for r = N(m, s² I), or ("clamp", {coordinate: value})."""
+def parse_condition(text, D, reach=10.0):
+    """--condition text → ("gauss", m (D,), s) for r = N(m, s² I), or ("clamp", {coordinate: value}).
+    Means and clamped values must lie within ±reach and widths in [1e-3, reach] (the data are standardised,
+    so anything farther asks about a region the model never saw, and its exact figures would not finish)."""
+    def number(v):
+        x = float(v)
+        if not (math.isfinite(x) and abs(x) <= reach):
+            raise ValueError(f"condition values must be numbers within ±{reach:g}, got {v.strip()!r}")
+        return x
     if text.startswith("gauss:"):
-        v = [float(s) for s in text[6:].split(",")]
-        if len(v) != D + 1 or not v[-1] > 0 or not all(map(math.isfinite, v)):
-            raise ValueError(f"gauss: needs {D} means and a positive width, e.g. gauss:0.5,-0.2,0.3")
+        v = [number(s) for s in text[6:].split(",")]
+        if len(v) != D + 1 or not 1e-3 <= v[-1]:
+            raise ValueError(f"gauss: needs {D} means and a width in [0.001, {reach:g}], e.g. gauss:0.5,-0.2,0.3")
         return "gauss", np.array(v[:D]), v[D]
     names = "xyz"[:D]
     clamp = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name.strip() not in names or not value or not math.isfinite(float(value)):
+        if name.strip() not in names or not value:
             raise ValueError(f"expected gauss:MX,MY,S or coordinate=value such as x=0.5, got {text!r}")
-        clamp[names.index(name.strip())] = float(value)
+        clamp[names.index(name.strip())] = number(value)
     if len(clamp) == D:
         raise ValueError("clamping every coordinate leaves nothing to sample")
     return "clamp", clamp

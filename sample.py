@@ -5,7 +5,11 @@
 
 Samples are in the units in which K is reported; .csv output when --out ends in .csv.
 """
+import signal
 import sys
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)      # Ctrl-C while still importing: stop, no traceback
 
 import numpy as np
 
@@ -14,13 +18,15 @@ import cli
 import datasets
 from cli import UsageError, positive
 
+MAX_NUMBERS = 2 * 10**7     # numbers in one array of samples or particles (160 MB in float64)
+
 
 def parse(argv):
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="run directory (holding checkpoint.npz) or a checkpoint file")
-    p.add_argument("-n", type=positive(int), default=10_000, help="number of samples")
+    p.add_argument("-n", type=positive(int, 10**7), default=10_000, help="number of samples")
     p.add_argument("--out", default="samples.npy", help=".npy, or .csv")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--figure", default=None,
                    help="write the paper's Figure 1 layout (Swiss roll) or Figure 2 layout (heartbeat) as SVG here")
     p.add_argument("--data", default=None, help="fail unless the checkpoint was trained on this data set")
@@ -29,7 +35,7 @@ def parse(argv):
     p.add_argument("--condition", default=None,
                    help="sample p(x) r(x) (§2.5): gauss:MX,MY,S for r = N(m, S² I), or x=V / y=V to clamp a "
                         "coordinate (inpainting); heartbeat: bits=1,?,0,... (20 entries: 0, 1 or ?) clamps bits")
-    p.add_argument("--particles", type=positive(int), default=None,
+    p.add_argument("--particles", type=positive(int, 10**6), default=None,
                    help="with --condition: draw from p r itself by sequential Monte Carlo with this many "
                         "particles, instead of the paper's r_t = r chain")
     args = p.parse_args(argv)
@@ -46,14 +52,12 @@ def parse(argv):
 
 
 def save_samples(path, x, header):
+    """x as .npy or .csv, atomically (ckpt.write_atomic): two runs writing one file never mix their rows."""
     if path.endswith(".csv"):
         fmt = "%d" if x.dtype.kind in "iu" else "%.18e"
-        cli.write_atomic(path, lambda p: np.savetxt(p, x, delimiter=",", header=header, comments="", fmt=fmt))
+        ckpt.write_atomic(path, lambda f: np.savetxt(f, x, delimiter=",", header=header, comments="", fmt=fmt))
     else:
-        def write_npy(p):
-            with open(p, "wb") as f:
-                np.save(f, x)
-        cli.write_atomic(path, write_npy)
+        ckpt.write_atomic(path, lambda f: np.save(f, x))
 
 
 def draw(params, consts, ds, args, rng, condition):
@@ -75,6 +79,9 @@ def draw(params, consts, ds, args, rng, condition):
 def main(argv=None):
     args = parse(argv)
     meta, params, consts, ds = ckpt.load_run(args.run, args.data)
+    for name, n in (("-n", args.n), ("--particles", args.particles or 0)):
+        if n * consts.D > MAX_NUMBERS:
+            raise UsageError(f"{name} {n} would not fit in memory: at most {MAX_NUMBERS // consts.D:,} for {ds.name}")
     rng = np.random.default_rng(args.seed)
     condition = None
     if args.condition:

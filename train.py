@@ -6,12 +6,14 @@ Writes <out>/checkpoint.npz (atomically, at every evaluation, on Ctrl-C and at t
 and <out>/entropy.svg. --steps is the run's total: --resume continues the run in --out up to it.
 Every default comes from the data set's row in datasets.py; a flag given here wins.
 """
-import json
 import math
 import os
 import signal
 import sys
 import time
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)      # Ctrl-C while still importing: stop, no traceback
 
 import numpy as np
 
@@ -29,14 +31,14 @@ MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale")
 def parse(argv):
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="swissroll", help="data set: " + ", ".join(datasets.DATASETS))
-    p.add_argument("--steps", type=positive(int), help="total training steps of the run")
-    p.add_argument("--batch-size", type=positive(int), default=512)
+    p.add_argument("--steps", type=positive(int, 10**9), help="total training steps of the run")
+    p.add_argument("--batch-size", type=positive(int, 65_536), default=512)
     p.add_argument("--lr", type=positive(float), help="Adam's initial learning rate")
     p.add_argument("--lr-decay-steps", type=positive(int),
                    help="the learning rate falls tenfold every this many steps, floor lr/1000")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--T", type=positive(int), help="diffusion steps")
-    p.add_argument("--hidden", type=positive(int), help="hidden units per layer")
+    p.add_argument("--seed", type=cli.seed, default=0)
+    p.add_argument("--T", type=positive(int, 10**6), help="diffusion steps")
+    p.add_argument("--hidden", type=positive(int, 2048), help="hidden units per layer")
     p.add_argument("--noise", type=float, help="swissroll: the roll's noise σ, before standardising")
     p.add_argument("--beta1", type=positive(float), help="swissroll: the fixed first-step variance β₁ (§2.4.1)")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
@@ -49,8 +51,8 @@ def parse(argv):
     p.add_argument("--out", default=None, help="run directory (default runs/<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
     p.add_argument("--eval-every", type=positive(int), help="a quick held-out K and a checkpoint every this many steps")
-    p.add_argument("--heldout", type=positive(int), help="held-out points for the final K")
-    p.add_argument("--draws", type=positive(int), help="forward-noise draws per held-out point in the final K")
+    p.add_argument("--heldout", type=positive(int, 10**6), help="held-out points for the final K (at least 2)")
+    p.add_argument("--draws", type=positive(int, 100), help="forward-noise draws per held-out point in the final K")
     args = p.parse_args(argv)
     try:
         ds = datasets.get(args.data)
@@ -64,14 +66,15 @@ def parse(argv):
             setattr(args, name, value)
     if args.backend not in ds.backends:
         raise UsageError(f"{ds.name} trains on the {' or '.join(ds.backends)} backend only")
-    if not (0 <= (args.noise or 0.0) < 1):
-        raise UsageError(f"--noise must be in [0, 1), got {args.noise}")
-    if not (args.beta1 or 0.0) < 1:
-        raise UsageError(f"--beta1 must be in (0, 1), got {args.beta1}")
-    if (args.fourier or 0) < 0:
-        raise UsageError(f"--fourier must be 0 or more, got {args.fourier}")
-    if args.T < 3:
-        raise UsageError(f"--T must be at least 3, got {args.T}")
+    try:                                 # the same rules as for a checkpoint's stored settings
+        ds.check_cfg(ds.cfg(args))
+        ds.check_noise(args.noise)
+    except ValueError as e:
+        raise UsageError(f"model setting: {e}") from None
+    if args.heldout < 2:
+        raise UsageError("--heldout must be at least 2 (the standard error needs two points)")
+    if args.batch_size * max(ds.cfg(args).get("H", 1), 1) > datasets.MAX_ELEMENTS:
+        raise UsageError(f"--batch-size x --hidden would not fit in memory (at most {datasets.MAX_ELEMENTS})")
     if args.device == "cuda":
         check_cuda(args, ds)
     args.out = args.out or os.path.join("runs", args.data)
@@ -117,6 +120,7 @@ class Run:
             self.opt = Adam(params)
             self.params = params
         self.step, self.wall = 0, 0.0
+        self.saved_step = None                # the step of the checkpoint on disk, if any
 
     def settings(self):
         """What a resumed run must share with the run it continues."""
@@ -134,8 +138,16 @@ class Run:
     def host_params(self):
         return self.state()[0]
 
+    def finite(self):
+        """Whether every parameter is a finite number (what a checkpoint may hold)."""
+        return all(np.all(np.isfinite(a)) for a in self.state()[0].values())
+
     def save(self, path):
+        """A checkpoint of this step, unless a parameter is not finite: then FloatingPointError, and the
+        checkpoint on disk stays as it was."""
         params, m, v = self.state()
+        if not all(np.all(np.isfinite(a)) for store in (params, m, v) for a in store.values()):
+            raise FloatingPointError(f"the parameters are not finite at step {self.step}")
         arrays = {f"p/{k}": v_ for k, v_ in params.items()}
         arrays.update({f"m/{k}": v_ for k, v_ in m.items()})
         arrays.update({f"v/{k}": v_ for k, v_ in v.items()})
@@ -144,6 +156,7 @@ class Run:
         meta = dict(self.settings(), step=self.step, wall_seconds=self.wall, adam_n=self.opt.n,
                     rng=self.rng.bit_generator.state)
         ckpt.save(path, meta, arrays)
+        self.saved_step = self.step
 
     def restore(self, path):
         meta, arrays = ckpt.load(path)
@@ -167,6 +180,7 @@ class Run:
                 self.opt.states.copy_to_device(np.ascontiguousarray(rng).view(self.opt.states.dtype).ravel())
             self.rng.bit_generator.state = meta["rng"]
             self.step, self.wall, self.opt.n = int(meta["step"]), float(meta["wall_seconds"]), int(meta["adam_n"])
+            self.saved_step = self.step
         except (KeyError, TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{path} is missing or has a malformed entry ({e})") from None
 
@@ -188,6 +202,8 @@ def train_step(run):
     except FloatingPointError:
         raise FloatingPointError(f"the loss or its gradient is not finite at step {run.step + 1}") from None
     run.step += 1
+    if a.device == "cpu" and not run.finite():       # on the GPU this is checked when a checkpoint is saved
+        raise FloatingPointError(f"the parameters are not finite after step {run.step}")
     return loss
 
 
@@ -229,8 +245,10 @@ def finish(run, x_heldout):
          "noise": a.noise, "seed": a.seed, "heldout_points": len(x_heldout), "noise_draws": a.draws,
          "backend": a.backend, "device": a.device}
     m.update(ds.extra_metrics(params, consts, m))
+    if not all(math.isfinite(m[k]) for k in ("K_bits", "K_stderr_bits", "K_minus_L_null_bits")):
+        raise FloatingPointError(f"the held-out bound is not finite (K = {m['K_bits']}) at step {run.step}")
     path = os.path.join(a.out, "metrics.json")
-    cli.write_text(path, json.dumps(m, indent=1))
+    cli.write_text(path, cli.strict_json(m))
     cli.write_text(os.path.join(a.out, "entropy.svg"), figures.entropy(lower, upper, learned, ds.entropy_names))
     print(f"done: {a.data} T={m['T']} steps={m['steps']} in {m['wall_seconds']:.0f}s  {ds.summary(m)}  -> {path}")
     return m
@@ -254,30 +272,54 @@ class Progress:
         print(("\r" if self.tty else "") + line + (" " * 20 if self.tty else ""), flush=True)
 
 
+def prepare_out(args, path):
+    """The run directory, made and checked writable before any work starts."""
+    if not args.resume and os.path.exists(path):
+        raise UsageError(f"{path} exists: pass --resume to continue it, or another --out")
+    if args.resume and not os.path.exists(path):
+        raise UsageError(f"no checkpoint at {path} to resume")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file, not a run directory")
+    os.makedirs(args.out, exist_ok=True)
+    cli.write_text(os.path.join(args.out, ".write-test"), "")
+    os.unlink(os.path.join(args.out, ".write-test"))
+
+
+def remove_stale_results(args):
+    """metrics.json and entropy.svg describe the checkpoint's step at the end of a run; once the run goes
+    on (or is evaluated again) they are removed, so that an interrupted run never leaves them stale."""
+    for name in ("metrics.json", "entropy.svg"):
+        if os.path.exists(os.path.join(args.out, name)):
+            os.unlink(os.path.join(args.out, name))
+
+
 def main(argv=None):
     args, ds = parse(argv)
     path = os.path.join(args.out, "checkpoint.npz")
-    if not args.resume and os.path.exists(path):
-        raise UsageError(f"{path} exists: pass --resume to continue it, or another --out")
+    prepare_out(args, path)
     # training and held-out sets: independent draws, the held-out one the same for every seed
     x_train = ds.load(datasets.N_TRAIN, [args.seed, 0], args.noise)
     x_heldout = ds.load(args.heldout, datasets.HELDOUT_SEED, args.noise)
     run = Run(args, ds, x_train)
     if args.resume:
         run.restore(path)
+    remove_stale_results(args)
     x_quick = x_heldout[:args.quick_eval]
     prog = Progress(args.steps)
     schedule = f"beta1={run.cfg['beta1']:g}" if "beta1" in run.cfg else "beta_t=1/(T-t+1)"
     prog.say(f"{args.data}: T={run.cfg['T']} {schedule} batch={args.batch_size} "
              f"from step {run.step} to {args.steps}; checkpoints in {path}")
     t_prev, s_last, w_last, ema = time.perf_counter(), run.step, run.wall, None
-    interrupted = []
-    # Ctrl-C only raises a flag, so the run stops between steps and its checkpoint is a whole step.
-    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    # Ctrl-C and SIGTERM only raise a flag while training, so the run stops between steps and its
+    # checkpoint is a whole step; elsewhere (the final evaluation) they stop at once (cli.Stop).
+    stop = []
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        signal.signal(sig, lambda *_, code=code: stop.append(code))
+    # overflow on the way to a divergence is reported by the finiteness checks, not as NumPy warnings
+    errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")
+    errstate.__enter__()
     try:
-        while run.step < args.steps:
-            if interrupted:
-                raise KeyboardInterrupt
+        while run.step < args.steps and not stop:
             loss = train_step(run)
             ema = loss if ema is None else 0.99 * ema + 0.01 * loss
             if run.step % prog.every == 0 or run.step == args.steps:
@@ -291,20 +333,29 @@ def main(argv=None):
                 prog.say(f"eval step {run.step}: held-out K-L_null = {kmn.mean():.3f} ± "
                          f"{kmn.std() / math.sqrt(len(kmn)):.3f} bits ({len(kmn)} points, 1 draw)")
                 run.save(path)
-    except KeyboardInterrupt:
         run.wall += time.perf_counter() - t_prev
         run.save(path)
-        prog.say(f"interrupted at step {run.step}: checkpoint saved to {path}; continue with --resume")
-        return 130
     except FloatingPointError as e:
         prog.say("")
-        print(f"train.py: diverged: {e}; the last good checkpoint is kept in {path}", file=sys.stderr)
+        kept = (f"the last good checkpoint (step {run.saved_step}) is kept in {path}" if run.saved_step is not None
+                else "no checkpoint was saved before it")
+        print(f"train.py: diverged: {e}; {kept}", file=sys.stderr)
         return 3
     finally:
-        signal.signal(signal.SIGINT, old_handler)
-    run.wall += time.perf_counter() - t_prev
-    run.save(path)
-    finish(run, x_heldout)
+        errstate.__exit__(None, None, None)
+        cli.raise_on_signals()
+    if stop:
+        prog.say(f"interrupted at step {run.step}: checkpoint saved to {path}; continue with --resume")
+        return stop[0]
+    try:
+        finish(run, x_heldout)
+    except FloatingPointError as e:
+        print(f"train.py: {e}; no metrics.json written, the checkpoint is kept in {path}", file=sys.stderr)
+        return 3
+    except cli.Stop as e:
+        print(f"train.py: interrupted during the final evaluation; the checkpoint of step {run.step} is kept "
+              f"in {path}: run again with --resume to evaluate it", file=sys.stderr)
+        return e.code
     return 0
 
 
