@@ -17,7 +17,7 @@ import numpy as np
 import ckpt
 import data
 import dpm
-import fast
+import cpu_train
 import model
 import sample
 import train
@@ -56,9 +56,9 @@ def main(argv=None):
         raise train.UsageError(f"evaluate.py (Eq. 9) covers the Swiss roll only; {args.run} is a {meta['data']} run")
     x = data.load(meta["data"], args.points, train.HELDOUT_SEED, meta["noise"])
     rng = np.random.default_rng([args.seed, 5])
-    kmn, _ = fast.evaluate(params, k, x, rng, n_draws=4)
+    kmn, _ = cpu_train.evaluate(params, k, x, rng, n_draws=4)
     K = model.bits(kmn + dpm.log_null(x))
-    lw = fast.log_weights(params, k, x, rng, max(args.samples))
+    lw = cpu_train.log_weights(params, k, x, rng, max(args.samples))
     se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v)))
     limit = data.limit_bits(meta["noise"])
     print(f"{len(x)} held-out points, bits per point; limit -H(data) = {limit:.4f}")

@@ -14,7 +14,7 @@ import numpy as np
 import ckpt
 import data
 import dpm
-import fast
+import cpu_train
 import heartbeat
 import model
 import train
@@ -30,7 +30,7 @@ def parse(argv):
                    help="write the paper's Figure 1 layout (Swiss roll) or Figure 2 layout (heartbeat) as SVG here")
     p.add_argument("--data", default=None, help="fail unless the checkpoint was trained on this dataset")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: draw the samples with the numba.cuda kernels (cuda_kernels.py) on a GPU")
+                   help="cuda: draw the samples with the numba.cuda kernels (cuda_sample.py) on a GPU")
     p.add_argument("--condition", default=None,
                    help="sample p(x) r(x) (§2.5): gauss:MX,MY,S for r = N(m, S² I), or x=V / y=V to clamp a "
                         "coordinate (inpainting); heartbeat: bits=1,?,0,... (20 entries: 0, 1 or ?) clamps bits")
@@ -93,7 +93,7 @@ def figure(params, k, x_data, rng, n=1000):
     h = T // 2
     x0 = x_data[:n]
     q = {t: dpm.q_sample(x0, ab[t], rng.standard_normal(x0.shape)) if t else x0 for t in (0, h, T)}
-    _, p = fast.sample(params, k, n, rng, keep=(T, h, 1))
+    _, p = cpu_train.sample(params, k, n, rng, keep=(T, h, 1))
     g = np.linspace(-BOX + 0.2, BOX - 0.2, 17)
     grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
     drift = {}
@@ -239,8 +239,8 @@ def save_figure(path, svg):
 
 def cuda_check(args):
     """--device cuda needs a GPU with a driver (or numba's simulator), and covers plain sampling only."""
-    import cuda_kernels
-    if not cuda_kernels.available():
+    import cuda_sample
+    if not cuda_sample.available():
         raise train.UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
     if args.condition:
         raise train.UsageError("--condition runs on the CPU only; leave out --device cuda")
@@ -249,13 +249,13 @@ def cuda_check(args):
 def draw(params, k, n, rng, args, heartbeat_run):
     """Unconditioned samples on the chosen device (the GPU's own RNG stream is seeded by --seed)."""
     if args.device == "cuda":
-        import cuda_kernels
-        fn = cuda_kernels.sample_heartbeat if heartbeat_run else cuda_kernels.sample
+        import cuda_sample
+        fn = cuda_sample.sample_heartbeat if heartbeat_run else cuda_sample.sample
         try:
             return fn(params, k, n, seed=args.seed)
         except ValueError as e:                 # a network wider than the kernels hold
             raise train.UsageError(f"--device cuda: {e}") from None
-    return (heartbeat.sample(params, k, n, rng) if heartbeat_run else fast.sample(params, k, n, rng))[0]
+    return (heartbeat.sample(params, k, n, rng) if heartbeat_run else cpu_train.sample(params, k, n, rng))[0]
 
 
 def main_heartbeat(args, params, k, rng, r1):

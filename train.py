@@ -18,7 +18,7 @@ import numpy as np
 import ckpt
 import data
 import dpm
-import fast
+import cpu_train
 import heartbeat
 import mlp
 import model
@@ -81,10 +81,10 @@ def parse(argv):
                                                "F: 2 x this (0: none; default 32)")
     p.add_argument("--fourier-scale", type=positive(float), help="Swiss roll: the entries of F's standard deviation")
     p.add_argument("--backend", choices=("numba", "numpy"),
-                   help="numba: fast.py, float32 network, float64 KL arithmetic; numpy: the float64 reference "
+                   help="numba: cpu_train.py, float32 network, float64 KL arithmetic; numpy: the float64 reference "
                         "(the heartbeat has numpy only)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: train with the numba.cuda kernels (cuda_kernels.py) on a GPU")
+                   help="cuda: train with the numba.cuda kernels (cuda_train.py) on a GPU")
     p.add_argument("--out", default=None, help="run directory (default runs/<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --steps")
     p.add_argument("--eval-every", type=positive(int))
@@ -112,15 +112,15 @@ def parse(argv):
     if args.T < 3:
         raise UsageError(f"--T must be at least 3, got {args.T}")
     if args.device == "cuda":
-        import cuda_kernels
+        import cuda_sample
         if args.backend != DEFAULTS[args.data]["backend"]:
             raise UsageError(f"--device cuda replaces the {args.backend} backend: leave out --backend")
-        if not cuda_kernels.available():
+        if not cuda_sample.available():
             raise UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
         width = 2 + 2 * (args.fourier or 0)
-        if args.hidden > cuda_kernels.MAX_H or width > cuda_kernels.MAX_IN:
-            raise UsageError(f"--device cuda holds at most {cuda_kernels.MAX_H} hidden units and "
-                             f"{(cuda_kernels.MAX_IN - 2) // 2} Fourier features")
+        if args.hidden > cuda_sample.MAX_H or width > cuda_sample.MAX_IN:
+            raise UsageError(f"--device cuda holds at most {cuda_sample.MAX_H} hidden units and "
+                             f"{(cuda_sample.MAX_IN - 2) // 2} Fourier features")
     args.out = args.out or os.path.join("runs", args.data)
     return args
 
@@ -151,13 +151,13 @@ class Run:
         self.rng = np.random.default_rng([args.seed, 0])
         params = (heartbeat if args.data == "heartbeat" else model).init(self.cfg, self.rng)
         if args.device == "cuda":             # the step, Adam, batches and RNG on the GPU
-            import cuda_kernels
-            kind = cuda_kernels.HeartbeatTrainer if args.data == "heartbeat" else cuda_kernels.Trainer
+            import cuda_train
+            kind = cuda_train.HeartbeatTrainer if args.data == "heartbeat" else cuda_train.Trainer
             self.opt = kind(self.k, args.batch_size, x_train, seed=args.seed)
             self.opt.load(params)
             self.params = None
-        elif args.backend == "numba":         # fast.Trainer: the step and Adam, on views of flat vectors
-            self.opt = fast.Trainer(self.k, args.batch_size)
+        elif args.backend == "numba":         # cpu_train.Trainer: the step and Adam, on views of flat vectors
+            self.opt = cpu_train.Trainer(self.k, args.batch_size)
             self.opt.load(params)
             self.params = self.opt.params
         else:
@@ -260,7 +260,7 @@ def report(run, x_heldout, n_draws):
     if run.args.data == "heartbeat":
         evaluate = heartbeat.evaluate
     else:
-        evaluate = fast.evaluate if run.args.backend == "numba" else model.evaluate
+        evaluate = cpu_train.evaluate if run.args.backend == "numba" else model.evaluate
     per_point, kl_t = evaluate(run.host_params(), run.k, x_heldout, rng, n_draws)
     return model.bits(per_point), model.bits(kl_t)
 
@@ -346,7 +346,7 @@ def finish(run, x_heldout):
     params = run.host_params()          # the metrics are computed on the CPU whatever the device
     beta, ab = run.k.schedule(params)
     se = stderr
-    sample = fast.sample if a.backend == "numba" else model.sample
+    sample = cpu_train.sample if a.backend == "numba" else model.sample
     samples, _ = sample(params, run.k, 10_000, np.random.default_rng([a.seed, 3]))
     H_lower, H_upper = dpm.entropy_bounds(beta, ab, run.cfg["D"])
     H_learned = model.reverse_entropy({n: np.asarray(v, np.float64) for n, v in params.items()}, run.k,

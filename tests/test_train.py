@@ -8,26 +8,16 @@ import numpy as np
 import pytest
 
 import ckpt
-import fast
+import cpu_train
 import model
-import sample
 import train
+from conftest import one_error_line, run_sample  # noqa: F401 (test_heartbeat, test_posterior import them from here)
 
 FAST = ["--heldout", "1000", "--draws", "1", "--eval-every", "50"]
 
 
 def run_train(tmp_path, *args, out="run"):
     return train.cli(train.main, "train.py", ["--out", str(tmp_path / out), *FAST, *args])
-
-
-def run_sample(*args):
-    return train.cli(sample.main, "sample.py", [str(a) for a in args])
-
-
-def one_error_line(capsys):
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +109,7 @@ def test_existing_run_is_not_overwritten_without_resume(trained, tmp_path, capsy
 
 def patch_loss(monkeypatch, backend, wrapper):
     """Route the backend's loss-and-gradient call through wrapper(real, *args)."""
-    owner = model if backend == "numpy" else fast.Trainer
+    owner = model if backend == "numpy" else cpu_train.Trainer
     real = owner.loss_and_grads
     monkeypatch.setattr(owner, "loss_and_grads", lambda *a: wrapper(real, *a))
     return owner, real
