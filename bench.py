@@ -1,6 +1,6 @@
 """Speed of dpm, one JSON object per line: name, median, p10, p90, unit (and what was measured).
 
-    python bench.py                    # the Numba path (fast.py)
+    python bench.py                    # the Numba path (cpu_train.py)
     python bench.py --backend numpy    # the plain NumPy reference (model.py, mlp.py), for the speedup
     python bench.py --device cuda      # the numba.cuda kernels on a GPU: training, sampling, evaluation
 
@@ -36,8 +36,8 @@ def stats(name, samples, unit, **extra):
 
 def make_trainer(backend, cfg, batch, seed=0):
     """A function doing one training step as train.py does, for either backend."""
+    import cpu_train
     import data
-    import fast
     consts = gaussian.Gaussian(cfg)
     rng = np.random.default_rng(seed)
     x_train = data.swissroll(200_000, [seed, 0])
@@ -50,7 +50,7 @@ def make_trainer(backend, cfg, batch, seed=0):
             _, grads = gaussian.loss_and_grads(params, consts, x0, eps, t)
             opt.step(params, grads, 1e-3)
     else:
-        trainer = fast.Trainer(consts, batch)
+        trainer = cpu_train.Trainer(consts, batch)
         trainer.load(params)
 
         def step():
@@ -126,10 +126,11 @@ def bench_cuda(a):
     step's GFLOP/s at 65,536 beside the GPU's FP32 peak), sample_1000000 (seconds, and point-steps per
     second) and eval_K_20000; the heartbeat's default model: heartbeat_train_step_b512 and
     heartbeat_sample_10000 (2000 steps). Each after warm-up calls that compile the kernels."""
-    import cuda_kernels
+    import cpu_train
+    import cuda_sample
+    import cuda_train
     import data
-    import fast
-    if not cuda_kernels.available():
+    if not cuda_sample.available():
         print("bench.py: error: --device cuda needs a GPU with a driver (none found)", file=sys.stderr)
         return 2
     from numba import cuda
@@ -145,31 +146,31 @@ def bench_cuda(a):
     peak = cuda_peak_gflops(dev)
     x_train = data.swissroll(200_000, [0, 0])
     for bs, repeat in zip(z["train"], z["repeat"]):
-        trainer = cuda_kernels.Trainer(k, bs, x_train, seed=1)
+        trainer = cuda_train.Trainer(k, bs, x_train, seed=1)
         trainer.load(params)
         ms = timed(lambda: trainer.step(1e-4), repeat, 3) * 1e3       # step() waits for its loss
         emit(stats(f"train_step_b{bs}", ms, "ms", device="cuda", gpu=gpu))
         if bs == max(z["train"]):
-            flops = fast.step_flops(cfg, bs)
+            flops = cpu_train.step_flops(cfg, bs)
             emit(stats(f"train_step_gflops_b{bs}", flops / (ms * 1e-3) / 1e9, "GFLOP/s", device="cuda", gpu=gpu,
                        flop_per_step=flops, peak_gflops=peak[0], peak_is=peak[1]))
     n = z["sample"]
-    s = timed(lambda: cuda_kernels.sample(params, k, n, seed=1), z["timed"], 1)
+    s = timed(lambda: cuda_sample.sample(params, k, n, seed=1), z["timed"], 1)
     emit(stats(f"sample_{n}", s, "s", device="cuda", gpu=gpu, steps=k.T))
     emit(stats("sample_point_steps_per_s", n * (k.T - 1) / s, "1/s", device="cuda", gpu=gpu))
     x = data.swissroll(z["eval"], [0, 1])
-    s = timed(lambda: cuda_kernels.evaluate(params, k, x, seed=1), z["timed"], 1)
+    s = timed(lambda: cuda_sample.evaluate(params, k, x, seed=1), z["timed"], 1)
     emit(stats(f"eval_K_{z['eval']}", s, "s", device="cuda", gpu=gpu, draws=1, t_terms=k.T - 1))
     import binomial                           # the heartbeat's default model, T = 2000
     hcfg = z["hb_cfg"] or datasets.HEARTBEAT.model
     hk = binomial.Binomial(hcfg)
     hp = hk.init(np.random.default_rng(0))
-    trainer = cuda_kernels.HeartbeatTrainer(hk, z["hb_train"], data.heartbeat(1000, [0, 0]), seed=1)
+    trainer = cuda_train.HeartbeatTrainer(hk, z["hb_train"], data.heartbeat(1000, [0, 0]), seed=1)
     trainer.load(hp)
     ms = timed(lambda: trainer.step(1e-4), z["repeat"][0], 3) * 1e3
     emit(stats(f"heartbeat_train_step_b{z['hb_train']}", ms, "ms", device="cuda", gpu=gpu))
     n = z["hb_sample"]
-    s = timed(lambda: cuda_kernels.sample_heartbeat(hp, hk, n, seed=1), z["timed"], 1)
+    s = timed(lambda: cuda_sample.sample_heartbeat(hp, hk, n, seed=1), z["timed"], 1)
     emit(stats(f"heartbeat_sample_{n}", s, "s", device="cuda", gpu=gpu, steps=hk.T))
     return 0
 
@@ -182,7 +183,7 @@ def main(argv=None):
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=("numba", "numpy"), default="numba")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: the numba.cuda kernels (cuda_kernels.py) on a GPU")
+                   help="cuda: the numba.cuda kernels (cuda_sample.py, cuda_train.py) on a GPU")
     p.add_argument("--repeat", type=cli.positive(int, 10**6), default=300, help="timed training steps per batch size")
     p.add_argument("--only", default="", help="comma-separated names to run (default: all)")
     p.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)
@@ -191,16 +192,16 @@ def main(argv=None):
         return first_step()
     if a.device == "cuda":
         return bench_cuda(a)
+    import cpu_train
     import data
-    import fast
     only = set(filter(None, a.only.split(",")))
     if only - set(CPU_NAMES):
         raise cli.UsageError(f"--only: unknown {', '.join(sorted(only - set(CPU_NAMES)))} (known: {', '.join(CPU_NAMES)})")
     want = lambda name: not only or name in only
     emit = lambda d: print(json.dumps(d), flush=True)
     b = a.backend
-    # numba: how many parts of a batch run at once, one per core (fast.default_parts)
-    parts = (lambda n: dict(parts=fast.default_parts(n))) if b == "numba" else (lambda n: {})
+    # numba: how many parts of a batch run at once, one per core (cpu_train.default_parts)
+    parts = (lambda n: dict(parts=cpu_train.default_parts(n))) if b == "numba" else (lambda n: {})
     k = gaussian.Gaussian(COMPARISON)
     params = k.init(np.random.default_rng(0))
     for name, bs in (("train_step_b512", 512), ("train_step_b4096", 4096)):
@@ -210,17 +211,17 @@ def main(argv=None):
                 emit(stats(name, ms, "ms", backend=b, **parts(bs)))
             if bs == 512 and want("train_step_gflops"):
                 peak, how = peak_gflops()
-                flops = fast.step_flops(COMPARISON, 512)
+                flops = cpu_train.step_flops(COMPARISON, 512)
                 emit(stats("train_step_gflops", flops / (ms * 1e-3) / 1e9, "GFLOP/s", backend=b,
                            flop_per_step=flops, peak_gflops=peak, peak_is=how))
     if want("eval_K_20000"):
         x = data.swissroll(20_000, [0, 1])
-        ev = fast.evaluate if b == "numba" else gaussian.evaluate
+        ev = cpu_train.evaluate if b == "numba" else gaussian.evaluate
         s = timed(lambda: ev(params, k, x, np.random.default_rng(0), n_draws=1), 5, 1)
         emit(stats("eval_K_20000", s, "s", backend=b, draws=1, t_terms=COMPARISON["T"] - 1,
                    network=("float32" if b == "numba" else "float64"), kl_arithmetic="float64", **parts(20_000)))
     if want("sample_100000"):
-        sm = fast.sample if b == "numba" else gaussian.sample
+        sm = cpu_train.sample if b == "numba" else gaussian.sample
         s = timed(lambda: sm(params, k, 100_000, np.random.default_rng(0)), 5, 1)
         emit(stats("sample_100000", s, "s", backend=b, steps=COMPARISON["T"], **parts(100_000)))
     if b == "numba" and (want("cold_start_cold_cache") or want("cold_start_warm_cache")):

@@ -8,16 +8,23 @@ import numpy as np
 
 import binomial
 import data
-import fast
+import cpu_train
 import figures
 import gaussian
 import smc
 
 
 def cuda():
-    """The GPU kernels, imported only when --device cuda asks for them (numba.cuda takes a second to load)."""
-    import cuda_kernels
-    return cuda_kernels
+    """The GPU's sampling kernels, imported only when --device cuda asks for them (numba.cuda takes a second
+    to load): available(), MAX_H, MAX_IN, sample, sample_heartbeat."""
+    import cuda_sample
+    return cuda_sample
+
+
+def cuda_train():
+    """The GPU trainers, imported only when --device cuda asks for them."""
+    import cuda_train
+    return cuda_train
 
 
 class Dataset:
@@ -127,9 +134,9 @@ SWISSROLL = Dataset(
            "M": (int, 0, 1024), "fourier_scale": (float, 0, 1e6), "beta1": (float, 0, 1), "beta_T": (float, 0, 1)},
     backends=("numba", "numpy"),
     load=lambda n, seed, noise: data.swissroll(n, seed, noise),
-    fast=fast,                         # the accelerated CPU path (Trainer, evaluate, sample)
-    log_weights=fast.log_weights,      # Eq. 9's importance weights, for evaluate.py
-    cuda_trainer=lambda: cuda().Trainer, cuda_sample=lambda: cuda().sample,
+    cpu=cpu_train,                     # the Numba CPU path (Trainer, evaluate, sample); None: NumPy only
+    log_weights=cpu_train.log_weights,      # Eq. 9's importance weights, for evaluate.py
+    cuda_trainer=lambda: cuda_train().Trainer, cuda_sample=lambda: cuda().sample,
     parse_condition=gaussian.parse_condition,
     conditioned=gaussian.sample_conditioned,
     smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
@@ -158,8 +165,8 @@ HEARTBEAT = Dataset(
            "input_scale": (float, 0, 1e6)},
     backends=("numpy",),
     load=lambda n, seed, noise: data.heartbeat(n, seed),
-    fast=None, log_weights=None,
-    cuda_trainer=lambda: cuda().HeartbeatTrainer, cuda_sample=lambda: cuda().sample_heartbeat,
+    cpu=None, log_weights=None,
+    cuda_trainer=lambda: cuda_train().HeartbeatTrainer, cuda_sample=lambda: cuda().sample_heartbeat,
     parse_condition=binomial.parse_condition,
     conditioned=lambda params, consts, n, rng, r1: binomial.sample(params, consts, n, rng, r1=r1)[0],
     smc=smc.binomial,

@@ -61,7 +61,7 @@ def main(argv=None):
     noise = meta["noise"]
     x = ds.load(args.points, datasets.HELDOUT_SEED, noise)
     rng = np.random.default_rng([args.seed, 5])
-    kmn, _ = ds.fast.evaluate(params, consts, x, rng, n_draws=4)
+    kmn, _ = ds.cpu.evaluate(params, consts, x, rng, n_draws=4)
     K = dpm.bits(kmn + consts.log_null(x))
     lw = ds.log_weights(params, consts, x, rng, max(args.samples))
     se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v)))

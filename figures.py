@@ -4,7 +4,7 @@ import numpy as np
 
 import data
 import dpm
-import fast
+import cpu_train
 import gaussian
 import binomial
 
@@ -35,7 +35,7 @@ def swissroll(params, consts, x_data, rng, n=1000):
     h = T // 2
     x0 = x_data[:n]
     q = {t: dpm.q_sample(x0, ab[t], rng.standard_normal(x0.shape)) if t else x0 for t in (0, h, T)}
-    _, p = fast.sample(params, consts, n, rng, keep=(T, h, 1))
+    _, p = cpu_train.sample(params, consts, n, rng, keep=(T, h, 1))
     g = np.linspace(-BOX + 0.2, BOX - 0.2, 17)
     grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
     drift = {}

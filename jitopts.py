@@ -9,7 +9,9 @@ Caching policy:
 - DPM_JIT_CACHE=0 turns the disk cache off (for example to time a cold start).
 Kernels are single-threaded and release the GIL (nogil): parallel=True costs seconds of compiling for no
 gain at these sizes. Large batches use the cores by running two parts at once on
-Python threads, BLAS held to one thread meanwhile (fast._SplitWork).
+Python threads, BLAS held to one thread meanwhile (cpu_train._SplitWork).
+Scalar equations (cpu_kernels.coef_at, kl_coord, ...) are `scalar` kernels, inlined into their callers;
+the few that the host calls for a number NumPy used to compute are `strict` (no fastmath).
 """
 import os
 
@@ -20,12 +22,23 @@ FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 CACHE = os.environ.get("DPM_JIT_CACHE", "1") != "0"
 
 
-def kernel(fn):
+def kernel(fn, **extra):
     """numba.njit with dpm's options; falls back to an in-memory compile where caching is impossible."""
-    opts = dict(fastmath=FASTMATH, error_model="numpy", nogil=True)
+    opts = dict(dict(fastmath=FASTMATH, error_model="numpy", nogil=True), **extra)
     if CACHE:
         try:
             return numba.njit(cache=True, **opts)(fn)
         except RuntimeError:  # "cannot cache function ...: no locator available"
             pass
     return numba.njit(cache=False, **opts)(fn)
+
+
+def scalar(fn):
+    """A kernel for one scalar equation, inlined into its callers in numba's IR (inline="always")."""
+    return kernel(fn, inline="always")
+
+
+def strict(fn):
+    """A kernel for one scalar equation that the host calls: plain IEEE arithmetic in the written order (no
+    fastmath), so that it gives the same number as the NumPy expression it replaces."""
+    return kernel(fn, fastmath=False)

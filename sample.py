@@ -73,7 +73,7 @@ def draw(params, consts, ds, args, rng, condition):
             return ds.cuda_sample()(params, consts, args.n, seed=args.seed)
         except ValueError as e:                 # a network wider than the kernels hold
             raise UsageError(f"--device cuda: {e}") from None
-    return (ds.fast or ds.kind).sample(params, consts, args.n, rng)[0]
+    return (ds.cpu or ds.kind).sample(params, consts, args.n, rng)[0]
 
 
 def main(argv=None):

@@ -113,7 +113,7 @@ class Run:
             self.opt.load(params)
             self.params = None
         elif args.backend == "numba":         # cpu_train.Trainer: the step and Adam, on views of flat vectors
-            self.opt = ds.fast.Trainer(self.consts, args.batch_size)
+            self.opt = ds.cpu.Trainer(self.consts, args.batch_size)
             self.opt.load(params)
             self.params = self.opt.params
         else:
@@ -211,8 +211,7 @@ def heldout_bound(run, x_heldout, n_draws):
     """Held-out K − L_null in bits, per point (full sum over t, Eq. 14), and the mean KL_t in bits for each t.
     Its own RNG, seeded by the step, so evaluating never moves the training stream."""
     rng = np.random.default_rng([run.args.seed, 2, run.step])
-    fast = run.ds.fast if run.args.backend == "numba" else None
-    evaluate = fast.evaluate if fast else run.ds.kind.evaluate
+    evaluate = run.ds.cpu.evaluate if run.args.backend == "numba" else run.ds.kind.evaluate
     per_point, kl_t = evaluate(run.host_params(), run.consts, x_heldout, rng, n_draws)
     return dpm.bits(per_point), dpm.bits(kl_t)
 
@@ -229,7 +228,7 @@ def finish(run, x_heldout):
     l_null = dpm.bits(consts.log_null(x_heldout))
     K = kmn + l_null
     params = run.host_params()          # the metrics are computed on the CPU whatever the device
-    sample = ds.fast.sample if a.backend == "numba" else ds.kind.sample
+    sample = ds.cpu.sample if a.backend == "numba" else ds.kind.sample
     samples, _ = sample(params, consts, 10_000, np.random.default_rng([a.seed, 3]))
     lower, upper, learned, _, entropy = ds.entropy(params, consts, x_heldout[:ds.entropy_points],
                                                    np.random.default_rng([a.seed, 4]))

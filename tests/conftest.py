@@ -4,7 +4,7 @@ import sys
 # Before anything imports numba: CUDA kernels, where any, run in numba's CUDA simulator, which reads the
 # variable once, at import.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
-# Few threads per block, so the kernels' tiny test inputs cross block boundaries (TPB).
+# Few threads per block, so the kernels' tiny test inputs cross block boundaries (cuda_sample.TPB).
 os.environ.setdefault("DPM_CUDA_TPB", "16")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,6 +21,7 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 # ---------------------------------------------------------------- helpers the test modules share
 # (import them with `from conftest import ...`)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--heldout", "1000", "--draws", "1", "--eval-every", "50"]
 
 

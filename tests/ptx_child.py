@@ -1,5 +1,5 @@
 """Run by tests/test_cuda.py in a child process without the CUDA simulator: compile every kernel of
-cuda_kernels.py to PTX for compute capability 8.0, which needs no GPU but does need the CUDA toolkit
+cuda_sample.py and cuda_train.py to PTX for compute capability 8.0, which needs no GPU but does need the CUDA toolkit
 packages (requirements-gpu.txt). Prints one line per kernel, or "SKIP: why" where the toolkit is missing."""
 import os
 import sys
@@ -13,11 +13,12 @@ from numba import cuda  # noqa: E402
 from numba.cuda.random import xoroshiro128p_dtype  # noqa: E402
 
 # numba-cuda asks the current device for its compute capability when a kernel calls a device function;
-# with no GPU there is none, so answer for it (an internal API: numba-notes §1).
+# with no GPU there is none, so answer for it (an internal API of numba-cuda's dispatcher).
 import numba.cuda.dispatcher as dispatcher  # noqa: E402
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(8, 0))
 
-import cuda_kernels as ck  # noqa: E402
+import cuda_sample  # noqa: E402
+import cuda_train  # noqa: E402
 
 f32 = lambda *s: np.zeros(s, np.float32)
 f64 = lambda *s: np.zeros(s)
@@ -27,7 +28,7 @@ hb_net = (f64(20, 6), f64(6), f64(6, 6), f64(6), f64(6, 6), f64(6), f64(6, 20), 
 EXAMPLES = {
     "_draw": (states, f64(3, 2), True),
     "_gauss_step": (f64(3, 2), 2) + net + (f64(3, 2), f64(3, 2)),
-    "_fixed_step": (f64(3, 2), 0.5, 0.5, f64(3, 2), f64(3, 2)),
+    "_fixed_step": (f64(3, 2), 1e-3, f64(3, 2), f64(3, 2)),
     "_q_sample": (f64(3, 2), 2, f64(7, 9), f64(3, 2), f64(3, 2)),
     "_gauss_kl": (f64(3, 2), f64(3, 2), 2) + net + (f64(3), f64(7)),
     "_binomial_step": (f64(3, 20), 2, 0.25, f64(5, 2), f64(5, 2, 2)) + hb_net + (f64(3, 20), f64(3, 20)),
@@ -59,15 +60,15 @@ EXAMPLES = {
 }
 
 if __name__ == "__main__":
-    kernels = {name for name, v in vars(ck).items()
-               if isinstance(v, type(ck._draw)) and not v.targetoptions.get("device")}
-    missing = kernels - set(EXAMPLES)
+    kernels = {name: v for module in (cuda_sample, cuda_train) for name, v in vars(module).items()
+               if isinstance(v, type(cuda_sample._draw)) and not v.targetoptions.get("device")}
+    missing = set(kernels) - set(EXAMPLES)
     if missing:
         sys.exit(f"no PTX example arguments for {sorted(missing)}")
     for name, args in EXAMPLES.items():
         sig = tuple(numba.typeof(a) for a in args)
         try:
-            ptx, _ = cuda.compile_ptx(getattr(ck, name).py_func, sig, cc=(8, 0))
+            ptx, _ = cuda.compile_ptx(kernels[name].py_func, sig, cc=(8, 0))
         except Exception as e:                       # the toolkit's libraries are absent: not our error
             text = f"{type(e).__name__}: {e}"
             if name == "_draw" and any(w in text.lower() for w in ("nvrtc", "nvvm", "dynamiclib")):

@@ -32,7 +32,7 @@ def test_bench_prints_one_json_object_per_line(capsys, backend):
 def test_bench_on_cuda_runs_its_code_in_the_simulator_and_refuses_without_a_gpu(capsys, monkeypatch):
     """The simulator has no speed to speak of, so only the code path and the output format are checked, on a
     tiny model; without a GPU (available() False) it is one line on stderr and exit status 2."""
-    import cuda_kernels
+    import cuda_sample
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         pytest.skip("a real GPU run is bench.py's own business")
     monkeypatch.setattr(bench, "CUDA_SIZES", {"cfg": dict(datasets.SWISSROLL.model, H=4, M=1, J=3, T=4), "train": (5, 9),
@@ -47,7 +47,7 @@ def test_bench_on_cuda_runs_its_code_in_the_simulator_and_refuses_without_a_gpu(
                                           "sample_point_steps_per_s", "eval_K_10", "heartbeat_train_step_b6",
                                           "heartbeat_sample_7"]
     assert all({"name", "median", "p10", "p90", "unit", "gpu"} <= d.keys() for d in lines)
-    monkeypatch.setattr(cuda_kernels, "available", lambda: False)
+    monkeypatch.setattr(cuda_sample, "available", lambda: False)
     assert bench.main(["--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "GPU" in err
@@ -75,7 +75,7 @@ def open_tmp():
 
 
 def test_runs_from_a_read_only_install_with_no_writable_cache(open_tmp):
-    """numba raises at import for cache=True where no cache directory is writable. jitopts must fall
+    """numba's cache=True raises at import where no cache directory is writable. jitopts must fall
     back to compiling in memory, so a read-only install with no writable HOME still trains and samples."""
     ro = open_tmp / "ro"
     ro.mkdir()
@@ -89,11 +89,11 @@ def test_runs_from_a_read_only_install_with_no_writable_cache(open_tmp):
     probe = run_as_unprivileged([sys.executable, "-c", "import numba"], str(ro), env)
     if probe.returncode != 0:
         pytest.skip(f"this interpreter cannot be run unprivileged here: {probe.stderr.strip()[-200:]}")
-    code = ("import numpy as np, datasets, gaussian, fast\n"
+    code = ("import numpy as np, datasets, gaussian, cpu_train\n"
             "cfg = dict(datasets.SWISSROLL.model, H=8, J=3, T=5, M=2); k = gaussian.Gaussian(cfg)\n"
-            "tr = fast.Trainer(k, 4); tr.load(gaussian.Gaussian(cfg).init(np.random.default_rng(0)))\n"
+            "tr = cpu_train.Trainer(k, 4); tr.load(gaussian.Gaussian(cfg).init(np.random.default_rng(0)))\n"
             "x = np.ones((4, 2)); tr.step(x, x, np.array([2, 3, 4, 5]), 1e-3)\n"
-            "fast.sample(tr.params, k, 5, np.random.default_rng(0)); print('ok')\n")
+            "cpu_train.sample(tr.params, k, 5, np.random.default_rng(0)); print('ok')\n")
     r = run_as_unprivileged([sys.executable, "-c", code], str(ro), env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
     assert not any(n.endswith((".nbi", ".nbc")) or n == "__pycache__" for n in os.listdir(ro))

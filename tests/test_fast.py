@@ -1,4 +1,5 @@
-"""fast.py (the Numba path) against its NumPy twins (gaussian.py, mlp.py, dpm.py), at awkward sizes.
+"""The CPU tier (cpu_kernels.py, cpu_train.py) against its NumPy twins (gaussian.py, net_fourier.py, adam.py,
+dpm.py; imported here by their current names model, mlp), at awkward sizes.
 
 In float64 the kernels must agree with the reference to rounding (1e-10 relative); in float32 (how
 train.py trains) to float32 rounding (1e-5 relative)."""
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import cpu_kernels
+import cpu_train
 import datasets
 import dpm
-import fast
 import gaussian
 from adam import Adam
 
@@ -41,12 +43,12 @@ def rel_err(a, b):
 
 
 def compare_step(M, seed, n, dtype, tol, scale=0.3, loss_floor=0.0, parts=1):
-    """fast.Trainer's loss and every gradient against gaussian.loss_and_grads on one random batch, the batch
+    """cpu_train.Trainer's loss and every gradient against gaussian.loss_and_grads on one random batch, the batch
     cut into parts run at once (their gradient sums added up)."""
     cfg, k, p, rng = setup(M, seed, scale)
     x0, eps, t = batch(rng, n, cfg["T"])
     loss, grads = gaussian.loss_and_grads(p, k, x0, eps, t)
-    tr = fast.Trainer(k, n, dtype, parts=parts)
+    tr = cpu_train.Trainer(k, n, dtype, parts=parts)
     assert len(tr.parts) == min(parts, n)
     tr.load(p)
     assert abs(tr.loss_and_grads(x0, eps, t) - loss) < tol * max(loss_floor, abs(loss))
@@ -74,7 +76,7 @@ def test_training_step_in_float32_matches_reference(M, parts):
 @pytest.mark.parametrize("M", [0, 4])
 def test_training_step_in_several_passes_matches_reference(M, monkeypatch):
     """Each part runs in passes of ROWS_TRAIN rows (the last one short), its gradient sums added up."""
-    monkeypatch.setattr(fast, "ROWS_TRAIN", 16)
+    monkeypatch.setattr(cpu_train, "ROWS_TRAIN", 16)
     tr = compare_step(M, 12, 101, np.float64, 1e-10, parts=2)
     assert [part.net.n for part in tr.parts] == [16, 16]
 
@@ -82,12 +84,12 @@ def test_training_step_in_several_passes_matches_reference(M, monkeypatch):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
 def test_a_forked_child_gets_its_own_worker():
     """A child forked after the worker thread started has no such thread: its parts must still run."""
-    with fast._SplitWork(2) as work:
+    with cpu_train._SplitWork(2) as work:
         assert work.run(lambda a: a + 1, [(1,), (2,)]) == [2, 3]
     pid = os.fork()
     if pid == 0:                                   # the child: killed by SIGALRM if it hangs
         signal.alarm(30)
-        with fast._SplitWork(2) as work:
+        with cpu_train._SplitWork(2) as work:
             os._exit(0 if work.run(lambda a: a + 1, [(1,), (2,)]) == [2, 3] else 1)
     assert os.waitpid(pid, 0)[1] == 0
 
@@ -100,15 +102,15 @@ def test_training_step_matches_reference_for_any_batch(n, seed, M, parts):
 
 def test_split_work_restores_blas_threads():
     """While the parts of a batch run, NumPy's OpenBLAS is held to one thread; afterwards it is as it was."""
-    if fast._OPENBLAS is None:
+    if cpu_train._OPENBLAS is None:
         pytest.skip("NumPy does not use a bundled OpenBLAS here: batches run in one part")
-    set_threads, get_threads = fast._OPENBLAS
+    set_threads, get_threads = cpu_train._OPENBLAS
     before = get_threads()
-    with fast._SplitWork(3) as work:
+    with cpu_train._SplitWork(3) as work:
         assert get_threads() == 1
         assert work.run(lambda a, b: a * b, [(2, 3), (4, 5), (6, 7)]) == [6, 20, 42]
     assert get_threads() == before
-    with fast._SplitWork(1):
+    with cpu_train._SplitWork(1):
         assert get_threads() == before
 
 
@@ -119,7 +121,7 @@ def test_adam_kernel_matches_mlp_adam_over_several_steps():
     p = perturbed_params(cfg, rng)
     ref = {name: v.copy() for name, v in p.items()}
     opt = Adam(ref)
-    tr = fast.Trainer(k, 33, np.float64)
+    tr = cpu_train.Trainer(k, 33, np.float64)
     tr.load(p)
     for step in range(5):
         x0, eps, t = batch(rng, 33, cfg["T"])
@@ -136,12 +138,12 @@ def test_adam_kernel_matches_mlp_adam_over_several_steps():
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_gradient_is_refused_and_changes_nothing(bad):
     cfg = config(0)
-    tr = fast.Trainer(gaussian.Gaussian(cfg), 5, np.float32)
+    tr = cpu_train.Trainer(gaussian.Gaussian(cfg), 5, np.float32)
     tr.load(perturbed_params(cfg, np.random.default_rng(5)))
     before = tr.theta.copy()
     tr.grad[:] = 0.1
     tr.grad[17] = bad
-    assert not fast._adam(tr.theta, tr.grad, tr.m_flat, tr.v_flat, np.float32(1e-3), *tr.hyper, 1)
+    assert not cpu_kernels.adam(tr.theta, tr.grad, tr.m_flat, tr.v_flat, np.float32(1e-3), *tr.hyper, 1)
     assert np.array_equal(tr.theta, before) and not tr.m_flat.any()
 
 
@@ -150,16 +152,17 @@ def test_schedule_kernel_matches_dpm():
     rng = np.random.default_rng(6)
     k = gaussian.Gaussian(cfg)
     p = perturbed_params(cfg, rng, scale=2.0)
-    net = fast.Tables(k, np.float64)
+    net = cpu_train.Tables(k, np.float64)
     net.update(p)
     beta, ab = k.schedule(p)
     assert rel_err(net.beta, beta) < 1e-14 and rel_err(net.ab, ab) < 1e-14
     t = np.arange(2, cfg["T"] + 1)
     c0 = np.sqrt(ab[t - 1]) * beta[t] / (1 - ab[t])
-    mu_t, beta_til = dpm.q_posterior(1.0, 0.0, beta[t], ab[t], ab[t - 1])
-    assert rel_err(net.coef[t, 5], mu_t) < 1e-14 and rel_err(net.coef[t, 5], c0) < 1e-14
-    assert rel_err(net.coef[t, 7], beta_til) < 1e-14
-    assert rel_err(net.coef[t, 4], dpm.logit(beta[t])) < 1e-12
+    mu_tilde, beta_tilde = dpm.q_posterior(1.0, 0.0, beta[t], ab[t], ab[t - 1])
+    C0, BETA_TILDE, LOGIT_BETA = cpu_kernels.C0, cpu_kernels.BETA_TILDE, cpu_kernels.LOGIT_BETA
+    assert rel_err(net.coef[t, C0], mu_tilde) < 1e-14 and rel_err(net.coef[t, C0], c0) < 1e-14
+    assert rel_err(net.coef[t, BETA_TILDE], beta_tilde) < 1e-14
+    assert rel_err(net.coef[t, LOGIT_BETA], dpm.logit(beta[t])) < 1e-12
 
 
 @pytest.mark.parametrize("with_u,In", [(True, 2), (True, 3), (False, 3)])
@@ -173,12 +176,12 @@ def test_first_layer_and_its_backward_match_numpy(with_u, In):
     for exact, tol, dtype in ((True, 1e-14, np.float64), (False, 1e-6, np.float32)):
         h1 = np.zeros((n, H), dtype)
         args = [a.astype(dtype) for a in (u, W1u, table1 + b1)]
-        fast._first_layer(*args, t, P1.astype(dtype), with_u, exact, h1)
+        cpu_kernels.first_layer(*args, t, P1.astype(dtype), with_u, exact, h1)
         assert np.max(np.abs(h1 - want)) < tol
     h1, g = want, rng.standard_normal((n, H))
     g_pre = g * (1 - h1 * h1)
     Gt1, gW1u, g_u = np.zeros((T + 1, H)), np.zeros((In, H)), np.zeros((n, In))
-    fast._layer1_back(g.copy(), h1, u, W1u, t, Gt1, gW1u, g_u, with_u)
+    cpu_kernels.layer1_back(g.copy(), h1, u, W1u, t, Gt1, gW1u, g_u, with_u)
     assert rel_err(Gt1, np.stack([g_pre[t == s].sum(0) for s in range(T + 1)])) < 1e-14
     if with_u:
         assert rel_err(gW1u, u.T @ g_pre) < 1e-14 and rel_err(g_u, g_pre @ W1u.T) < 1e-14
@@ -191,11 +194,11 @@ def test_evaluation_matches_reference(M, parts):
     cfg, k, p, rng = setup(M, 8)
     x = rng.standard_normal((250, 2))
     a, kl_a = gaussian.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
-    b, kl_b = fast.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64, dtype=np.float64,
+    b, kl_b = cpu_train.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64, dtype=np.float64,
                             parts=parts)
     assert rel_err(b, a) < 1e-10 and rel_err(kl_b, kl_a) < 1e-10
     # the float32 network (how train.py evaluates the float32 model) moves K by float32 rounding only
-    c, _ = fast.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
+    c, _ = cpu_train.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
     assert np.max(np.abs(c - a)) < 1e-4 and abs(c.mean() - a.mean()) < 1e-5
 
 
@@ -205,15 +208,15 @@ def test_sampling_matches_reference(M, parts):
     cfg, k, p, rng = setup(M, 9)
     keep = (cfg["T"], 3, 1)
     a, ka = gaussian.sample(p, k, 101, np.random.default_rng(2), keep=keep)
-    b, kb = fast.sample(p, k, 101, np.random.default_rng(2), keep=keep, batch=32, dtype=np.float64, parts=parts)
+    b, kb = cpu_train.sample(p, k, 101, np.random.default_rng(2), keep=keep, batch=32, dtype=np.float64, parts=parts)
     assert rel_err(b, a) < 1e-10 and all(rel_err(kb[t], ka[t]) < 1e-10 for t in ka)
-    c, _ = fast.sample(p, k, 101, np.random.default_rng(2), batch=32, dtype=np.float32)
+    c, _ = cpu_train.sample(p, k, 101, np.random.default_rng(2), batch=32, dtype=np.float32)
     assert np.max(np.abs(c - a)) < 1e-4
 
 
 def test_trainer_params_are_views_of_one_flat_vector():
     cfg = config(4)
-    tr = fast.Trainer(gaussian.Gaussian(cfg), 3)
+    tr = cpu_train.Trainer(gaussian.Gaussian(cfg), 3)
     ref = gaussian.Gaussian(cfg).init(np.random.default_rng(0))
     assert set(tr.params) == set(ref)
     for name, v in tr.params.items():

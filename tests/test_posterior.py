@@ -9,7 +9,7 @@ import cli
 import datasets
 import dpm
 import evaluate
-import fast
+import cpu_train
 import gaussian
 import smc
 
@@ -46,7 +46,7 @@ def test_log_weights_kernel_matches_reference():
         p = {n: v + 0.3 * rng.standard_normal(v.shape) for n, v in gaussian.Gaussian(cfg).init(rng).items()}
         x = rng.standard_normal((41, 2))
         a = gaussian.log_weights(p, k, x, np.random.default_rng(1), 3)
-        b = fast.log_weights(p, k, x, np.random.default_rng(1), 3, batch=16, dtype=np.float64)
+        b = cpu_train.log_weights(p, k, x, np.random.default_rng(1), 3, batch=16, dtype=np.float64)
         assert np.max(np.abs(a - b)) < 1e-10 * np.max(np.abs(a))
 
 
@@ -56,8 +56,8 @@ def test_one_sample_importance_estimate_is_K_in_expectation():
     rng = np.random.default_rng(3)
     p = {n: v + 0.3 * rng.standard_normal(v.shape) for n, v in gaussian.Gaussian(cfg).init(rng).items()}
     x = rng.standard_normal((300, 2))
-    lw = fast.log_weights(p, k, x, np.random.default_rng(4), 40, dtype=np.float64)
-    kmn, _ = fast.evaluate(p, k, x, np.random.default_rng(5), n_draws=40, dtype=np.float64)
+    lw = cpu_train.log_weights(p, k, x, np.random.default_rng(4), 40, dtype=np.float64)
+    kmn, _ = cpu_train.evaluate(p, k, x, np.random.default_rng(5), n_draws=40, dtype=np.float64)
     d = lw.mean(1) - (kmn + dpm.log_null(x))
     assert abs(d.mean()) < 4 * d.std(ddof=1) / math.sqrt(len(d))
     est = evaluate.estimates(lw, [1, 40])

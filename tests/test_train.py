@@ -9,7 +9,7 @@ import pytest
 
 import ckpt
 import cli
-import fast
+import cpu_train
 import gaussian
 import train
 
@@ -105,7 +105,7 @@ def test_existing_run_is_not_overwritten_without_resume(trained, tmp_path, capsy
 
 def patch_loss(monkeypatch, backend, wrapper):
     """Route the backend's loss-and-gradient call through wrapper(real, *args)."""
-    owner = gaussian if backend == "numpy" else fast.Trainer
+    owner = gaussian if backend == "numpy" else cpu_train.Trainer
     real = owner.loss_and_grads
     monkeypatch.setattr(owner, "loss_and_grads", lambda *a: wrapper(real, *a))
     return owner, real
@@ -164,7 +164,8 @@ def test_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkey
 
     patch_loss(monkeypatch, backend, poisoned)
     assert run_train(tmp_path, "--steps", "200", "--backend", backend) == 3
-    assert "diverged" in one_error_line(capsys)
+    err = one_error_line(capsys)
+    assert "diverged" in err and "checkpoint (step 50)" in err
     meta, arrays = ckpt.load(str(tmp_path / "run" / "checkpoint.npz"))
     assert meta["step"] == 50 and all(np.all(np.isfinite(v)) for v in arrays.values())
 
