@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -90,10 +89,10 @@ def test_runs_from_a_read_only_install_with_no_writable_cache(open_tmp):
     if probe.returncode != 0:
         pytest.skip(f"this interpreter cannot be run unprivileged here: {probe.stderr.strip()[-200:]}")
     code = ("import numpy as np, datasets, gaussian, cpu_train\n"
-            "cfg = dict(datasets.SWISSROLL.model, H=8, J=3, T=5, M=2); k = gaussian.Gaussian(cfg)\n"
-            "tr = cpu_train.Trainer(k, 4); tr.load(gaussian.Gaussian(cfg).init(np.random.default_rng(0)))\n"
+            "cfg = dict(datasets.SWISSROLL.model, H=8, J=3, T=5, M=2); consts = gaussian.Gaussian(cfg)\n"
+            "tr = cpu_train.Trainer(consts, 4); tr.load(gaussian.Gaussian(cfg).init(np.random.default_rng(0)))\n"
             "x = np.ones((4, 2)); tr.step(x, x, np.array([2, 3, 4, 5]), 1e-3)\n"
-            "cpu_train.sample(tr.params, k, 5, np.random.default_rng(0)); print('ok')\n")
+            "cpu_train.sample(tr.params, consts, 5, np.random.default_rng(0)); print('ok')\n")
     r = run_as_unprivileged([sys.executable, "-c", code], str(ro), env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
     assert not any(n.endswith((".nbi", ".nbc")) or n == "__pycache__" for n in os.listdir(ro))

@@ -31,49 +31,49 @@ def small_gauss(seed, M=3):
     """A small Swiss-roll config with perturbed weights (nothing at a symmetric zero)."""
     cfg = dict(datasets.SWISSROLL.model, M=M, H=8, J=4, T=6)
     rng = np.random.default_rng(seed)
-    p = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in gaussian.Gaussian(cfg).init(rng).items()}
+    p = {n: v + 0.3 * rng.standard_normal(v.shape) for n, v in gaussian.Gaussian(cfg).init(rng).items()}
     return cfg, gaussian.Gaussian(cfg), p, rng
 
 
 def small_heartbeat(seed, T, H):
     """A small heartbeat config with random weights of scale 0.7."""
-    k = binomial.Binomial(dict(datasets.HEARTBEAT.model, T=T, H=H))
+    consts = binomial.Binomial(dict(datasets.HEARTBEAT.model, T=T, H=H))
     rng = np.random.default_rng(seed)
-    p = {name: rng.normal(0, 0.7, v.shape) for name, v in binomial.Binomial(k.cfg).init(rng).items()}
-    return k, p, rng
+    p = {name: rng.normal(0, 0.7, v.shape) for name, v in binomial.Binomial(consts.cfg).init(rng).items()}
+    return consts, p, rng
 
 
 @pytest.mark.parametrize("n, M", [(1, 3), (37, 3), (17, 0)])
 def test_gauss_step_matches_model_reverse(n, M):
-    cfg, k, p, rng = small_gauss(n, M)
+    cfg, consts, p, rng = small_gauss(n, M)
     x, noise = rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
-    beta, _ = k.schedule(p)
-    net = cs.GaussNet(p, k)
-    for t in (2, k.T):
+    beta, _ = consts.schedule(p)
+    net = cs.GaussNet(p, consts)
+    for t in (2, consts.T):
         out = cuda.device_array((n, 2))
         cs._gauss_step[cs.blocks(n), cs.TPB](cuda.to_device(x), t, *net.args, cuda.to_device(noise), out)
-        mu, Sigma, _ = gaussian.reverse(p, k, x, np.full(n, t), beta)
+        mu, Sigma, _ = gaussian.reverse(p, consts, x, np.full(n, t), beta)
         assert np.allclose(out.copy_to_host(), mu + np.sqrt(Sigma) * noise, rtol=1e-4, atol=1e-5), t
 
 
 @pytest.mark.parametrize("n", [1, 37])
 def test_q_sample_and_gauss_kl_match_dpm(n):
-    cfg, k, p, rng = small_gauss(100 + n)
+    cfg, consts, p, rng = small_gauss(100 + n)
     x0, eps = rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
-    beta, ab = k.schedule(p)
-    net = cs.GaussNet(p, k)
-    kl_sum, kl_t = cuda.to_device(np.zeros(n)), cuda.to_device(np.zeros(k.T + 1))
-    want_t = np.zeros(k.T + 1)
+    beta, ab = consts.schedule(p)
+    net = cs.GaussNet(p, consts)
+    kl_sum, kl_t = cuda.to_device(np.zeros(n)), cuda.to_device(np.zeros(consts.T + 1))
+    want_t = np.zeros(consts.T + 1)
     want_sum = np.zeros(n)
     x0_d, xt_d = cuda.to_device(x0), cuda.device_array((n, 2))
-    for t in range(2, k.T + 1):
+    for t in range(2, consts.T + 1):
         cs._q_sample[cs.blocks(n), cs.TPB](x0_d, t, net.args[0], cuda.to_device(eps), xt_d)
         xt = dpm.q_sample(x0, ab[t], eps)
         assert np.allclose(xt_d.copy_to_host(), xt, rtol=1e-12, atol=1e-12)
         cs._gauss_kl[cs.blocks(n), cs.TPB](x0_d, xt_d, t, *net.args, kl_sum, kl_t)
         tt = np.full(n, t)
-        out, _ = k.net.forward(p, xt, tt)
-        kl, _ = dpm.kl_terms(x0, xt, tt, beta, ab, out[:, :2], out[:, 2:], k.T)
+        out, _ = consts.net.forward(p, xt, tt)
+        kl, _ = dpm.kl_terms(x0, xt, tt, beta, ab, out[:, :2], out[:, 2:], consts.T)
         want_sum += kl
         want_t[t] = kl.sum()
     assert np.allclose(kl_sum.copy_to_host(), want_sum, rtol=1e-4, atol=1e-6)
@@ -103,16 +103,16 @@ def test_random_draws_have_the_right_moments():
 
 @pytest.mark.parametrize("n", [1, 23])
 def test_binomial_step_matches_heartbeat_reverse_rate(n):
-    k, p, rng = small_heartbeat(n, 30, 6)
+    consts, p, rng = small_heartbeat(n, 30, 6)
     x = data.heartbeat(n, 4)
     x[rng.random(x.shape) < 0.2] = 1.0
     u = rng.random(x.shape)
     w = [cuda.to_device(np.ascontiguousarray(p[name])) for name in SigmoidMLP.PARAM_NAMES]
-    for t in (2, 17, k.T):
+    for t in (2, 17, consts.T):
         out = cuda.device_array(x.shape)
-        cs._binomial_step[cs.blocks(n), cs.TPB](cuda.to_device(x), t, k.cfg["input_scale"], cuda.to_device(k.evidence),
-                                                cuda.to_device(k.post), *w, cuda.to_device(u), out)
-        f, _ = binomial.reverse_rate(p, k, x, np.full(n, t))
+        cs._binomial_step[cs.blocks(n), cs.TPB](cuda.to_device(x), t, consts.cfg["input_scale"], cuda.to_device(consts.evidence),
+                                                cuda.to_device(consts.post), *w, cuda.to_device(u), out)
+        f, _ = binomial.reverse_rate(p, consts, x, np.full(n, t))
         clear = np.abs(u - f) > 1e-9
         assert np.array_equal(out.copy_to_host()[clear], (u < f).astype(float)[clear]), t
 
@@ -121,12 +121,12 @@ def test_samplers_and_evaluation_end_to_end():
     """The host wrappers: shapes, the clamp of nothing, and the bound: on a model that is the forward
     kernel (untrained), K − L_null must be 0 within Monte Carlo error, as on the CPU."""
     cfg = dict(datasets.SWISSROLL.model, M=2, H=4, J=3, T=5)
-    k = gaussian.Gaussian(cfg)
+    consts = gaussian.Gaussian(cfg)
     p = gaussian.Gaussian(cfg).init(np.random.default_rng(0))
     with np.errstate(over="ignore"):
-        x = cs.sample(p, k, 40, seed=2)
+        x = cs.sample(p, consts, 40, seed=2)
         x0 = data.swissroll(60, [0, 1])
-        kmn, kl_t = cs.evaluate(p, k, x0, seed=3)
+        kmn, kl_t = cs.evaluate(p, consts, x0, seed=3)
     assert x.shape == (40, 2) and np.all(np.isfinite(x))
     assert abs(kmn.mean()) < 4 * kmn.std() / math.sqrt(len(kmn)) and kl_t[:2].sum() == 0
     hcfg = dict(datasets.HEARTBEAT.model, T=8, H=3)
@@ -141,11 +141,11 @@ def test_samplers_and_evaluation_end_to_end():
 @pytest.mark.skipif(SIM, reason="a real GPU only: the simulator has no speed to speak of")
 def test_real_gpu_sampling_agrees_with_the_cpu_in_distribution():
     cfg = dict(datasets.SWISSROLL.model)
-    k = gaussian.Gaussian(cfg)
+    consts = gaussian.Gaussian(cfg)
     rng = np.random.default_rng(0)
     p = {n: v + 0.05 * rng.standard_normal(v.shape) for n, v in gaussian.Gaussian(cfg).init(rng).items()}
-    x = cs.sample(p, k, 200_000, seed=1)
-    y, _ = gaussian.sample(p, k, 200_000, np.random.default_rng(2))
+    x = cs.sample(p, consts, 200_000, seed=1)
+    y, _ = gaussian.sample(p, consts, 200_000, np.random.default_rng(2))
     assert np.allclose(x.mean(0), y.mean(0), atol=0.02) and np.allclose(x.std(0), y.std(0), atol=0.02)
 
 
@@ -155,7 +155,7 @@ def test_every_kernel_compiles_to_ptx():
     (requirements-gpu.txt) are not installed."""
     import subprocess
     import sys
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env = {key: v for key, v in os.environ.items() if key != "NUMBA_ENABLE_CUDASIM"}
     child = os.path.join(os.path.dirname(__file__), "ptx_child.py")
     out = subprocess.run([sys.executable, child], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -190,10 +190,10 @@ def test_sample_py_on_cuda_for_both_datasets_and_its_refusals(tmp_path, monkeypa
 def test_training_step_matches_model_loss_and_grads(n, M):
     """The GPU training step's loss and every gradient against the float64 NumPy reference, on the same
     minibatch; then one Adam update against adam.Adam's."""
-    cfg, k, p, rng = small_gauss(200 + n, M)
-    x0, eps, t = rng.standard_normal((n, 2)), rng.standard_normal((n, 2)), rng.integers(2, k.T + 1, n)
-    loss, grads = gaussian.loss_and_grads(p, k, x0, eps, t)
-    tr = ct.Trainer(k, n, x0, seed=1)
+    cfg, consts, p, rng = small_gauss(200 + n, M)
+    x0, eps, t = rng.standard_normal((n, 2)), rng.standard_normal((n, 2)), rng.integers(2, consts.T + 1, n)
+    loss, grads = gaussian.loss_and_grads(p, consts, x0, eps, t)
+    tr = ct.Trainer(consts, n, x0, seed=1)
     tr.load(p)
     got = tr.loss_and_grads(x0, eps, t)
     assert abs(got - loss) < 1e-4 * max(1.0, abs(loss))
@@ -211,14 +211,14 @@ def test_training_step_matches_model_loss_and_grads(n, M):
 
 
 def test_training_on_the_device_draws_batches_and_refuses_nan():
-    cfg, k, p, rng = small_gauss(5)
+    cfg, consts, p, rng = small_gauss(5)
     x_train = data.swissroll(500, [0, 0])
-    tr = ct.Trainer(k, 24, x_train, seed=2)
+    tr = ct.Trainer(consts, 24, x_train, seed=2)
     tr.load(p)
     with np.errstate(over="ignore"):
         losses = [tr.step(1e-3) for _ in range(3)]
     t = tr.t.copy_to_host()
-    assert all(np.isfinite(losses)) and t.min() >= 2 and t.max() <= k.T
+    assert all(np.isfinite(losses)) and t.min() >= 2 and t.max() <= consts.T
     assert np.all(np.isin(tr.x0.copy_to_host()[:, 0], x_train[:, 0]))
     before = tr.host()
     bad = tr.host()
@@ -232,13 +232,13 @@ def test_training_on_the_device_draws_batches_and_refuses_nan():
 def test_a_short_gpu_run_gives_the_cpu_runs_K():
     """30 steps on the same minibatches through cuda_train.Trainer and cpu_train.Trainer (both float32): the
     parameters agree to float rounding and so does the held-out K (gaussian.evaluate, float64, same noise)."""
-    cfg, k, p, rng = small_gauss(9)
-    gpu, cpu = ct.Trainer(k, 24, np.zeros((1, 2))), model_trainer(k, 24)
+    cfg, consts, p, rng = small_gauss(9)
+    gpu, cpu = ct.Trainer(consts, 24, np.zeros((1, 2))), model_trainer(consts, 24)
     gpu.load(p)
     cpu.load(p)
     x_train = data.swissroll(2000, [0, 0])
     for step in range(30):
-        x0, t, eps = gaussian.draw_batch(rng, x_train, 24, k.T)
+        x0, t, eps = gaussian.draw_batch(rng, x_train, 24, consts.T)
         cpu.step(x0, eps, t, 3e-3)
         gpu.apply(gpu.loss_and_grads(x0, eps, t), 3e-3)
     a = {n: np.asarray(v, np.float64) for n, v in gpu.host().items()}
@@ -246,13 +246,13 @@ def test_a_short_gpu_run_gives_the_cpu_runs_K():
     for name in a:
         assert np.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
     x = data.swissroll(300, [0, 1])
-    Ka, _ = gaussian.evaluate(a, k, x, np.random.default_rng(4), n_draws=1)
-    Kb, _ = gaussian.evaluate(b, k, x, np.random.default_rng(4), n_draws=1)
+    Ka, _ = gaussian.evaluate(a, consts, x, np.random.default_rng(4), n_draws=1)
+    Kb, _ = gaussian.evaluate(b, consts, x, np.random.default_rng(4), n_draws=1)
     assert abs(Ka.mean() - Kb.mean()) < 1e-4 and abs(Kb.mean()) > 1e-3      # it has moved from 0, equally
 
 
-def model_trainer(k, n):
-    return cpu_train.Trainer(k, n, np.float32)
+def model_trainer(consts, n):
+    return cpu_train.Trainer(consts, n, np.float32)
 
 
 def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch, capsys):
@@ -308,11 +308,11 @@ def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch
 @pytest.mark.parametrize("n", [1, 29])
 def test_heartbeat_training_step_matches_its_twin(n):
     """The GPU heartbeat step against binomial.loss_and_grads (float64, same x⁽ᵗ⁾), then Adam against adam.Adam."""
-    k, p, rng = small_heartbeat(n, 40, 5)
-    x0, t = binomial.draw_batch(rng, data.heartbeat(50, 1), n, k.T)
-    xt = binomial.forward_sample(k, x0, t, np.random.default_rng(7))
-    loss, grads = binomial.loss_and_grads(p, k, x0, t, np.random.default_rng(7))     # draws the same x⁽ᵗ⁾
-    tr = ct.HeartbeatTrainer(k, n, data.heartbeat(50, 1))
+    consts, p, rng = small_heartbeat(n, 40, 5)
+    x0, t = binomial.draw_batch(rng, data.heartbeat(50, 1), n, consts.T)
+    xt = binomial.forward_sample(consts, x0, t, np.random.default_rng(7))
+    loss, grads = binomial.loss_and_grads(p, consts, x0, t, np.random.default_rng(7))     # draws the same x⁽ᵗ⁾
+    tr = ct.HeartbeatTrainer(consts, n, data.heartbeat(50, 1))
     tr.load(p)
     got = tr.loss_and_grads(x0, t, xt)
     assert abs(got - loss) < 1e-9 * max(1.0, abs(loss))
@@ -327,15 +327,15 @@ def test_heartbeat_training_step_matches_its_twin(n):
 
 
 def test_heartbeat_batches_drawn_on_the_device_follow_the_forward_process():
-    k = binomial.Binomial(dict(datasets.HEARTBEAT.model, T=40, H=3))
-    tr = ct.HeartbeatTrainer(k, 64, data.heartbeat(100, 1), seed=3)
-    tr.load(binomial.Binomial(k.cfg).init(np.random.default_rng(0)))
+    consts = binomial.Binomial(dict(datasets.HEARTBEAT.model, T=40, H=3))
+    tr = ct.HeartbeatTrainer(consts, 64, data.heartbeat(100, 1), seed=3)
+    tr.load(binomial.Binomial(consts.cfg).init(np.random.default_rng(0)))
     with np.errstate(over="ignore"):
         losses = [tr.step(1e-3) for _ in range(4)]
     x0, t, xt = tr.x0.copy_to_host(), tr.t.copy_to_host(), tr.xt.copy_to_host()
-    assert all(np.isfinite(losses)) and 2 <= t.min() and t.max() <= k.T
+    assert all(np.isfinite(losses)) and 2 <= t.min() and t.max() <= consts.T
     assert data.heartbeat_quality(x0)["true_fraction"] == 1.0 and set(np.unique(xt)) <= {0.0, 1.0}
-    rate = dpm.binomial_marginal(x0, k.ab[t][:, None], k.m)          # the mean of x⁽ᵗ⁾ matches q(x⁽ᵗ⁾|x⁽⁰⁾)
+    rate = dpm.binomial_marginal(x0, consts.ab[t][:, None], consts.m)          # the mean of x⁽ᵗ⁾ matches q(x⁽ᵗ⁾|x⁽⁰⁾)
     assert abs((xt - rate).mean()) < 4 * math.sqrt((rate * (1 - rate)).sum()) / xt.size
 
 
@@ -343,13 +343,13 @@ def test_glue_kernels_match_numpy():
     """The kernels between the big ones, each against its NumPy twin: the schedule (dpm.beta_schedule,
     dpm.alpha_bar), the per-t tables and their fold back onto the bumps (cpu_train.Tables.update's products), the
     weight-gradient products, and the binomial start and last step (dpm.binomial_q_rate)."""
-    cfg, k, p, rng = small_gauss(11)
-    T, J, H, D = k.T, cfg["J"], cfg["H"], 2
+    cfg, consts, p, rng = small_gauss(11)
+    T, J, H, D = consts.T, cfg["J"], cfg["H"], 2
     beta_d, ab_d, coef_d = cuda.device_array(T + 1), cuda.device_array(T + 1), cuda.to_device(np.zeros((T + 1, cpu_kernels.N_COEF)))
-    host = cpu_train.Tables(k, np.float32)
-    cs._schedule[1, 1](cuda.to_device(p["c"]), cuda.to_device(k.basis), cuda.to_device(host.logit_base),
+    host = cpu_train.Tables(consts, np.float32)
+    cs._schedule[1, 1](cuda.to_device(p["c"]), cuda.to_device(consts.basis), cuda.to_device(host.logit_base),
                        cfg["beta1"], beta_d, ab_d, coef_d)
-    beta, ab = k.schedule(p)
+    beta, ab = consts.schedule(p)
     assert np.allclose(beta_d.copy_to_host(), beta, rtol=1e-13) and np.allclose(ab_d.copy_to_host(), ab, rtol=1e-13)
     coef = coef_d.copy_to_host()
     assert np.allclose(coef[2:, cpu_kernels.BETA_TILDE], beta[2:] * (1 - ab[1:-1]) / (1 - ab[2:]), rtol=1e-12)     # β̃_t (App. B.3)

@@ -24,7 +24,7 @@ def config(M):
 
 def perturbed_params(cfg, rng, scale=0.3):
     p = gaussian.Gaussian(cfg).init(rng)
-    return {k: v + scale * rng.standard_normal(v.shape) for k, v in p.items()}
+    return {n: v + scale * rng.standard_normal(v.shape) for n, v in p.items()}
 
 
 def setup(M, seed, scale=0.3):
@@ -45,10 +45,10 @@ def rel_err(a, b):
 def compare_step(M, seed, n, dtype, tol, scale=0.3, loss_floor=0.0, parts=1):
     """cpu_train.Trainer's loss and every gradient against gaussian.loss_and_grads on one random batch, the batch
     cut into parts run at once (their gradient sums added up)."""
-    cfg, k, p, rng = setup(M, seed, scale)
+    cfg, consts, p, rng = setup(M, seed, scale)
     x0, eps, t = batch(rng, n, cfg["T"])
-    loss, grads = gaussian.loss_and_grads(p, k, x0, eps, t)
-    tr = cpu_train.Trainer(k, n, dtype, parts=parts)
+    loss, grads = gaussian.loss_and_grads(p, consts, x0, eps, t)
+    tr = cpu_train.Trainer(consts, n, dtype, parts=parts)
     assert len(tr.parts) == min(parts, n)
     tr.load(p)
     assert abs(tr.loss_and_grads(x0, eps, t) - loss) < tol * max(loss_floor, abs(loss))
@@ -117,15 +117,15 @@ def test_split_work_restores_blas_threads():
 def test_adam_kernel_matches_mlp_adam_over_several_steps():
     cfg = config(0)
     rng = np.random.default_rng(4)
-    k = gaussian.Gaussian(cfg)
+    consts = gaussian.Gaussian(cfg)
     p = perturbed_params(cfg, rng)
     ref = {name: v.copy() for name, v in p.items()}
     opt = Adam(ref)
-    tr = cpu_train.Trainer(k, 33, np.float64)
+    tr = cpu_train.Trainer(consts, 33, np.float64)
     tr.load(p)
     for step in range(5):
         x0, eps, t = batch(rng, 33, cfg["T"])
-        _, grads = gaussian.loss_and_grads(ref, k, x0, eps, t)
+        _, grads = gaussian.loss_and_grads(ref, consts, x0, eps, t)
         opt.step(ref, grads, 1e-2)
         tr.step(x0, eps, t, 1e-2)
     for name in ref:
@@ -150,11 +150,11 @@ def test_non_finite_gradient_is_refused_and_changes_nothing(bad):
 def test_schedule_kernel_matches_dpm():
     cfg = config(0)
     rng = np.random.default_rng(6)
-    k = gaussian.Gaussian(cfg)
+    consts = gaussian.Gaussian(cfg)
     p = perturbed_params(cfg, rng, scale=2.0)
-    net = cpu_train.Tables(k, np.float64)
+    net = cpu_train.Tables(consts, np.float64)
     net.update(p)
-    beta, ab = k.schedule(p)
+    beta, ab = consts.schedule(p)
     assert rel_err(net.beta, beta) < 1e-14 and rel_err(net.ab, ab) < 1e-14
     t = np.arange(2, cfg["T"] + 1)
     c0 = np.sqrt(ab[t - 1]) * beta[t] / (1 - ab[t])
@@ -191,26 +191,26 @@ def test_first_layer_and_its_backward_match_numpy(with_u, In):
 @pytest.mark.parametrize("M", [0, 4])
 def test_evaluation_matches_reference(M, parts):
     """Same RNG draws, 250 points in batches of 64 (the last one short), cut into parts run at once."""
-    cfg, k, p, rng = setup(M, 8)
+    cfg, consts, p, rng = setup(M, 8)
     x = rng.standard_normal((250, 2))
-    a, kl_a = gaussian.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
-    b, kl_b = cpu_train.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64, dtype=np.float64,
+    a, kl_a = gaussian.evaluate(p, consts, x, np.random.default_rng(1), n_draws=2, batch=64)
+    b, kl_b = cpu_train.evaluate(p, consts, x, np.random.default_rng(1), n_draws=2, batch=64, dtype=np.float64,
                             parts=parts)
     assert rel_err(b, a) < 1e-10 and rel_err(kl_b, kl_a) < 1e-10
     # the float32 network (how train.py evaluates the float32 model) moves K by float32 rounding only
-    c, _ = cpu_train.evaluate(p, k, x, np.random.default_rng(1), n_draws=2, batch=64)
+    c, _ = cpu_train.evaluate(p, consts, x, np.random.default_rng(1), n_draws=2, batch=64)
     assert np.max(np.abs(c - a)) < 1e-4 and abs(c.mean() - a.mean()) < 1e-5
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("M", [0, 4])
 def test_sampling_matches_reference(M, parts):
-    cfg, k, p, rng = setup(M, 9)
+    cfg, consts, p, rng = setup(M, 9)
     keep = (cfg["T"], 3, 1)
-    a, ka = gaussian.sample(p, k, 101, np.random.default_rng(2), keep=keep)
-    b, kb = cpu_train.sample(p, k, 101, np.random.default_rng(2), keep=keep, batch=32, dtype=np.float64, parts=parts)
+    a, ka = gaussian.sample(p, consts, 101, np.random.default_rng(2), keep=keep)
+    b, kb = cpu_train.sample(p, consts, 101, np.random.default_rng(2), keep=keep, batch=32, dtype=np.float64, parts=parts)
     assert rel_err(b, a) < 1e-10 and all(rel_err(kb[t], ka[t]) < 1e-10 for t in ka)
-    c, _ = cpu_train.sample(p, k, 101, np.random.default_rng(2), batch=32, dtype=np.float32)
+    c, _ = cpu_train.sample(p, consts, 101, np.random.default_rng(2), batch=32, dtype=np.float32)
     assert np.max(np.abs(c - a)) < 1e-4
 
 

@@ -25,7 +25,7 @@ CFG = dict(datasets.HEARTBEAT.model)
 def random_params(seed, cfg=CFG):
     """Every weight non-zero (init's readout is zero, which would hide the hidden layers' gradients)."""
     rng = np.random.default_rng(seed)
-    return {k: rng.normal(0.0, 0.7, v.shape) for k, v in binomial.Binomial(cfg).init(rng).items()}
+    return {n: rng.normal(0.0, 0.7, v.shape) for n, v in binomial.Binomial(cfg).init(rng).items()}
 
 
 def exact_rate(seqs=None):
@@ -33,21 +33,21 @@ def exact_rate(seqs=None):
     exp(Σᵢ s_i eᵢ) (dpm.binomial_evidence), the best any network can do."""
     seqs = data.heartbeat_sequences() if seqs is None else seqs
 
-    def rate(p, k, xt, t):
-        e = dpm.binomial_evidence(xt, k.ab[t][:, None], k.m)
+    def rate(p, consts, xt, t):
+        e = dpm.binomial_evidence(xt, consts.ab[t][:, None], consts.m)
         logits = e @ seqs.T
         w = np.exp(logits - logits.max(1, keepdims=True))
         xhat = (w / w.sum(1, keepdims=True)) @ seqs
-        post0, post1 = (dpm.binomial_posterior(b, xt, k.beta[t][:, None], k.ab[t - 1][:, None], k.m) for b in (0, 1))
+        post0, post1 = (dpm.binomial_posterior(b, xt, consts.beta[t][:, None], consts.ab[t - 1][:, None], consts.m) for b in (0, 1))
         return dpm.binomial_reverse_rate_x0(post0, post1, xhat), (None, post0, post1, xhat)
     return rate
 
 
 def test_gradients_match_finite_differences():
-    k = binomial.Binomial(dict(CFG, T=60))
-    p = random_params(0, k.cfg)
-    x0, t = binomial.draw_batch(np.random.default_rng(1), data.heartbeat(100, 2), 37, k.T)
-    loss_at = lambda q: binomial.loss_and_grads(q, k, x0, t, np.random.default_rng(3))  # same x⁽ᵗ⁾ each call
+    consts = binomial.Binomial(dict(CFG, T=60))
+    p = random_params(0, consts.cfg)
+    x0, t = binomial.draw_batch(np.random.default_rng(1), data.heartbeat(100, 2), 37, consts.T)
+    loss_at = lambda q: binomial.loss_and_grads(q, consts, x0, t, np.random.default_rng(3))  # same x⁽ᵗ⁾ each call
     _, g = loss_at(p)
     rng = np.random.default_rng(4)
     h = 1e-6
@@ -65,25 +65,25 @@ def test_K_estimate_matches_its_closed_form_where_bits_are_independent():
     """With a zero readout W₄, x̂ = sigmoid(b₄) is constant and f_b depends on x⁽ᵗ⁾ᵢ alone, so E KL_t is a sum
     over the two values of each bit. evaluate()'s Monte Carlo (full sum over t) and the training loss's
     (t drawn uniformly) must both agree with it within their errors (b₄ = logit m is the untrained model)."""
-    k = binomial.Binomial(dict(CFG, T=200))
+    consts = binomial.Binomial(dict(CFG, T=200))
     x0 = data.heartbeat(1, 0)
-    for prior in (k.m, 0.35):
-        p = binomial.Binomial(k.cfg).init(np.random.default_rng(0))
+    for prior in (consts.m, 0.35):
+        p = binomial.Binomial(consts.cfg).init(np.random.default_rng(0))
         p["b4"][:] = dpm.logit(prior)
         exact = 0.0
-        for t in range(2, k.T + 1):
+        for t in range(2, consts.T + 1):
             for b in (0.0, 1.0):
-                p_b = dpm.binomial_marginal(x0, k.ab[t], k.m)
+                p_b = dpm.binomial_marginal(x0, consts.ab[t], consts.m)
                 p_b = p_b if b else 1 - p_b
-                post0, post1 = (dpm.binomial_posterior(v, b, k.beta[t], k.ab[t - 1], k.m) for v in (0.0, 1.0))
+                post0, post1 = (dpm.binomial_posterior(v, b, consts.beta[t], consts.ab[t - 1], consts.m) for v in (0.0, 1.0))
                 f = dpm.binomial_reverse_rate_x0(post0, post1, prior)
                 exact += np.sum(p_b * dpm.bernoulli_kl(np.where(x0 > 0.5, post1, post0), f))
-        exact = float(dpm.binomial_edge_terms(x0, k.beta[1], k.m)[0] - binomial.log_null(x0, k.m)[0] - exact)
-        kmn, kl_t = binomial.evaluate(p, k, np.repeat(x0, 1000, 0), np.random.default_rng(1))
+        exact = float(dpm.binomial_edge_terms(x0, consts.beta[1], consts.m)[0] - binomial.log_null(x0, consts.m)[0] - exact)
+        kmn, kl_t = binomial.evaluate(p, consts, np.repeat(x0, 1000, 0), np.random.default_rng(1))
         assert abs(kmn.mean() - exact) < 4 * kmn.std() / math.sqrt(len(kmn)) and kmn.std() > 0
         assert kl_t[:2].sum() == 0 and np.all(kl_t[2:] >= 0)
         rng = np.random.default_rng(2)
-        losses = [binomial.loss_and_grads(p, k, np.repeat(x0, 512, 0), rng.integers(2, k.T + 1, 512), rng)[0]
+        losses = [binomial.loss_and_grads(p, consts, np.repeat(x0, 512, 0), rng.integers(2, consts.T + 1, 512), rng)[0]
                   for _ in range(40)]
         assert abs(-np.mean(losses) - exact) < 4 * np.std(losses) / math.sqrt(len(losses)) + 1e-9
 
@@ -92,15 +92,15 @@ def test_exact_posterior_model_reaches_the_ceiling_and_not_beyond(monkeypatch):
     """K of the best possible x̂ lies just under −H(X⁽¹⁾) (App. B.2's ceiling): the factorised reverse kernel
     loses a little. A wrong KL, edge term or posterior table would move it by far more than 0.01 bits."""
     monkeypatch.setattr(binomial, "reverse_rate", exact_rate())
-    k = binomial.Binomial(CFG)
-    kmn, _ = binomial.evaluate(None, k, data.heartbeat(1500, 5), np.random.default_rng(6))
-    K = dpm.bits(kmn + binomial.log_null(data.heartbeat(1500, 5), k.m))
+    consts = binomial.Binomial(CFG)
+    kmn, _ = binomial.evaluate(None, consts, data.heartbeat(1500, 5), np.random.default_rng(6))
+    K = dpm.bits(kmn + binomial.log_null(data.heartbeat(1500, 5), consts.m))
     se = K.std() / math.sqrt(len(K))
-    ceiling = data.heartbeat_ceiling_bits(k.T)
+    ceiling = data.heartbeat_ceiling_bits(consts.T)
     assert se < 0.005
     assert ceiling - 0.015 < K.mean() < ceiling + 3 * se
     # and its samples are the 5 true sequences, evenly, but for the fixed last step's flips (~0.3%)
-    x, _ = binomial.sample(None, k, 3000, np.random.default_rng(7))
+    x, _ = binomial.sample(None, consts, 3000, np.random.default_rng(7))
     q = data.heartbeat_quality(x)
     assert q["true_fraction"] > 0.99 and q["max_phase_deviation"] < 0.03
 
@@ -110,9 +110,9 @@ def test_clamped_bits_never_move_and_free_bits_follow_the_model(monkeypatch):
     values at every kept step, x⁽ᵀ⁾ included; with a clamp that agrees with the data and the exact-posterior
     model, the samples are the sequences that agree with it."""
     monkeypatch.setattr(binomial, "reverse_rate", exact_rate())
-    k = binomial.Binomial(dict(CFG, T=300))
-    r1 = binomial.parse_condition("bits=" + ",".join(["1"] + ["?"] * 4 + ["1"] + ["?"] * 14), k.D)
-    x, kept = binomial.sample(None, k, 400, np.random.default_rng(0), keep=range(0, k.T + 1), r1=r1)
+    consts = binomial.Binomial(dict(CFG, T=300))
+    r1 = binomial.parse_condition("bits=" + ",".join(["1"] + ["?"] * 4 + ["1"] + ["?"] * 14), consts.D)
+    x, kept = binomial.sample(None, consts, 400, np.random.default_rng(0), keep=range(0, consts.T + 1), r1=r1)
     for t, xt in kept.items():
         assert np.all(xt[:, 0] == 1) and np.all(xt[:, 5] == 1), t
     assert np.all(x[:, 0] == 1)
@@ -124,13 +124,13 @@ def test_smc_conditional_keeps_the_clamp_and_finds_the_sequences_that_agree(monk
     samples are the true sequences, clamping bit 0 to 1 must give phase 0 nearly always, where the
     paper's r_t = r chain gives about half (README); the clamp holds in every sample."""
     monkeypatch.setattr(binomial, "reverse_rate", exact_rate())
-    k = binomial.Binomial(dict(CFG, T=400))
-    r1 = binomial.parse_condition("bits=" + ",".join(["1"] + ["?"] * 19), k.D)
-    x, ess = smc.binomial(None, k, 500, np.random.default_rng(0), r1, 2000)
+    consts = binomial.Binomial(dict(CFG, T=400))
+    r1 = binomial.parse_condition("bits=" + ",".join(["1"] + ["?"] * 19), consts.D)
+    x, ess = smc.binomial(None, consts, 500, np.random.default_rng(0), r1, 2000)
     q = data.heartbeat_quality(x, r1)
     assert np.all(x[:, 0] == 1) and ess > 100
     assert q["true_fraction"] > 0.95 and q["phase_shares"][0] == 1.0
-    chain, _ = binomial.sample(None, k, 500, np.random.default_rng(0), r1=r1)
+    chain, _ = binomial.sample(None, consts, 500, np.random.default_rng(0), r1=r1)
     assert data.heartbeat_quality(chain, r1)["true_fraction"] < 0.8          # the paper's chain, for contrast
 
 
@@ -225,7 +225,7 @@ def test_heartbeat_resume_is_exact_and_divergence_keeps_the_checkpoint(tmp_path,
     assert run_train(tmp_path, "--steps", "240", out="b") == 0
     _, a = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
     _, b = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(np.array_equal(a[n], b[n]) for n in a)
     real, calls = binomial.loss_and_grads, {"n": 0}
 
     def poisoned(*args):

@@ -41,23 +41,23 @@ def test_entropy_bounds_bracket_the_forward_posterior(seed, T, var0):
 
 def test_log_weights_kernel_matches_reference():
     for M in (0, 4):
-        cfg, k = small(M)
+        cfg, consts = small(M)
         rng = np.random.default_rng(M)
         p = {n: v + 0.3 * rng.standard_normal(v.shape) for n, v in gaussian.Gaussian(cfg).init(rng).items()}
         x = rng.standard_normal((41, 2))
-        a = gaussian.log_weights(p, k, x, np.random.default_rng(1), 3)
-        b = cpu_train.log_weights(p, k, x, np.random.default_rng(1), 3, batch=16, dtype=np.float64)
+        a = gaussian.log_weights(p, consts, x, np.random.default_rng(1), 3)
+        b = cpu_train.log_weights(p, consts, x, np.random.default_rng(1), 3, batch=16, dtype=np.float64)
         assert np.max(np.abs(a - b)) < 1e-10 * np.max(np.abs(a))
 
 
 def test_one_sample_importance_estimate_is_K_in_expectation():
     """E over trajectories of log w equals K(x⁽⁰⁾) (Eq. 12 = Eq. 14); compared over 300 points."""
-    cfg, k = small()
+    cfg, consts = small()
     rng = np.random.default_rng(3)
     p = {n: v + 0.3 * rng.standard_normal(v.shape) for n, v in gaussian.Gaussian(cfg).init(rng).items()}
     x = rng.standard_normal((300, 2))
-    lw = cpu_train.log_weights(p, k, x, np.random.default_rng(4), 40, dtype=np.float64)
-    kmn, _ = cpu_train.evaluate(p, k, x, np.random.default_rng(5), n_draws=40, dtype=np.float64)
+    lw = cpu_train.log_weights(p, consts, x, np.random.default_rng(4), 40, dtype=np.float64)
+    kmn, _ = cpu_train.evaluate(p, consts, x, np.random.default_rng(5), n_draws=40, dtype=np.float64)
     d = lw.mean(1) - (kmn + dpm.log_null(x))
     assert abs(d.mean()) < 4 * d.std(ddof=1) / math.sqrt(len(d))
     est = evaluate.estimates(lw, [1, 40])
@@ -66,19 +66,19 @@ def test_one_sample_importance_estimate_is_K_in_expectation():
 
 def test_untrained_model_on_its_own_noise_has_exact_weights():
     """Reverse kernel = forward kernel (a = b = 0) and data from π: every trajectory has log w = log π(x⁽⁰⁾)."""
-    cfg, k = small()
+    cfg, consts = small()
     p = gaussian.Gaussian(cfg).init(np.random.default_rng(0))
     x = np.random.default_rng(1).standard_normal((20, 2))
-    lw = gaussian.log_weights(p, k, x, np.random.default_rng(2), 5)
+    lw = gaussian.log_weights(p, consts, x, np.random.default_rng(2), 5)
     assert np.allclose(lw, dpm.log_null(x)[:, None], atol=1e-9)
 
 
 def test_inpainting_never_moves_the_clamped_coordinate():
-    cfg, k = small(M=4)
+    cfg, consts = small(M=4)
     rng = np.random.default_rng(6)
     p = {n: v + 0.5 * rng.standard_normal(v.shape) for n, v in gaussian.Gaussian(cfg).init(rng).items()}
     for text, i, v in (("x=0.5", 0, 0.5), ("y=-1.25", 1, -1.25)):
-        x = gaussian.sample_conditioned(p, k, 200, np.random.default_rng(7), gaussian.parse_condition(text, 2))
+        x = gaussian.sample_conditioned(p, consts, 200, np.random.default_rng(7), gaussian.parse_condition(text, 2))
         assert np.all(x[:, i] == v) and np.all(np.isfinite(x)) and x[:, 1 - i].std() > 0
 
 
@@ -86,11 +86,11 @@ def test_gaussian_condition_follows_eq_61_exactly_on_gaussian_data():
     """Data N(0, I) and the untrained model (reverse = forward, exact for this data): each step of the
     Eq. 61 chain is affine, x' = A_t x + c_t + √Σ_t ε, so the mean and variance of its output are known in
     closed form. 20,000 samples must match them within Monte Carlo error."""
-    cfg, k = small(T=12)
+    cfg, consts = small(T=12)
     p = gaussian.Gaussian(cfg).init(np.random.default_rng(0))
     m, s, n = np.array([0.8, -0.4]), 0.7, 20_000
-    x = gaussian.sample_conditioned(p, k, n, np.random.default_rng(8), ("gauss", m, s))
-    beta, _ = k.schedule(p)
+    x = gaussian.sample_conditioned(p, consts, n, np.random.default_rng(8), ("gauss", m, s))
+    beta, _ = consts.schedule(p)
     mean, var = m / (1 + s * s), s * s / (1 + s * s)
     for t in range(cfg["T"], 0, -1):
         a = math.sqrt(1 - beta[t]) * (1 - beta[t] / s**2)
@@ -131,11 +131,11 @@ def test_evaluate_cli_writes_estimates_and_refuses_bad_samples(tiny_run, capsys)
 def test_smc_conditional_is_exact_on_a_model_with_known_conditional():
     """The untrained model on its own noise is exactly N(0, I), so y | x = v is N(0, 1). Resampling makes
     SMC draws correlated, so the Monte Carlo error is taken from 8 independent runs, not from n."""
-    cfg, k = small(T=12)
+    cfg, consts = small(T=12)
     p = gaussian.Gaussian(cfg).init(np.random.default_rng(0))
     means, variances = [], []
     for seed in range(8):
-        x, ess, _ = smc.gaussian(p, k, 6000, np.random.default_rng(seed), ("clamp", {0: 0.7}), 6000)
+        x, ess, _ = smc.gaussian(p, consts, 6000, np.random.default_rng(seed), ("clamp", {0: 0.7}), 6000)
         assert np.all(x[:, 0] == 0.7) and 0 < ess <= 6000
         means.append(x[:, 1].mean())
         variances.append(x[:, 1].var())
@@ -148,15 +148,15 @@ def test_smc_matches_the_models_conditional_from_unconditioned_samples():
     """A random model where x and y depend on each other. Oracle: 10⁶ ancestral samples (gaussian.sample),
     kept where |x − v| < 0.03, give the marginal density Z = p(x = v) and E[y | x = v]. The SMC's Ẑ and
     sample mean must agree, within errors from 6 independent SMC runs plus the oracle's own."""
-    cfg, k = small(T=9)
+    cfg, consts = small(T=9)
     rng = np.random.default_rng(12)
     p = {n: v + 0.4 * rng.standard_normal(v.shape) for n, v in gaussian.Gaussian(cfg).init(rng).items()}
     v, half = 0.4, 0.03
-    x, _ = gaussian.sample(p, k, 1_000_000, np.random.default_rng(13))
+    x, _ = gaussian.sample(p, consts, 1_000_000, np.random.default_rng(13))
     near = x[np.abs(x[:, 0] - v) < half, 1]
     Z, Ey = len(near) / len(x) / (2 * half), near.mean()
     Z_se, Ey_se = Z / math.sqrt(len(near)), near.std() / math.sqrt(len(near))
-    runs = [smc.gaussian(p, k, 40_000, np.random.default_rng(20 + s), ("clamp", {0: v}), 40_000) for s in range(6)]
+    runs = [smc.gaussian(p, consts, 40_000, np.random.default_rng(20 + s), ("clamp", {0: v}), 40_000) for s in range(6)]
     Zs = np.exp([r[2] for r in runs])
     Eys = np.array([r[0][:, 1].mean() for r in runs])
     assert abs(Zs.mean() - Z) < 4 * math.hypot(Zs.std(ddof=1) / math.sqrt(6), Z_se), (Zs, Z)
@@ -164,11 +164,11 @@ def test_smc_matches_the_models_conditional_from_unconditioned_samples():
 
 
 def test_smc_on_a_trained_shape_keeps_the_clamp_and_is_reproducible():
-    cfg, k = small(M=4)
+    cfg, consts = small(M=4)
     rng = np.random.default_rng(10)
     p = {n: v + 0.5 * rng.standard_normal(v.shape) for n, v in gaussian.Gaussian(cfg).init(rng).items()}
-    a, _, _ = smc.gaussian(p, k, 300, np.random.default_rng(11), ("clamp", {1: -0.3}), 500)
-    b, _, _ = smc.gaussian(p, k, 300, np.random.default_rng(11), ("clamp", {1: -0.3}), 500)
+    a, _, _ = smc.gaussian(p, consts, 300, np.random.default_rng(11), ("clamp", {1: -0.3}), 500)
+    b, _, _ = smc.gaussian(p, consts, 300, np.random.default_rng(11), ("clamp", {1: -0.3}), 500)
     assert np.all(a[:, 1] == -0.3) and np.array_equal(a, b) and np.all(np.isfinite(a))
 
 
@@ -176,10 +176,10 @@ def test_smc_with_a_gaussian_r_matches_the_closed_form_product():
     """Data N(0, I) and the untrained model (exactly N(0, I)); r = N(m, s² I). p r is N(m/(1+s²), s²/(1+s²) I)
     in closed form. Eq. 61's chain alone misses it (the previous test pins what it gives instead); SMC
     reweighted to p r must hit it within the spread of 6 independent runs."""
-    cfg, k = small(T=12)
+    cfg, consts = small(T=12)
     p = gaussian.Gaussian(cfg).init(np.random.default_rng(0))
     m, s = np.array([0.8, -0.4]), 0.7
-    runs = [smc.gaussian(p, k, 20_000, np.random.default_rng(30 + r), ("gauss", m, s), 20_000)
+    runs = [smc.gaussian(p, consts, 20_000, np.random.default_rng(30 + r), ("gauss", m, s), 20_000)
             for r in range(6)]
     means = np.array([x.mean(0) for x, _, _ in runs])
     variances = np.array([x.var(0) for x, _, _ in runs])

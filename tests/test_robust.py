@@ -247,11 +247,11 @@ def test_checkpoint_headers_and_sizes_are_checked_before_reading(run_dir, tmp_pa
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     out = tmp_path / "r"
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--steps", "40000", "--eval-every",
-                          "40000", "--heldout", "50", "--out", str(out)],
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--steps", "4000", "--eval-every",
+                          "4000", "--heldout", "50", "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     p.stdout.readline()                              # the run has started
-    p.stdout.readline()                              # and trained its first progress interval (2000 steps)
+    p.stdout.readline()                              # and trained its first progress interval (200 steps)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=120) == 143
     err = p.stderr.read().decode()
