@@ -8,6 +8,7 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 os.environ.setdefault("DPM_CUDA_TPB", "16")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # JIT compiles blow Hypothesis's 200 ms deadline on first calls; CI is derandomised.
@@ -43,3 +44,11 @@ def one_error_line(capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     return err
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A 30-step Swiss-roll run (checkpoint and metrics), for the tests that only need some valid run."""
+    d = tmp_path_factory.mktemp("tiny")
+    assert run_train(d, "--steps", "30") == 0
+    return d / "run"

@@ -100,14 +100,6 @@ def test_gaussian_condition_follows_eq_61_exactly_on_gaussian_data():
     assert np.all(np.abs(x.var(0) / var - 1) < 4 * math.sqrt(2 / n))
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from conftest import run_train
-    d = tmp_path_factory.mktemp("tiny")
-    assert run_train(d, "--steps", "30") == 0
-    return d / "run"
-
-
 @pytest.mark.parametrize("bad", [["--condition", "gauss:1,2"], ["--condition", "gauss:1,2,-1"],
                                  ["--condition", "q=1"], ["--condition", "x=1,y=2"], ["--condition", "x=abc"],
                                  ["--particles", "100"], ["--condition", "x=1", "--particles", "0"]])

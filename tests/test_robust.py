@@ -22,13 +22,6 @@ import evaluate
 from conftest import FAST, ROOT, one_error_line, run_sample, run_train
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("robust")
-    assert run_train(d, "--steps", "60") == 0
-    return d / "run"
-
-
 def strict_load(path):
     """json.load that refuses NaN and Infinity, as a strict JSON reader does."""
     def refuse(token):
@@ -119,8 +112,8 @@ def test_divergence_never_saves_infinities_and_says_what_is_kept(tmp_path, capsy
 
 # ---------------------------------------------------------------- 4. no NaN results, strict JSON
 
-def test_metrics_are_strict_json_and_too_few_heldout_points_are_refused(run_dir, tmp_path, capsys):
-    m = strict_load(run_dir / "metrics.json")
+def test_metrics_are_strict_json_and_too_few_heldout_points_are_refused(tiny_run, tmp_path, capsys):
+    m = strict_load(tiny_run / "metrics.json")
     assert np.isfinite(m["K_bits"]) and np.isfinite(m["K_stderr_bits"])
     assert run_train(tmp_path, "--heldout", "1") == 2
     one_error_line(capsys)
@@ -145,13 +138,13 @@ def rewrite(src, dst, **changes):
 @pytest.mark.parametrize("change", [{"beta1": 5.0}, {"beta1": -1e-3}, {"fourier_scale": -3.0}, {"T": 2},
                                     {"T": "40"}, {"T": 10**9}, {"H": 0}, {"beta_T": 1.0}, {"noise": 7.0},
                                     {"noise": "x"}, {"cfg": "not a dict"}, {"cfg": []}])
-def test_a_checkpoint_with_altered_settings_is_refused(run_dir, tmp_path, capsys, change):
+def test_a_checkpoint_with_altered_settings_is_refused(tiny_run, tmp_path, capsys, change):
     if "cfg" in change:
-        meta, arrays = ckpt.load(str(run_dir / "checkpoint.npz"))
+        meta, arrays = ckpt.load(str(tiny_run / "checkpoint.npz"))
         meta.pop("version")
         ckpt.save(str(tmp_path / "c.npz"), dict(meta, cfg=change["cfg"]), arrays)
     else:
-        rewrite(run_dir / "checkpoint.npz", tmp_path / "c.npz", **change)
+        rewrite(tiny_run / "checkpoint.npz", tmp_path / "c.npz", **change)
     assert run_sample(tmp_path / "c.npz", "-n", "10", "--out", tmp_path / "s.npy") == 2
     one_error_line(capsys)
     assert not (tmp_path / "s.npy").exists()
@@ -173,9 +166,9 @@ def test_an_unusable_out_is_refused_before_training(tmp_path, capsys):
                                   ["--seed", "-1"], ["--condition", "x=1e17"], ["--condition", "gauss:0,0,1e200"],
                                   ["--condition", "gauss:1e200,0,1"], ["--condition", "gauss:0,0,0"],
                                   ["--condition", "y=nan"]])
-def test_sample_refuses_what_cannot_fit_or_finish(run_dir, tmp_path, capsys, args):
+def test_sample_refuses_what_cannot_fit_or_finish(tiny_run, tmp_path, capsys, args):
     started = time.perf_counter()
-    assert run_sample(run_dir, *args, "--out", tmp_path / "s.npy") == 2
+    assert run_sample(tiny_run, *args, "--out", tmp_path / "s.npy") == 2
     one_error_line(capsys)
     assert time.perf_counter() - started < 30 and not (tmp_path / "s.npy").exists()
 
@@ -191,8 +184,8 @@ def test_train_refuses_sizes_that_cannot_fit(tmp_path, capsys, args):
 
 @pytest.mark.parametrize("args", [["--samples", "1000000000000"], ["--points", "10000000"], ["--seed", "-1"],
                                   ["--samples", "100000", "--points", "1000"]])
-def test_evaluate_refuses_sizes_that_cannot_fit(run_dir, capsys, args):
-    assert cli.cli(evaluate.main, "evaluate.py", [str(run_dir), *args]) == 2
+def test_evaluate_refuses_sizes_that_cannot_fit(tiny_run, capsys, args):
+    assert cli.cli(evaluate.main, "evaluate.py", [str(tiny_run), *args]) == 2
     one_error_line(capsys)
 
 
@@ -217,8 +210,8 @@ def npy_bytes(arr):
     return b.getvalue()
 
 
-def test_checkpoint_headers_and_sizes_are_checked_before_reading(run_dir, tmp_path, capsys, monkeypatch):
-    src = zipfile.ZipFile(run_dir / "checkpoint.npz")
+def test_checkpoint_headers_and_sizes_are_checked_before_reading(tiny_run, tmp_path, capsys, monkeypatch):
+    src = zipfile.ZipFile(tiny_run / "checkpoint.npz")
     good = {n: src.read(n) for n in src.namelist()}
     # a header claiming 10^12 elements in a member of a few bytes
     import io
