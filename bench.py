@@ -200,15 +200,17 @@ def main(argv=None):
     want = lambda name: not only or name in only
     emit = lambda d: print(json.dumps(d), flush=True)
     b = a.backend
-    # numba: how many parts of a batch run at once, one per core (cpu_train.default_parts)
-    parts = (lambda n: dict(parts=cpu_train.default_parts(n))) if b == "numba" else (lambda n: {})
+    # numba: how many chunks the rows are cut into (cpu_train.train_chunks, row_chunks) and how many
+    # threads share them (cpu_train.team_size)
+    parts = ((lambda n, f=cpu_train.row_chunks: dict(chunks=f(n), threads=cpu_train.team_size())) if b == "numba"
+             else (lambda n, f=None: {}))
     k = gaussian.Gaussian(COMPARISON)
     params = k.init(np.random.default_rng(0))
     for name, bs in (("train_step_b512", 512), ("train_step_b4096", 4096)):
         if want(name) or (bs == 512 and want("train_step_gflops")):
             ms = bench_train(b, bs, a.repeat)
             if want(name):
-                emit(stats(name, ms, "ms", backend=b, **parts(bs)))
+                emit(stats(name, ms, "ms", backend=b, **parts(bs, cpu_train.train_chunks)))
             if bs == 512 and want("train_step_gflops"):
                 peak, how = peak_gflops()
                 flops = cpu_train.step_flops(COMPARISON, 512)

@@ -1,5 +1,5 @@
-"""The CPU tier's host side: the per-t tables, the batch parts and their threads, the trainer, and the
-evaluate / sample / log_weights loops, around cpu_kernels.py's kernels and NumPy's BLAS.
+"""The CPU tier's host side: the per-t tables, the batch chunks and the threads that share them, the
+trainer, and the evaluate / sample / log_weights loops, around cpu_kernels.py's kernels and NumPy's BLAS.
 
 The same model, loss, gradients, evaluation and sampling as the NumPy reference (gaussian.py with
 net_fourier.py, adam.py and dpm.py), which is its test oracle (tests/test_fast.py). Parameters live in one
@@ -11,6 +11,7 @@ import ctypes
 import glob
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def step_flops(cfg, n):
 
 def _find_openblas():
     """(set_num_threads, get_num_threads) of the OpenBLAS that NumPy's wheel bundles, or None where NumPy
-    uses another BLAS (then dpm runs one batch part at a time and lets that BLAS use the cores)."""
+    uses another BLAS (then the chunks run one at a time on the calling thread and that BLAS keeps its threads)."""
     root = os.path.dirname(np.__file__)
     for path in glob.glob(root + ".libs/*openblas*") + glob.glob(os.path.join(root, ".dylibs", "*openblas*")):
         try:
@@ -66,65 +67,115 @@ if hasattr(os, "register_at_fork"):      # a forked child has no worker thread: 
     os.register_at_fork(after_in_child=lambda: globals().update(_POOL=None))
 
 
-class _SplitWork:
-    """Runs a batch's parts at once, one per core (nogil kernels and one-thread BLAS calls release the GIL).
+class _BlasHeld:
+    """NumPy's OpenBLAS held to one thread for the duration (where it can be found), then set back.
 
-    With two threads inside each matrix product, OpenBLAS splits 128-wide products badly and its idle
-    thread spins while the kernels run (bench.py: 4.2 ms per batch-4096 step against 2.3 ms for half the
-    batch on one core). So while a split runs, BLAS is set to one thread, and set back after."""
-
-    def __init__(self, parts):
-        self.hold = parts > 1 and _OPENBLAS is not None
+    A training step never runs multi-threaded BLAS: OpenBLAS's threads spin-wait for each other, so a step
+    stalls whenever another process runs on one of the cores (issue 14: 1,035 steps/s idle, 356 beside a
+    busy loop, about 20 beside a PyTorch process). It also makes a step's numbers independent of how
+    many threads BLAS would have used."""
 
     def __enter__(self):
-        if self.hold:
-            self.threads = _OPENBLAS[1]()
+        self.threads = _OPENBLAS[1]() if _OPENBLAS is not None else None
+        if self.threads is not None and self.threads != 1:
             _OPENBLAS[0](1)
         return self
 
-    def run(self, fn, jobs):
-        """[fn(*job) for job in jobs], the first job on this thread and the others on the worker."""
-        global _POOL
-        if _POOL is None and len(jobs) > 1:
-            _POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dpm")
-        later = [_POOL.submit(fn, *job) for job in jobs[1:]]
-        try:
-            first = fn(*jobs[0])
-        finally:                             # nothing still runs when the caller moves on
-            concurrent.futures.wait(later)
-        return [first] + [f.result() for f in later]
-
     def __exit__(self, *exc):
-        if self.hold:
+        if self.threads is not None and self.threads != 1:
             _OPENBLAS[0](self.threads)
+
+
+class _Share:
+    """Chunks 0 .. n-1 of one job, handed out from a shared counter: a thread takes the next chunk when it
+    has finished its last, so a thread on a busy core simply does fewer chunks."""
+
+    def __init__(self, fn, n):
+        self.fn, self.n, self.next, self.running, self.error = fn, n, 0, 0, None
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+
+    def loop(self, k):
+        """Runs chunks as thread k (its scratch buffers) until none is left."""
+        while True:
+            with self.lock:
+                if self.next >= self.n:
+                    return
+                i, self.next, self.running = self.next, self.next + 1, self.running + 1
+            try:
+                self.fn(k, i)
+            except BaseException as e:      # stop handing out chunks; the caller raises it
+                with self.lock:
+                    self.error, self.next = self.error or e, self.n
+            finally:
+                with self.lock:
+                    self.running -= 1
+                    if self.running == 0:
+                        self.idle.notify_all()
+
+    def wait(self):
+        """Until no chunk is running, handing out none after this (nothing still runs when the caller moves
+        on, even when it leaves by an exception)."""
+        with self.lock:
+            self.next = self.n
+            while self.running:
+                self.idle.wait()
+
+
+def _share(fn, n, threads):
+    """fn(k, i) for every chunk i in range(n), on this thread (k = 0) and on the worker thread (k = 1 ..
+    threads − 1, one after another: one worker, tuned on 2 cores), each taking chunks as they come free.
+    fn must give the same result whichever k runs chunk i. A worker that starts late finds nothing left,
+    and the caller does not wait for it."""
+    global _POOL
+    job = _Share(fn, n)
+    if threads > 1 and n > 1:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dpm")
+        for k in range(1, min(threads, n)):
+            _POOL.submit(job.loop, k)
+    try:
+        job.loop(0)
+    finally:
+        job.wait()
+    if job.error is not None:
+        raise job.error
+
+
+def team_size():
+    """Threads that share a training step's chunks: 2 where this process has two cores or more and NumPy's
+    OpenBLAS can be held to one thread, else 1 (another BLAS keeps its own threads; the step's numbers are
+    the same either way). (Tuned on 2 cores.)"""
+    return 2 if _OPENBLAS is not None and _cores() >= 2 else 1
+
+
+def train_chunks(n):
+    """How many chunks a training batch of n rows is cut into: about CHUNK_ROWS rows each, at most
+    MAX_CHUNKS. A function of n alone (never of the machine), so that a step gives the same numbers
+    everywhere, with any number of threads."""
+    return max(1, min(MAX_CHUNKS, -(-n // CHUNK_ROWS)))
 
 
 def _cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_parts(n, min_rows=512):
-    """How many parts to split a batch of n into: 2 where this process has two cores or more, NumPy's
-    OpenBLAS can be held to one thread, and each part has at least min_rows (below that the hand-off
-    costs more than it saves: batch 512 trains in 0.46 ms as one part and 0.52 ms as two), else 1.
-    (Tuned on 2 cores: on more, the two parts leave the other cores idle.)"""
-    return 2 if _OPENBLAS is not None and _cores() >= 2 and n >= 2 * min_rows else 1
-
-
-def split(n, parts=None):
-    """(lo, hi) of each part of range(n), nearly equal: default_parts(n) of them, or parts (at most n)."""
-    parts = default_parts(n) if parts is None else max(1, min(parts, n))
+def split(n, parts):
+    """(lo, hi) of each of `parts` chunks of range(n) (at most n of them), nearly equal."""
+    parts = max(1, min(parts, n))
     return [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
 
 
 # ---------------------------------------------------------------- host side
 
 ROWS = 2048        # rows per pass of evaluate, sample and log_weights
-ROWS_TRAIN = 512   # rows per pass of a training step's part
+ROWS_TRAIN = 512   # rows per pass of a training step's chunk
+CHUNK_ROWS = 256   # rows per chunk of a training batch, at most MAX_CHUNKS chunks (train_chunks)
+MAX_CHUNKS = 8
 
 
 class Tables:
-    """The per-t quantities of the current parameters, shared by every batch part: β, ᾱ and the
+    """The per-t quantities of the current parameters, shared by every chunk: β, ᾱ and the
     coefficients (float64); g(t)·W1_g + b1, and the readout folded over the bumps, W_eff(t) = Σ_j g_j(t) W3_j
     and b_eff(t) (network dtype)."""
 
@@ -188,47 +239,57 @@ class Net:
         return u, h1, h2
 
 
-class _Part:
-    """One slice of a training batch: its network buffers and its share of every gradient sum. It runs
-    in passes of up to ROWS_TRAIN rows, so that a pass's hidden units stay in L2 (batch 4096 trains about
-    9% faster than in passes of 2048 rows)."""
-    SUMS = ("G", "Gb", "Gt1", "acc", "gW2", "gb2", "gW1u")
+class _Scratch:
+    """One thread's working buffers for a training step: the network's activations for a pass of up to
+    `rows` rows and their gradients. Only what a chunk adds to its own sums (_Part) outlives a pass, so
+    which thread's scratch a chunk runs in does not change its numbers."""
 
-    def __init__(self, tab, n):
-        D, H, T, In, dtype = tab.D, tab.table1.shape[1], tab.T, tab.In, tab.dtype
-        rows = min(n, ROWS_TRAIN)
+    def __init__(self, tab, rows):
+        D, H, In, dtype = tab.D, tab.table1.shape[1], tab.In, tab.dtype
         self.net = Net(tab, rows)
         z = lambda *s: np.zeros(s, dtype)
-        self.G, self.Gb, self.Gt1 = z(T + 1, 2 * D, H), z(T + 1, 2 * D), z(T + 1, H)
-        self.gW2, self.gb2, self.gW1u = z(H, H), z(H), z(In, H)
         self.pass_W2, self.pass_W1u = z(H, H), z(In, H)
         self.g_h2, self.g_h1, self.g_u = z(rows, H), z(rows, H), z(rows, In)
-        self.g_xt, self.acc = np.zeros((rows, D)), np.zeros((T + 1, ck.N_ACC))
+        self.g_xt = np.zeros((rows, D))
 
-    def forward_backward(self, p, x0, eps, t, weight):
-        """The per-sample half of gaussian.loss_and_grads for these rows, each gradient summed over them;
-        weight = ∂loss/∂KL_i. Returns Σ_i KL_i and Σ_i ‖x⁽⁰⁾_i‖²."""
+
+class _Part:
+    """One chunk of a training batch: its rows and its own gradient sums. Each chunk starts its sums from
+    zero and the trainer adds the chunks' sums in chunk order, so a step's numbers depend on the chunking
+    (a function of the batch size only) and never on which thread ran which chunk. A chunk runs in passes
+    of up to ROWS_TRAIN rows, so that a pass's hidden units stay in L2."""
+    SUMS = ("G", "Gb", "Gt1", "acc", "gW2", "gb2", "gW1u")
+
+    def __init__(self, sums, c, lo, hi):
+        self.lo, self.hi = lo, hi
+        for name in self.SUMS:               # views of chunk c in the trainer's stacked sums
+            setattr(self, name, sums[name][c])
+        self.kl_sum = self.r2 = 0.0
+
+    def forward_backward(self, scratch, p, x0, eps, t, weight):
+        """The per-sample half of gaussian.loss_and_grads for this chunk's rows of the batch, each gradient
+        summed over them into this chunk's sums; weight = ∂loss/∂KL_i. Sets Σ_i KL_i and Σ_i ‖x⁽⁰⁾_i‖²."""
         for name in self.SUMS:
             getattr(self, name)[...] = 0.0
         kl_sum = r2 = 0.0
-        for s, e in _chunks(0, len(x0), self.net.n):
-            kl, r = self._rows(p, x0[s:e], eps[s:e], t[s:e], weight)
+        for s, e in _chunks(self.lo, self.hi, scratch.net.n):
+            kl, r = self._rows(scratch, p, x0[s:e], eps[s:e], t[s:e], weight)
             kl_sum, r2 = kl_sum + kl, r2 + r
-        return kl_sum, r2
+        self.kl_sum, self.r2 = kl_sum, r2
 
-    def _rows(self, p, x0, eps, t, weight):
-        net, tab, m = self.net, self.net.tab, len(x0)
+    def _rows(self, sc, p, x0, eps, t, weight):
+        net, tab, m = sc.net, sc.net.tab, len(x0)
         r2 = ck.noised(x0, eps, t, tab.coef, net.xt, net.x_net)
         u, h1, h2 = net.hidden(p, t, m)
-        g_h2, g_h1, g_u, g_xt = self.g_h2[:m], self.g_h1[:m], self.g_u[:m], self.g_xt[:m]
+        g_h2, g_h1, g_u, g_xt = sc.g_h2[:m], sc.g_h1[:m], sc.g_u[:m], sc.g_xt[:m]
         kl_sum = ck.head(h2, tab.Weff, tab.beff, x0, net.xt[:m], t, tab.coef, tab.sqrt_T, weight,
-                       g_h2, self.G, self.Gb, self.gb2, g_xt, self.acc)
-        self.gW2 += np.matmul(h1.T, g_h2, out=self.pass_W2)
+                         g_h2, self.G, self.Gb, self.gb2, g_xt, self.acc)
+        self.gW2 += np.matmul(h1.T, g_h2, out=sc.pass_W2)
         np.matmul(g_h2, p["W2"].T, out=g_h1)
         W1u, blas = p["W1"][:tab.In], tab.blas_input
         ck.layer1_back(g_h1, h1, u, W1u, t, self.Gt1, self.gW1u, g_u, not blas)
         if blas:
-            self.gW1u += np.matmul(u.T, g_h1, out=self.pass_W1u)
+            self.gW1u += np.matmul(u.T, g_h1, out=sc.pass_W1u)
             np.matmul(g_h1, W1u.T, out=g_u)
         ck.input_back(g_u, u, tab.F, x0, eps, t, tab.coef, g_xt, self.acc)
         return kl_sum, r2
@@ -238,9 +299,11 @@ class Trainer:
     """The training step of gaussian.loss_and_grads followed by adam.Adam, on flat preallocated buffers.
 
     params, grads, m, v: name → view (the names and shapes of gaussian.Gaussian.init) in the network dtype.
-    parts: how many slices of the batch run at once (default_parts); the gradient sums add up across them."""
+    parts: how many chunks to cut the batch into (default train_chunks(n)); each chunk sums its own
+    gradients, and the chunk sums are added in chunk order. threads: how many threads share the chunks
+    (default team_size(); the numbers do not depend on it)."""
 
-    def __init__(self, consts, n, dtype=np.float32, b1=0.9, b2=0.999, eps=1e-8, parts=None):
+    def __init__(self, consts, n, dtype=np.float32, b1=0.9, b2=0.999, eps=1e-8, parts=None, threads=None):
         cfg = consts.cfg
         self.consts, self.batch, self.tab = consts, n, Tables(consts, dtype)
         self.theta, self.params = flat_views(cfg, dtype)
@@ -249,9 +312,17 @@ class Trainer:
         self.v_flat, self.v = flat_views(cfg, dtype)
         self.hyper = tuple(dtype(h) for h in (b1, b2, eps))
         self.n = 0                          # Adam's step count, as adam.Adam.n
-        self.slices = split(n, parts)
-        self.parts = [_Part(self.tab, hi - lo) for lo, hi in self.slices]
-        T = cfg["T"]
+        self.slices = split(n, train_chunks(n) if parts is None else parts)
+        D, H, T, In, C = cfg["D"], cfg["H"], cfg["T"], self.tab.In, len(self.slices)
+        z = lambda *s: np.zeros(s, dtype)   # every chunk's sums, stacked on a leading chunk axis
+        self.sums = {"G": z(C, T + 1, 2 * D, H), "Gb": z(C, T + 1, 2 * D), "Gt1": z(C, T + 1, H),
+                     "acc": np.zeros((C, T + 1, ck.N_ACC)), "gW2": z(C, H, H), "gb2": z(C, H), "gW1u": z(C, In, H)}
+        self.parts = [_Part(self.sums, c, lo, hi) for c, (lo, hi) in enumerate(self.slices)]
+        self.basis_rep = np.ascontiguousarray(np.tile(self.tab.basis, C))    # (J, C (T + 1)): folds and adds
+        self.acc = np.zeros((T + 1, ck.N_ACC))
+        self.threads = max(1, min(team_size() if threads is None else threads, len(self.parts)))
+        rows = min(ROWS_TRAIN, max(hi - lo for lo, hi in self.slices))
+        self.scratch = [_Scratch(self.tab, rows) for _ in range(self.threads)]
         self.g_beta, self.g_ab = np.zeros(T + 1), np.zeros(T + 1)
 
     def load(self, params):
@@ -262,24 +333,33 @@ class Trainer:
         """gaussian.loss_and_grads: returns the loss (nats per point); the gradient goes into self.grads."""
         tab, p, g = self.tab, self.params, self.grads
         T, D, In, n = self.consts.T, self.consts.D, tab.In, len(x0)
-        tab.update(p)
-        jobs = [(part, p, x0[lo:hi], eps[lo:hi], t[lo:hi], (T - 1) / n)
-                for part, (lo, hi) in zip(self.parts, self.slices)]
-        with _SplitWork(len(jobs)) as work:
-            sums = work.run(_Part.forward_backward, jobs)
-        kl_sum, r2 = (sum(s[i] for s in sums) for i in (0, 1))
-        first = self.parts[0]
-        for other in self.parts[1:]:
-            for name in _Part.SUMS:
-                np.add(getattr(first, name), getattr(other, name), out=getattr(first, name))
+        with _BlasHeld():
+            tab.update(p)
+            weight = (T - 1) / n
+            _share(lambda k, i: self.parts[i].forward_backward(self.scratch[k], p, x0, eps, t, weight),
+                   len(self.parts), self.threads)
+            kl_sum = r2 = 0.0
+            for part in self.parts:          # in chunk order, whichever thread ran which chunk
+                kl_sum, r2 = kl_sum + part.kl_sum, r2 + part.r2
+            return self._fold(kl_sum, r2, n)
+
+    def _fold(self, kl_sum, r2, n):
+        """The chunks' per-t gradient sums added and folded back onto the bumps in one matrix product each
+        (basis_rep repeats the basis once per chunk); the other sums added over the chunk axis, in chunk
+        order; the schedule's backward; the loss."""
+        tab, g, s = self.tab, self.grads, self.sums
+        T, D, In, C = self.consts.T, self.consts.D, tab.In, len(self.parts)
         J = tab.basis.shape[0]
-        np.matmul(tab.basis, first.G.reshape(T + 1, -1), out=g["W3"].reshape(J, -1))
-        np.matmul(tab.basis, first.Gb, out=g["b3"])
-        np.matmul(tab.basis, first.Gt1, out=g["W1"][In:])
-        np.sum(first.Gt1, axis=0, out=g["b1"])
-        g["W2"][...], g["b2"][...], g["W1"][:In] = first.gW2, first.gb2, first.gW1u
+        np.matmul(self.basis_rep, s["G"].reshape(C * (T + 1), -1), out=g["W3"].reshape(J, -1))
+        np.matmul(self.basis_rep, s["Gb"].reshape(C * (T + 1), -1), out=g["b3"])
+        np.matmul(self.basis_rep, s["Gt1"].reshape(C * (T + 1), -1), out=g["W1"][In:])
+        np.sum(s["Gt1"].reshape(C * (T + 1), -1), axis=0, out=g["b1"])
+        np.sum(s["gW2"], axis=0, out=g["W2"])
+        np.sum(s["gb2"], axis=0, out=g["b2"])
+        np.sum(s["gW1u"], axis=0, out=g["W1"][:In])
+        np.sum(s["acc"], axis=0, out=self.acc)
         abT, r2 = tab.ab[T], r2 / n
-        ck.schedule_back(first.acc, tab.beta, tab.ab, self.consts.basis, ck.prior_grad_abT(D, abT, r2),
+        ck.schedule_back(self.acc, tab.beta, tab.ab, self.consts.basis, ck.prior_grad_abT(D, abT, r2),
                          self.g_beta, self.g_ab, g["c"])
         edge = ck.edge_term(D, abT, self.consts.cfg["beta1"], r2)
         return (T - 1) * kl_sum / n - edge
@@ -296,13 +376,22 @@ class Trainer:
 
 
 def _setup(params, consts, n, batch, dtype, parts):
-    """The tables of params and one Net per part of up to min(batch, ROWS) rows, for evaluate, sample and
-    log_weights. (bench.py, sample_100000: 0.75 s in passes of 2048 rows, 0.91 s in passes of 16384.)"""
+    """The tables of params, the chunks of range(n) (row_chunks, or parts of them) and one Net of up to
+    min(batch, ROWS) rows per thread, for evaluate, sample and log_weights. (bench.py, sample_100000: 0.75 s
+    in passes of 2048 rows, 0.91 s in passes of 16384.)"""
     tab = Tables(consts, dtype)
     p = {name: np.asarray(v, dtype) for name, v in params.items()}
     tab.update(p)
-    slices = split(n, parts)
-    return tab, p, [Net(tab, min(batch, ROWS, hi - lo)) for lo, hi in slices], slices
+    slices = split(n, row_chunks(n) if parts is None else parts)
+    rows = min(batch, ROWS, max(hi - lo for lo, hi in slices))
+    return tab, p, [Net(tab, rows) for _ in range(min(team_size(), len(slices)))], slices
+
+
+def row_chunks(n):
+    """How many chunks evaluate and sample cut n rows into (each in passes of up to ROWS rows): at least
+    256 rows each, and about 8 or more chunks where n allows, so that two threads share them evenly
+    even when one is slowed. Rows are independent there: a chunk only decides which rows share a pass."""
+    return max(1, min(n // 256, max(8, -(-n // ROWS))))
 
 
 def _chunks(lo, hi, size):
@@ -325,12 +414,12 @@ def evaluate(params, consts, x0, rng, n_draws=4, batch=8192, dtype=np.float32, p
             _, _, h2 = net.hidden(p, t_all[s:e], m)
             ck.head_kl(h2, tab.Weff, tab.beff, x0[s:e], net.xt[:m], t_all[s:e], tab.coef, tab.sqrt_T, kl[s:e])
 
-    with _SplitWork(len(nets)) as work:
+    with _BlasHeld():
         for _ in range(n_draws):
             for t in range(2, T + 1):
                 t_all[:] = t
                 eps = np.concatenate([rng.standard_normal((e - s, D)) for s, e in _chunks(0, n, batch)])
-                work.run(part, [(net, lo, hi, eps) for net, (lo, hi) in zip(nets, slices)])
+                _share(lambda k, i: part(nets[k], *slices[i], eps), len(slices), len(nets))
                 kl_sum += kl
                 kl_t[t] += kl.sum()
     kl_sum /= n_draws
@@ -355,13 +444,13 @@ def sample(params, consts, n, rng, keep=(), batch=ROWS, dtype=np.float32, parts=
             ck.head_sample(P2, p["b2"], tab.exact, tab.Weff, tab.beff, x[s:e], t_all[s:e], tab.coef, tab.sqrt_T,
                          noise[s:e], x_new[s:e])
 
-    with _SplitWork(len(nets)) as work:
+    with _BlasHeld():
         for t in range(T, 1, -1):
             if t in keep:
                 kept[t] = x.copy()
             rng.standard_normal(out=noise)
             t_all[:] = t
-            work.run(part, [(net, lo, hi, x, x_new) for net, (lo, hi) in zip(nets, slices)])
+            _share(lambda k, i: part(nets[k], *slices[i], x, x_new), len(slices), len(nets))
             x, x_new = x_new, x
     if 1 in keep:
         kept[1] = x.copy()

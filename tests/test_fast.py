@@ -5,6 +5,8 @@ In float64 the kernels must agree with the reference to rounding (1e-10 relative
 train.py trains) to float32 rounding (1e-5 relative)."""
 import os
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -78,19 +80,115 @@ def test_training_step_in_several_passes_matches_reference(M, monkeypatch):
     """Each part runs in passes of ROWS_TRAIN rows (the last one short), its gradient sums added up."""
     monkeypatch.setattr(cpu_train, "ROWS_TRAIN", 16)
     tr = compare_step(M, 12, 101, np.float64, 1e-10, parts=2)
-    assert [part.net.n for part in tr.parts] == [16, 16]
+    assert [sc.net.n for sc in tr.scratch] == [16] * tr.threads and len(tr.parts) == 2
+
+
+def default_step(threads, slow=None, seed=0, n=512, steps=2):
+    """Two Adam steps of train.py's default Swiss-roll model at batch n, with `threads` threads sharing the
+    chunks; slow: "worker" or "caller", that thread sleeps before each chunk; "late": the worker starts 5 ms
+    late. Returns the trainer (loss, gradients and parameters after the steps), the losses, and which
+    thread ran each chunk."""
+    k = gaussian.Gaussian(dict(datasets.SWISSROLL.model))
+    rng = np.random.default_rng(seed)
+    tr = cpu_train.Trainer(k, n, threads=threads)
+    tr.load(perturbed_params(k.cfg, rng, 0.05))
+    ran, fb, loop = {}, cpu_train._Part.forward_backward, cpu_train._Share.loop
+
+    def late(job, k):
+        if slow == "late" and k > 0:
+            time.sleep(0.005)
+        return loop(job, k)
+
+    def traced(part, scratch, *args):
+        worker = threading.current_thread() is not threading.main_thread()
+        if slow == ("worker" if worker else "caller"):
+            time.sleep(0.002)
+        ran[part.lo] = worker
+        return fb(part, scratch, *args)
+    x_train, losses = rng.standard_normal((2000, 2)), []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_train._Part, "forward_backward", traced)
+        mp.setattr(cpu_train._Share, "loop", late)
+        for _ in range(steps):
+            x0, t, eps = gaussian.draw_batch(rng, x_train, n, k.cfg["T"])
+            losses.append(tr.step(x0, eps, t, 1e-3))
+    return tr, losses, ran
+
+
+@pytest.mark.parametrize("n", [512, 1024])
+def test_training_step_does_not_depend_on_threads_or_scheduling(n):
+    """The batch's chunks add their own gradient sums, in chunk order: one thread, two threads, two threads
+    with either one slowed (so that the other runs most chunks) or the worker late (the caller runs them
+    all) give the same bits."""
+    ref, ref_losses, ran = default_step(1, n=n)
+    assert len(ref.parts) == cpu_train.train_chunks(n) > 1 and not any(ran.values())
+    who = set()
+    for threads, slow in ((2, None), (2, "worker"), (2, "caller"), (2, "late"), (3, None)):
+        tr, losses, ran = default_step(threads, slow, n=n)
+        assert losses == ref_losses
+        assert np.array_equal(tr.grad, ref.grad) and np.array_equal(tr.theta, ref.theta)
+        assert np.array_equal(tr.m_flat, ref.m_flat) and np.array_equal(tr.v_flat, ref.v_flat)
+        who.add(tuple(sorted(ran.items())))
+    if cpu_train._OPENBLAS is not None:                  # two threads really shared the work, differently
+        assert len(who) > 1 and any(any(w.values()) for w in map(dict, who))
+
+
+def test_training_chunks_depend_on_the_batch_size_only():
+    assert [cpu_train.train_chunks(n) for n in (1, 256, 257, 512, 1024, 2048, 65536)] == [1, 1, 2, 2, 4, 8, 8]
+    tr = cpu_train.Trainer(gaussian.Gaussian(config(4)), 1000, threads=1)
+    assert [hi - lo for lo, hi in tr.slices] == [250] * 4 and len(tr.scratch) == 1
+
+
+def test_training_step_holds_blas_to_one_thread():
+    """No training step runs multi-threaded BLAS (whose spinning threads stall when a core is busy);
+    BLAS's setting is restored afterwards."""
+    if cpu_train._OPENBLAS is None:
+        pytest.skip("NumPy does not use a bundled OpenBLAS here")
+    set_threads, get_threads = cpu_train._OPENBLAS
+    before = get_threads()
+    seen, fb = [], cpu_train._Part.forward_backward
+
+    def traced(*args):
+        seen.append(get_threads())
+        return fb(*args)
+    set_threads(2)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_train._Part, "forward_backward", traced)
+            default_step(2, steps=1)
+        assert seen and set(seen) == {1} and get_threads() == 2
+    finally:
+        set_threads(before)
+
+
+def test_a_failing_chunk_raises_and_nothing_still_runs():
+    running, done = [], []
+
+    def fn(k, i):
+        running.append(i)
+        if i == 3:
+            raise ValueError("chunk 3")
+        time.sleep(0.001)
+        done.append(i)
+    with pytest.raises(ValueError, match="chunk 3"):
+        cpu_train._share(fn, 12, 2)
+    assert sorted(done) == sorted(set(running) - {3}) and len(running) < 12
+    out = []
+    cpu_train._share(lambda k, i: out.append(i), 5, 2)      # the worker still serves later jobs
+    assert sorted(out) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
 def test_a_forked_child_gets_its_own_worker():
-    """A child forked after the worker thread started has no such thread: its parts must still run."""
-    with cpu_train._SplitWork(2) as work:
-        assert work.run(lambda a: a + 1, [(1,), (2,)]) == [2, 3]
+    """A child forked after the worker thread started has no such thread: its chunks must still run."""
+    out = []
+    cpu_train._share(lambda k, i: out.append(i + 1), 2, 2)
+    assert sorted(out) == [1, 2] and cpu_train._POOL is not None
     pid = os.fork()
     if pid == 0:                                   # the child: killed by SIGALRM if it hangs
         signal.alarm(30)
-        with cpu_train._SplitWork(2) as work:
-            os._exit(0 if work.run(lambda a: a + 1, [(1,), (2,)]) == [2, 3] else 1)
+        cpu_train._share(lambda k, i: (time.sleep(0.01), out.append(i + 3)), 4, 2)
+        os._exit(0 if sorted(out) == [1, 2, 3, 4, 5, 6] else 1)
     assert os.waitpid(pid, 0)[1] == 0
 
 
@@ -100,18 +198,18 @@ def test_training_step_matches_reference_for_any_batch(n, seed, M, parts):
     compare_step(M, seed, n, np.float64, 1e-9, scale=1.0, loss_floor=1.0, parts=parts)
 
 
-def test_split_work_restores_blas_threads():
-    """While the parts of a batch run, NumPy's OpenBLAS is held to one thread; afterwards it is as it was."""
+def test_blas_held_restores_blas_threads():
+    """While chunks run, NumPy's OpenBLAS is held to one thread; afterwards it is as it was."""
     if cpu_train._OPENBLAS is None:
-        pytest.skip("NumPy does not use a bundled OpenBLAS here: batches run in one part")
+        pytest.skip("NumPy does not use a bundled OpenBLAS here: batches run on one thread")
     set_threads, get_threads = cpu_train._OPENBLAS
     before = get_threads()
-    with cpu_train._SplitWork(3) as work:
+    with cpu_train._BlasHeld():
         assert get_threads() == 1
-        assert work.run(lambda a, b: a * b, [(2, 3), (4, 5), (6, 7)]) == [6, 20, 42]
+        out = {}
+        cpu_train._share(lambda k, i: out.update({i: (2 * i) * (2 * i + 1)}), 3, 3)
+        assert out == {0: 0, 1: 6, 2: 20}
     assert get_threads() == before
-    with cpu_train._SplitWork(1):
-        assert get_threads() == before
 
 
 def test_adam_kernel_matches_mlp_adam_over_several_steps():
