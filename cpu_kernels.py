@@ -14,7 +14,8 @@ KL, its gradient and the schedule terms) is float64 in every case: it subtracts 
 Work per training step (batch n; the maths of gaussian.loss_and_grads), as cpu_train.Trainer runs it:
   schedule            β, ᾱ from c (§2.4.1), and the per-t table coef (columns below)
   BLAS                per-t tables: g(t)·W1_g, and the readout folded over the bumps, W_eff(t) = Σ_j g_j(t) W3_j
-  then, for each part of the batch, in passes of up to 512 rows, each adding to the part's gradient sums:
+  then, for each chunk of the batch (cpu_train.train_chunks; two threads share them), each adding to the
+  chunk's own gradient sums:
   noised              x⁽ᵗ⁾ = √ᾱ_t x⁽⁰⁾ + √(1−ᾱ_t) ε (frozen noise)
   first_layer, BLAS, bias_act   the two hidden layers, tanh fused in (_tanh32 in float32)
   head                a, b = readout; μ, Σ (Eq. 5); μ̃, β̃; KL (Eq. 14) and its gradient; the readout's

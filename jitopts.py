@@ -8,8 +8,8 @@ Caching policy:
   NUMBA_CACHE_DIR), numba refuses cache=True at import; dpm then compiles in memory instead of failing.
 - DPM_JIT_CACHE=0 turns the disk cache off (for example to time a cold start).
 Kernels are single-threaded and release the GIL (nogil): parallel=True costs seconds of compiling for no
-gain at these sizes. Large batches use the cores by running two parts at once on
-Python threads, BLAS held to one thread meanwhile (cpu_train._SplitWork).
+gain at these sizes. A batch uses the cores through fixed chunks that two Python threads share, BLAS held
+to one thread meanwhile (cpu_train.train_chunks).
 Scalar equations (cpu_kernels.coef_at, kl_coord, ...) are `scalar` kernels, inlined into their callers;
 the few that the host calls for a number NumPy used to compute are `strict` (no fastmath).
 """
