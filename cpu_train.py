@@ -17,6 +17,7 @@ import numpy as np
 
 import cpu_kernels as ck
 import dpm
+import gaussian
 
 
 def flat_views(cfg, dtype, flat=None):
@@ -181,7 +182,7 @@ class Tables:
 
     def __init__(self, consts, dtype):
         cfg = consts.cfg
-        D, J, H, M, T = cfg["D"], cfg["J"], cfg["H"], cfg["M"], cfg["T"]
+        D, H, M, T = cfg["D"], cfg["H"], cfg["M"], cfg["T"]
         self.consts, self.dtype, self.D, self.In, self.T = consts, dtype, D, D + 2 * M, T
         self.sqrt_T = math.sqrt(T)
         basis = ck.flushed_basis(consts.basis, dtype)
@@ -331,8 +332,8 @@ class Trainer:
 
     def loss_and_grads(self, x0, eps, t):
         """gaussian.loss_and_grads: returns the loss (nats per point); the gradient goes into self.grads."""
-        tab, p, g = self.tab, self.params, self.grads
-        T, D, In, n = self.consts.T, self.consts.D, tab.In, len(x0)
+        tab, p = self.tab, self.params
+        T, n = self.consts.T, len(x0)
         with _BlasHeld():
             tab.update(p)
             weight = (T - 1) / n
@@ -462,7 +463,7 @@ def sample(params, consts, n, rng, keep=(), batch=ROWS, dtype=np.float32, parts=
 def log_weights(params, consts, x0, rng, n_traj, batch=8192, dtype=np.float32):
     """gaussian.log_weights (Eq. 9's integrand along forward trajectories) through the kernels; the same RNG
     draws. The network runs in dtype, the log densities in float64."""
-    T, D, n = consts.T, consts.D, len(x0)
+    T, n = consts.T, len(x0)
     tab, p, (net,), _ = _setup(params, consts, n, batch, dtype, 1)
     beta = tab.beta
     out = np.zeros((n, n_traj))
@@ -474,7 +475,7 @@ def log_weights(params, consts, x0, rng, n_traj, batch=8192, dtype=np.float32):
             x_new = dpm.q_step(x, beta[t], rng.standard_normal(x.shape))
             col -= dpm.gaussian_logpdf(x_new, np.sqrt(1.0 - beta[t]) * x, beta[t])
             if t == 1:
-                col += dpm.gaussian_logpdf(x, np.sqrt(1.0 - beta[1]) * x_new, beta[1])
+                col += dpm.gaussian_logpdf(x, *gaussian.fixed_first_step(x_new, beta[1]))
             else:
                 tt[:] = t
                 for s, e in _chunks(0, n, net.n):

@@ -76,6 +76,11 @@ kl_coord = _device(cpu_kernels.kl_coord)
 fixed_step_coord = _device(cpu_kernels.fixed_step_coord)
 binomial_rate = _device(cpu_kernels.binomial_rate)
 binomial_reverse_rate = _device(cpu_kernels.binomial_reverse_rate)
+kl_coord_back = _device(cpu_kernels.kl_coord_back)             # these five: for cuda_train.py's kernels
+d_xt_d_ab_coord = _device(cpu_kernels.d_xt_d_ab_coord)
+prior_grad_abT = _device(cpu_kernels.prior_grad_abT)
+edge_term = _device(cpu_kernels.edge_term)
+binomial_edge_coord = _device(cpu_kernels.binomial_edge_coord)
 
 
 @cuda.jit(device=True)

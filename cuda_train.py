@@ -27,14 +27,10 @@ import cpu_kernels
 from net_sigmoid import SigmoidMLP
 from cpu_kernels import (G_AB, G_BETA_TILDE, G_C0, G_C1, G_LOGIT_BETA, G_SQRT_1M_BETA, G_SQRT_BETA, N_ACC,
                          PARAM_NAMES)
-from cuda_sample import (MAX_IN, TPB, DeviceTables, _device, _hb_net, _hidden, _outer, _readout, binomial_reverse_rate,
-                         blocks, coef_at, kl_coord, q_sample_coord, reverse_coord)
+from cuda_sample import (MAX_IN, TPB, DeviceTables, _device, _hb_net, _hidden, _outer, _readout, binomial_edge_coord,
+                         binomial_reverse_rate, blocks, coef_at, d_xt_d_ab_coord, edge_term, kl_coord, kl_coord_back,
+                         prior_grad_abT, q_sample_coord, reverse_coord)
 
-kl_coord_back = _device(cpu_kernels.kl_coord_back)
-d_xt_d_ab_coord = _device(cpu_kernels.d_xt_d_ab_coord)
-prior_grad_abT = _device(cpu_kernels.prior_grad_abT)
-edge_term = _device(cpu_kernels.edge_term)
-binomial_edge_coord = _device(cpu_kernels.binomial_edge_coord)
 # cpu_kernels.schedule_back is a one-thread loop over t: the GPU runs the same Python source.
 _schedule_back_t = _device(cpu_kernels.schedule_back)
 

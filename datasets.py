@@ -61,6 +61,11 @@ class Dataset:
 MAX_ELEMENTS = 2**25        # the most numbers one buffer may hold: 128 MiB in float32
 
 
+def _schedule_metrics(beta, alpha_bar, beta1):
+    """metrics.json's schedule entries for Gaussian diffusion: the learned β, ᾱ_T and the fixed β₁."""
+    return {"beta": beta.tolist(), "alpha_bar_T": float(alpha_bar[-1]), "beta1": beta1}
+
+
 def _swissroll_summary(m):
     return (f"K = {m['K_bits']:.3f} ± {m['K_stderr_bits']:.3f} bits  "
             f"K-L_null = {m['K_minus_L_null_bits']:.3f} ± {m['K_minus_L_null_stderr_bits']:.3f}  "
@@ -146,9 +151,7 @@ SWISSROLL = Dataset(
     quality=lambda x, x_heldout, noise: data.sample_quality(x, x_heldout[:len(x)], noise),
     entropy=gaussian.entropy_check, entropy_points=4000,     # held-out points for the learned kernel's entropy
     entropy_names=("lower bound H(β̃_t)", "upper bound H(β_t)"),
-    extra_metrics=lambda params, consts, m: {"beta": consts.schedule(params)[0].tolist(),
-                                             "alpha_bar_T": float(consts.schedule(params)[1][-1]),
-                                             "beta1": consts.cfg["beta1"]},
+    extra_metrics=lambda params, consts, m: _schedule_metrics(*consts.schedule(params), consts.cfg["beta1"]),
     summary=_swissroll_summary, report=_swissroll_report, figure=figures.swissroll,
 )
 
