@@ -101,7 +101,7 @@ def first_step():
     import train
     with tempfile.TemporaryDirectory() as d:
         args, ds = train.parse(["--data", "swissroll", "--out", d])
-        x_train = ds.load(datasets.N_TRAIN, [args.seed, 0], args.noise)
+        x_train = ds.train_set(args)
         run = train.Run(args, ds, x_train)
         train.train_step(run)
     print(time.time())

@@ -48,8 +48,8 @@ def seed(text):
 
 
 def write_text(path, text):
-    """path's content becomes text, atomically (ckpt.write_atomic)."""
-    ckpt.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    """path's content becomes text (or bytes), atomically (ckpt.write_atomic)."""
+    ckpt.write_atomic(path, lambda f: f.write(text if isinstance(text, bytes) else text.encode("utf-8")))
 
 
 def strict_json(value):

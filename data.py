@@ -3,8 +3,12 @@ and the exact log-density of the generator (1-D quadrature over the roll paramet
 
 Generator: s ~ U(1.5π, 4.5π); raw = (s cos s, s sin s) + noise·N(0, I₂); x = (raw − mean) / scale with
 mean = (2, 2/(3π)) and scale = sqrt((9.75π² − 4 − 4/(9π²))/2 + noise²), so E x = 0 and E‖x‖² = 2.
+MNIST is read from the published IDX files (plain or gzipped), which the user downloads.
 """
+import gzip
 import math
+import os
+import zlib
 
 import numpy as np
 
@@ -248,3 +252,73 @@ def condition_summary(x, condition, noise, rng):
         out["crossings"] = [{"at": mo, "exact_share": ma, "sample_share": float(np.mean((free >= lo) & (free < hi)))}
                             for mo, ma, lo, hi in zip(cross["modes"], cross["masses"], edges[:-1], edges[1:])]
     return out
+
+
+MNIST_URL = "http://yann.lecun.com/exdb/mnist/"
+MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_MAX_BYTES = 10**9
+
+
+def _idx_error(path, what):
+    # One line, whatever the underlying library put in its message.
+    return ValueError(" ".join(f"{path}: {what}; the MNIST files are published at {MNIST_URL}".split()))
+
+
+def _idx_path(path):
+    """The file to read for path: path itself, else path + ".gz"."""
+    path = os.fspath(path)
+    for p in (path, path + ".gz"):
+        if os.path.isfile(p):
+            return p
+    raise _idx_error(path, f"no such file (nor {path}.gz)")
+
+
+def read_idx(path, ndim):
+    """One IDX file of unsigned bytes (path or path + ".gz") as a uint8 array of its header's shape.
+
+    The header is read and checked before the data, and no more than the data plus one byte is read,
+    so a wrong or huge file costs no memory; truncated or trailing data is an error.
+    """
+    p = _idx_path(path)
+    try:
+        with (gzip.open(p, "rb") if p.endswith(".gz") else open(p, "rb")) as f:
+            magic = f.read(4)
+            if len(magic) < 4:
+                raise _idx_error(p, "shorter than the 4-byte IDX magic number")
+            if magic[0] or magic[1]:
+                raise _idx_error(p, f"not an IDX file (magic number 0x{magic.hex()})")
+            if magic[2] != 0x08:
+                raise _idx_error(p, f"IDX data type 0x{magic[2]:02x}, expected 0x08 (unsigned byte)")
+            if magic[3] != ndim:
+                raise _idx_error(p, f"{magic[3]} dimensions, expected {ndim}")
+            raw = f.read(4 * ndim)
+            if len(raw) < 4 * ndim:
+                raise _idx_error(p, "truncated IDX header")
+            shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4"))
+            count = math.prod(shape)
+            if min(shape) < 1 or count > IDX_MAX_BYTES:
+                raise _idx_error(p, f"implausible IDX sizes {shape}")
+            body = f.read(count + 1)   # one byte more than the header promises, to see trailing data
+    except (OSError, EOFError, zlib.error) as e:   # gzip.BadGzipFile is an OSError
+        raise _idx_error(p, f"unreadable ({type(e).__name__}: {e})") from None
+    if len(body) != count:
+        raise _idx_error(p, f"truncated: {len(body)} data bytes, the header says {count}" if len(body) < count
+                         else f"trailing bytes after the {count} data bytes the header gives")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape).copy()
+
+
+def load_mnist(data_dir, split):
+    """MNIST's split "train" or "test" from data_dir: images (n, 784) uint8 and labels (n,) uint8."""
+    if split not in MNIST_FILES:
+        raise ValueError(f"MNIST split {split!r}: expected one of {sorted(MNIST_FILES)}")
+    img_path, lab_path = (os.path.join(os.fspath(data_dir), name) for name in MNIST_FILES[split])
+    images = read_idx(img_path, 3)
+    if images.shape[1:] != (28, 28):
+        raise _idx_error(_idx_path(img_path), f"images are {images.shape[1]}×{images.shape[2]}, expected 28×28")
+    labels = read_idx(lab_path, 1)
+    if len(labels) != len(images):
+        raise _idx_error(_idx_path(lab_path), f"{len(labels)} labels for {len(images)} images in {img_path}")
+    if labels.max() > 9:
+        raise _idx_error(_idx_path(lab_path), f"label {int(labels.max())} outside 0..9")
+    return images.reshape(len(images), 28 * 28), labels

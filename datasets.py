@@ -3,6 +3,7 @@ set, so that no script compares a data set's name. A new data set is one row her
 reader in data.py; a new network is a new net_*.py module, a new kind of diffusion a module like gaussian.py.
 """
 import math
+import os
 
 import numpy as np
 
@@ -11,6 +12,8 @@ import data
 import cpu_train
 import figures
 import gaussian
+import images
+import net_image
 import smc
 
 
@@ -124,6 +127,7 @@ SWISSROLL = Dataset(
     cfg=lambda a: dict(SWISSROLL.model, T=a.T, beta1=a.beta1, H=a.hidden, M=a.fourier, fourier_scale=a.fourier_scale),
     # train.py's defaults; a flag given on the command line wins
     train={"steps": 100_000,          # total training steps
+           "batch_size": 512,          # training points per step
            "lr": 1e-3,                 # Adam's initial learning rate
            "lr_decay_steps": 40_000,   # the learning rate falls tenfold every this many steps (floor lr/1000)
            "eval_every": 5000,         # a quick held-out K and a checkpoint every this many steps
@@ -138,21 +142,26 @@ SWISSROLL = Dataset(
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 2048), "D": (int, 2, 2),
            "M": (int, 0, 1024), "fourier_scale": (float, 0, 1e6), "beta1": (float, 0, 1), "beta_T": (float, 0, 1)},
     backends=("numba", "numpy"),
-    load=lambda n, seed, noise: data.swissroll(n, seed, noise),
+    train_set=lambda a: data.swissroll(N_TRAIN, [a.seed, 0], a.noise),
+    heldout_set=lambda n, noise, cfg, data_dir: data.swissroll(n, HELDOUT_SEED, noise),
+    width=lambda cfg: cfg["H"],            # the widest activation per data point (memory checks)
+    final_samples=10_000,                   # samples whose quality metrics.json reports
     cpu=cpu_train,                     # the Numba CPU path (Trainer, evaluate, sample); None: NumPy only
+    table2=None,
     log_weights=cpu_train.log_weights,      # Eq. 9's importance weights, for evaluate.py
     cuda_trainer=lambda: cuda_train().Trainer, cuda_sample=lambda: cuda().sample,
-    parse_condition=gaussian.parse_condition,
+    parse_condition=lambda text, D, heldout: gaussian.parse_condition(text, D),
     conditioned=gaussian.sample_conditioned,
     smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
-    output=lambda x: (x, "x,y"),
+    output=lambda x, cfg: (x, "x,y"), csv=True,     # sample.py's output: (array, .csv header); .csv allowed
     limit_bits=lambda cfg, noise: data.limit_bits(noise),
     ceiling_bits=lambda cfg, noise: data.ceiling_bits(cfg["beta1"], noise),
-    quality=lambda x, x_heldout, noise: data.sample_quality(x, x_heldout[:len(x)], noise),
+    quality=lambda x, x_heldout, noise, cfg: data.sample_quality(x, x_heldout[:len(x)], noise),
     entropy=gaussian.entropy_check, entropy_points=4000,     # held-out points for the learned kernel's entropy
     entropy_names=("lower bound H(β̃_t)", "upper bound H(β_t)"),
     extra_metrics=lambda params, consts, m: _schedule_metrics(*consts.schedule(params), consts.cfg["beta1"]),
-    summary=_swissroll_summary, report=_swissroll_report, figure=figures.swissroll,
+    summary=_swissroll_summary, figure=figures.swissroll,
+    report=lambda x, condition, text, noise, rng, cfg: _swissroll_report(x, condition, text, noise, rng),
 )
 
 HEARTBEAT = Dataset(
@@ -162,31 +171,69 @@ HEARTBEAT = Dataset(
     # and the scale of the network's evidence inputs
     model={"T": 2000, "H": 50, "D": data.HEARTBEAT_BITS, "m": 0.2, "input_scale": 0.25},
     cfg=lambda a: dict(HEARTBEAT.model, T=a.T, H=a.hidden),
-    train={"steps": 40_000, "lr": 3e-3, "lr_decay_steps": 20_000, "eval_every": 10_000, "quick_eval": 500,
+    train={"steps": 40_000, "batch_size": 512, "lr": 3e-3, "lr_decay_steps": 20_000, "eval_every": 10_000, "quick_eval": 500,
            "heldout": 10_000, "draws": 1, "backend": "numpy", "T": 2000, "hidden": 50},
     rules={"T": (int, 3, 1_000_000), "H": (int, 1, 2048), "D": (int, 20, 20), "m": (float, 0, 1),
            "input_scale": (float, 0, 1e6)},
     backends=("numpy",),
-    load=lambda n, seed, noise: data.heartbeat(n, seed),
-    cpu=None, log_weights=None,
+    train_set=lambda a: data.heartbeat(N_TRAIN, [a.seed, 0]),
+    heldout_set=lambda n, noise, cfg, data_dir: data.heartbeat(n, HELDOUT_SEED),
+    width=lambda cfg: cfg["H"], final_samples=10_000,
+    cpu=None, log_weights=None, table2=None,
     cuda_trainer=lambda: cuda_train().HeartbeatTrainer, cuda_sample=lambda: cuda().sample_heartbeat,
-    parse_condition=binomial.parse_condition,
+    parse_condition=lambda text, D, heldout: binomial.parse_condition(text, D),
     conditioned=lambda params, consts, n, rng, r1: binomial.sample(params, consts, n, rng, r1=r1)[0],
     smc=smc.binomial,
-    output=lambda x: (x.astype(np.uint8), ",".join(f"b{i}" for i in range(x.shape[1]))),
+    csv=True,
+    output=lambda x, cfg: (x.astype(np.uint8), ",".join(f"b{i}" for i in range(x.shape[1]))),
     limit_bits=lambda cfg, noise: math.log2(1.0 / data.HEARTBEAT_PERIOD),
     ceiling_bits=lambda cfg, noise: data.heartbeat_ceiling_bits(cfg["T"], cfg["m"]),
-    quality=lambda x, x_heldout, noise: data.heartbeat_quality(x),
+    quality=lambda x, x_heldout, noise, cfg: data.heartbeat_quality(x),
     entropy=lambda params, consts, x, rng: binomial.entropy_check(params, consts, x, rng,
                                                                   data.heartbeat_sequences().mean(0)),
     entropy_points=2000,
     entropy_names=("lower bound (Eq. 24)", "upper bound H_q(X⁽ᵗ⁾|X⁽ᵗ⁻¹⁾)"),
     extra_metrics=lambda params, consts, m: {
         "K_minus_ceiling_in_stderr": (m["K_bits"] - m["ceiling_bits"]) / m["K_stderr_bits"], "m": consts.m},
-    summary=_heartbeat_summary, report=_heartbeat_report, figure=figures.heartbeat,
+    summary=_heartbeat_summary, figure=figures.heartbeat,
+    report=lambda x, r1, text, noise, rng, cfg: _heartbeat_report(x, r1, text, noise, rng),
 )
 
-DATASETS = {d.name: d for d in (SWISSROLL, HEARTBEAT)}
+MNIST = Dataset(
+    name="mnist",
+    kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, net_image.DenseImageNet),
+    # App. D.2.1's network (net_image.py): H units in each of dense_layers dense layers, pixel_features features
+    # per pixel, a per-pixel MLP P wide; scale and shift are the training set's (images.pixel_scaling)
+    model={"T": 1000, "J": 10, "D": 784, "H": 500, "dense_layers": 3, "pixel_features": 2, "P": 20,
+           "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
+    cfg=lambda a: dict(MNIST.model, T=a.T, H=a.hidden, beta1=a.beta1),
+    train={"steps": 20_000, "lr": 1e-3, "lr_decay_steps": 20_000, "eval_every": 5000, "quick_eval": 100,
+           "heldout": 1000, "draws": 1, "backend": "numpy", "T": 1000, "hidden": 500, "beta1": 1e-4,
+           "batch_size": 128, "data_dir": os.path.join("data", "mnist")},
+    rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 4096), "D": (int, 784, 784),
+           "dense_layers": (int, 0, 8), "pixel_features": (int, 1, 16), "P": (int, 1, 256),
+           "beta1": (float, 0, 1), "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6)},
+    backends=("numpy",),
+    train_set=lambda a: images.mnist_train(a.data_dir),
+    heldout_set=lambda n, noise, cfg, data_dir: images.mnist_heldout(data_dir, n, cfg),
+    width=lambda cfg: max(cfg["H"], cfg["D"] * max(cfg["P"], cfg["pixel_features"])), final_samples=100,
+    cpu=None, log_weights=None, cuda_trainer=None, cuda_sample=None,
+    table2=images.table2,                  # evaluate.py's Parzen estimate (Table 2); None: Eq. 9 instead
+    parse_condition=images.parse_condition, conditioned=gaussian.sample_conditioned,
+    smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
+    output=lambda x, cfg: (images.to_levels(x, cfg).astype(np.float32), None), csv=False,  # 0..255 units
+    limit_bits=lambda cfg, noise: None,
+    ceiling_bits=lambda cfg, noise: images.ceiling_bits(cfg),
+    quality=lambda x, x_heldout, noise, cfg: images.quality(x, cfg),
+    entropy=gaussian.entropy_check, entropy_points=100,
+    entropy_names=("lower bound H(β̃_t)", "upper bound H(β_t)"),
+    extra_metrics=lambda params, consts, m: dict(_schedule_metrics(*consts.schedule(params), consts.cfg["beta1"]),
+                                                 **images.per_pixel_metrics(m, consts.cfg)),
+    summary=images.summary, report=images.report,
+    figure=lambda params, consts, drawn, rng: images.figure(params, consts, drawn, rng, gaussian.sample),
+)
+
+DATASETS = {d.name: d for d in (SWISSROLL, HEARTBEAT, MNIST)}
 
 
 def get(name):

@@ -30,6 +30,9 @@ def parse(argv):
     p.add_argument("--samples", default="1,10,100,1000", help="comma-separated N (trajectories per point)")
     p.add_argument("--points", type=positive(int, 10**5), default=1000, help="held-out points")
     p.add_argument("--seed", type=cli.seed, default=0)
+    p.add_argument("--parzen", default=None, metavar="SAMPLES.npy",
+                   help="images: Table 2's Parzen-window estimate from these samples (sample.py's .npy, 0..255 units)")
+    p.add_argument("--data-dir", default=None, help="images: the data folder (default: the run's)")
     args = p.parse_args(argv)
     try:
         args.samples = sorted({int(s) for s in args.samples.split(",")})
@@ -53,9 +56,46 @@ def estimates(lw, ns):
     return {n: log_mean_exp(lw[:, :n]) for n in ns}
 
 
+def table2(args, meta, consts, ds):
+    """Table 2's Parzen-window estimate and the memorisation check, from samples that sample.py wrote."""
+    if not args.parzen:
+        raise UsageError(f"evaluate.py on a {ds.name} run needs --parzen SAMPLES.npy: Table 2's estimate from "
+                         f"samples of sample.py (the paper: 10,000)")
+    try:
+        x = np.load(args.parzen, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--parzen {args.parzen}: not a readable .npy file ({type(e).__name__})") from None
+    if x.ndim != 2 or x.shape[1] != consts.D or not 2 <= len(x) <= 10**5 or x.dtype.kind != "f":
+        raise UsageError(f"--parzen {args.parzen}: expected 2 to 100,000 samples of {consts.D} float pixels, "
+                         f"got {x.dtype} {x.shape}")
+    x = np.array(x)
+    if not np.all(np.isfinite(x)):
+        raise UsageError(f"--parzen {args.parzen}: holds non-finite values")
+    try:
+        out = ds.table2(x, args.data_dir or meta.get("data_dir"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for name in ("samples", "training_images"):
+        r = out[name]
+        print(f"Parzen estimate from {r['centres']} {name.replace('_', ' ')}: {r['log_likelihood_bits']:.1f} ± "
+              f"{r['stderr_bits']:.1f} bits (width {r['width']:.3f}, {out['test_images']} test images)")
+    d = out["nearest_training_distance"]
+    print(f"nearest training image: median distance {d['samples_median']:.2f} from samples, "
+          f"{d['heldout_median']:.2f} from held-out images; {d['samples_closer_than_1pct_of_heldout']:.1%} of "
+          f"samples closer than the closest 1% of held-out images")
+    path = os.path.join(os.path.dirname(ckpt.path_in(args.run)), "table2.json")
+    cli.write_text(path, cli.strict_json(out))
+    print(f"-> {path}")
+    return 0
+
+
 def main(argv=None):
     args = parse(argv)
     meta, params, consts, ds = ckpt.load_run(args.run)
+    if ds.table2 is not None:
+        return table2(args, meta, consts, ds)
+    if args.parzen:
+        raise UsageError(f"--parzen applies to image runs; {args.run} is a {ds.name} run")
     if ds.log_weights is None:
         raise UsageError(f"evaluate.py (Eq. 9) covers Gaussian diffusion only; {args.run} is a {ds.name} run")
     noise = meta["noise"]

@@ -3,8 +3,8 @@ float64: the training bound and its gradient, the held-out bound K with its full
 importance weights, the learned kernel's entropy beside §2.6's bounds, ancestral sampling, and §2.5's
 conditioning. Every formula is in dpm.py; this module only strings them together.
 
-consts = Gaussian(cfg) holds everything derived from cfg alone: the network (FourierMLP), the temporal basis
-and the schedule's baseline. params holds the network's arrays and "c", the schedule's coefficients (§2.4.1).
+consts = Gaussian(cfg, Net) holds everything derived from cfg alone: the network (FourierMLP for the Swiss roll,
+net_image.DenseImageNet for MNIST), the temporal basis and the schedule's baseline. params holds the network's arrays and "c", the schedule's coefficients (§2.4.1).
 """
 import math
 
@@ -15,13 +15,14 @@ from net_fourier import FourierMLP
 
 
 class Gaussian:
-    """The constants of a Gaussian diffusion model. cfg (saved in every checkpoint): T, J, H, D, M,
-    fourier_scale, beta1, beta_T."""
+    """The constants of a Gaussian diffusion model. cfg (saved in every checkpoint): T, J, D, beta1, beta_T
+    and the network's own settings (FourierMLP: H, M, fourier_scale)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, Net=FourierMLP):
         self.cfg, self.T, self.D, self.J = cfg, cfg["T"], cfg["D"], cfg["J"]
-        self.net = FourierMLP(cfg)
-        self.basis, self.F = self.net.basis, self.net.F          # (J, T + 1), (D, M)
+        self.net = Net(cfg)
+        self.basis = self.net.basis                              # (J, T + 1)
+        self.F = getattr(self.net, "F", None)                    # FourierMLP's fixed frequencies (D, M)
         self.base = dpm.baseline_beta(cfg["T"], cfg["beta1"], cfg["beta_T"])
 
     def init(self, rng):
@@ -46,8 +47,10 @@ def reverse(params, consts, x, t, beta):
 
 
 def draw_batch(rng, x_train, n, T):
-    """A training minibatch: n data points, t uniform on 2..T, and the frozen noise ε (§2.4.1)."""
-    x0 = np.take(x_train, rng.integers(0, len(x_train), n), axis=0)   # as x_train[i], 4x faster at 4096 rows
+    """A training minibatch: n data points, t uniform on 2..T, and the frozen noise ε (§2.4.1). x_train is an
+    array, or images.Pixels, which dequantises the rows it draws afresh."""
+    idx = rng.integers(0, len(x_train), n)
+    x0 = x_train.draw(idx, rng) if hasattr(x_train, "draw") else np.take(x_train, idx, axis=0)  # take: 4x x[i]
     t = rng.integers(2, T + 1, n)
     return x0, t, rng.standard_normal(x0.shape)
 
@@ -80,12 +83,13 @@ def train_step_grads(params, consts, rng, x_train, n):
     return loss_and_grads(params, consts, x0, eps, t)
 
 
-def evaluate(params, consts, x0, rng, n_draws=4, batch=8192):
+def evaluate(params, consts, x0, rng, n_draws=4, batch=None):
     """Held-out K with the full sum over t = 2..T (Eq. 14), averaged over n_draws forward draws per point.
 
     Returns per-point K − L_null (nats, (n,)) and the mean KL_t for each t (nats, (T + 1,); 0 at t = 0, 1).
     """
     T, D = consts.T, consts.D
+    batch = batch or min(8192, max(1, 2**18 // D))        # rows per network call: images need far fewer
     beta, ab = consts.schedule(params)
     kl_sum = np.zeros(len(x0))
     kl_t = np.zeros(T + 1)

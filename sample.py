@@ -30,6 +30,8 @@ def parse(argv):
     p.add_argument("--figure", default=None,
                    help="write the paper's Figure 1 layout (Swiss roll) or Figure 2 layout (heartbeat) as SVG here")
     p.add_argument("--data", default=None, help="fail unless the checkpoint was trained on this data set")
+    p.add_argument("--data-dir", default=None,
+                   help="images: the data folder for --condition's held-out image (default: the run's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: draw the samples with the numba.cuda kernels on a GPU")
     p.add_argument("--condition", default=None,
@@ -82,17 +84,22 @@ def main(argv=None):
     for name, n in (("-n", args.n), ("--particles", args.particles or 0)):
         if n * consts.D > MAX_NUMBERS:
             raise UsageError(f"{name} {n} would not fit in memory: at most {MAX_NUMBERS // consts.D:,} for {ds.name}")
+    if not ds.csv and args.out.endswith(".csv"):
+        raise UsageError(f"{ds.name} samples are written as .npy only")
     rng = np.random.default_rng(args.seed)
     condition = None
     if args.condition:
         try:
-            condition = ds.parse_condition(args.condition, consts.D)
+            data_dir = args.data_dir or meta.get("data_dir")
+            heldout = lambda: ds.heldout_set(None, meta.get("noise"), consts.cfg, data_dir)
+            condition = ds.parse_condition(args.condition, consts.D, heldout)
         except ValueError as e:
             raise UsageError(f"--condition: {e}") from None
-    x, header = ds.output(draw(params, consts, ds, args, rng, condition))
+    x_model = draw(params, consts, ds, args, rng, condition)
+    x, header = ds.output(x_model, consts.cfg)
     save_samples(args.out, x, header)
     print(f"{args.n} samples -> {args.out}")
-    x_real = ds.report(x, condition, args.condition, meta.get("noise"), rng)
+    x_real = ds.report(x_model, condition, args.condition, meta.get("noise"), rng, consts.cfg)
     if args.figure:
         cli.write_text(args.figure, ds.figure(params, consts, x_real, rng))
         print(f"figure -> {args.figure}")

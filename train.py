@@ -25,14 +25,14 @@ import figures
 from adam import Adam
 from cli import UsageError, positive
 
-MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale")
+MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir")
 
 
 def parse(argv):
     p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="swissroll", help="data set: " + ", ".join(datasets.DATASETS))
     p.add_argument("--steps", type=positive(int, 10**9), help="total training steps of the run")
-    p.add_argument("--batch-size", type=positive(int, 65_536), default=512)
+    p.add_argument("--batch-size", type=positive(int, 65_536), help="data points per step")
     p.add_argument("--lr", type=positive(float), help="Adam's initial learning rate")
     p.add_argument("--lr-decay-steps", type=positive(int),
                    help="the learning rate falls tenfold every this many steps, floor lr/1000")
@@ -41,6 +41,7 @@ def parse(argv):
     p.add_argument("--hidden", type=positive(int, 2048), help="hidden units per layer")
     p.add_argument("--noise", type=float, help="swissroll: the roll's noise σ, before standardising")
     p.add_argument("--beta1", type=positive(float), help="swissroll: the fixed first-step variance β₁ (§2.4.1)")
+    p.add_argument("--data-dir", help="mnist: the folder of the four IDX files (default data/mnist)")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")
@@ -73,8 +74,9 @@ def parse(argv):
         raise UsageError(f"model setting: {e}") from None
     if args.heldout < 2:
         raise UsageError("--heldout must be at least 2 (the standard error needs two points)")
-    if args.batch_size * max(ds.cfg(args).get("H", 1), 1) > datasets.MAX_ELEMENTS:
-        raise UsageError(f"--batch-size x --hidden would not fit in memory (at most {datasets.MAX_ELEMENTS})")
+    if args.batch_size * ds.width(ds.cfg(args)) > datasets.MAX_ELEMENTS:
+        raise UsageError(f"--batch-size x the network's width would not fit in memory "
+                         f"(at most {datasets.MAX_ELEMENTS} numbers)")
     if args.device == "cuda":
         check_cuda(args, ds)
     args.out = args.out or os.path.join("runs", args.data)
@@ -83,6 +85,8 @@ def parse(argv):
 
 def check_cuda(args, ds):
     """--device cuda needs a GPU with a driver (or numba's simulator) and a network the kernels can hold."""
+    if ds.cuda_trainer is None:
+        raise UsageError(f"--device cuda: {ds.name} has no GPU path yet")
     cuda = datasets.cuda()
     if args.backend != ds.backends[0]:
         raise UsageError(f"--device cuda replaces the {args.backend} backend: leave out --backend")
@@ -99,12 +103,17 @@ def learning_rate(args, step):
     return args.lr * max(1e-3, 0.1 ** (step / args.lr_decay_steps))
 
 
+def data_cfg(args, ds, x_train):
+    """The model's settings: the flags', and for images the training set's scale and shift (images.Pixels)."""
+    return dict(ds.cfg(args), **getattr(x_train, "cfg", {}))
+
+
 class Run:
     """Everything a training run carries from step to step, and its checkpoint form."""
 
     def __init__(self, args, ds, x_train):
         self.args, self.ds, self.x_train = args, ds, x_train
-        self.cfg = ds.cfg(args)
+        self.cfg = data_cfg(args, ds, x_train)
         self.consts = ds.Consts(self.cfg)
         self.rng = np.random.default_rng([args.seed, 0])
         params = self.consts.init(self.rng)
@@ -153,7 +162,7 @@ class Run:
         arrays.update({f"v/{k}": v_ for k, v_ in v.items()})
         if self.args.device == "cuda":        # the GPU's RNG streams, so that a resumed run is exact
             arrays["rng/xoroshiro"] = self.opt.states.copy_to_host().view(np.uint64).reshape(-1, 2)
-        meta = dict(self.settings(), step=self.step, wall_seconds=self.wall, adam_n=self.opt.n,
+        meta = dict(self.settings(), data_dir=self.args.data_dir, step=self.step, wall_seconds=self.wall, adam_n=self.opt.n,
                     rng=self.rng.bit_generator.state)
         ckpt.save(path, meta, arrays)
         self.saved_step = self.step
@@ -229,7 +238,7 @@ def finish(run, x_heldout):
     K = kmn + l_null
     params = run.host_params()          # the metrics are computed on the CPU whatever the device
     sample = ds.cpu.sample if a.backend == "numba" else ds.kind.sample
-    samples, _ = sample(params, consts, 10_000, np.random.default_rng([a.seed, 3]))
+    samples, _ = sample(params, consts, ds.final_samples, np.random.default_rng([a.seed, 3]))
     lower, upper, learned, _, entropy = ds.entropy(params, consts, x_heldout[:ds.entropy_points],
                                                    np.random.default_rng([a.seed, 4]))
     m = {"data": a.data, "T": run.cfg["T"], "steps": run.step, "wall_seconds": round(run.wall, 2),
@@ -239,7 +248,7 @@ def finish(run, x_heldout):
          "L_null_bits": float(l_null.mean()),
          "K_minus_L_null_bits": float(kmn.mean()), "K_minus_L_null_stderr_bits": stderr(kmn),
          "limit_bits": ds.limit_bits(run.cfg, a.noise), "ceiling_bits": ds.ceiling_bits(run.cfg, a.noise),
-         "sample_quality": ds.quality(samples, x_heldout, a.noise),
+         "sample_quality": ds.quality(samples, x_heldout, a.noise, run.cfg),
          "kl_per_t_bits": kl_t.tolist(), "entropy_bounds_nats": entropy,
          "noise": a.noise, "seed": a.seed, "heldout_points": len(x_heldout), "noise_draws": a.draws,
          "backend": a.backend, "device": a.device}
@@ -295,10 +304,13 @@ def remove_stale_results(args):
 def main(argv=None):
     args, ds = parse(argv)
     path = os.path.join(args.out, "checkpoint.npz")
+    # training and held-out sets: independent, the held-out one the same for every seed
+    try:
+        x_train = ds.train_set(args)
+        x_heldout = ds.heldout_set(args.heldout, args.noise, data_cfg(args, ds, x_train), args.data_dir)
+    except ValueError as e:                  # a missing or malformed data file
+        raise UsageError(str(e)) from None
     prepare_out(args, path)
-    # training and held-out sets: independent draws, the held-out one the same for every seed
-    x_train = ds.load(datasets.N_TRAIN, [args.seed, 0], args.noise)
-    x_heldout = ds.load(args.heldout, datasets.HELDOUT_SEED, args.noise)
     run = Run(args, ds, x_train)
     if args.resume:
         run.restore(path)

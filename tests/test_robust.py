@@ -275,6 +275,6 @@ def test_ctrl_c_in_the_final_evaluation_leaves_no_stale_metrics(tmp_path, capsys
 def test_ctrl_c_while_starting_up_is_one_line(tmp_path, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(datasets.SWISSROLL, "load", interrupted)
+    monkeypatch.setattr(datasets.SWISSROLL, "train_set", interrupted)
     assert run_train(tmp_path, "--steps", "10") == 130
     assert "interrupted" in one_error_line(capsys)

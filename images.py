@@ -1,0 +1,253 @@
+"""Image data (§3.2, App. D.2): 8-bit pixels dequantised and scaled as the paper did (Table 1 caption and
+footnote 3), the change of units from K in bits per pixel of the scaled data to bits per dimension on the
+0..256 scale, the report and figures of image samples, and §2.5's inpainting and denoising conditions.
+
+A pixel level v ∈ {0..255} becomes y = (v + u)/256 with u ~ U(0, 1) drawn afresh each time the image is
+used (so the model cannot learn the quantisation), then x = y·scale + shift with one scalar scale and shift
+that give the whole training set mean 0 and variance 1 (the official code used its first minibatch). The
+held-out images are dequantised once, with a fixed seed, and scaled with the training set's scale and shift.
+"""
+import math
+
+import numpy as np
+
+import data
+import dpm
+import figures
+
+LEVELS = 256
+HELDOUT_SEED = [0, 1]
+
+
+def pixel_scaling(levels):
+    """(scale, shift) such that y·scale + shift has mean 0 and variance 1 over the dequantised training set,
+    in closed form: y = (v + u)/256 has mean (E v + 1/2)/256 and variance (Var v + 1/12)/256²."""
+    v = levels.astype(np.float64)
+    mean = (v.mean() + 0.5) / LEVELS
+    std = math.sqrt((v.var() + 1.0 / 12.0)) / LEVELS
+    return 1.0 / std, -mean / std
+
+
+def dequantise(levels, scale, shift, rng):
+    """x = (v + u)/256 · scale + shift, u ~ U(0, 1) per pixel (footnote 3)."""
+    return (levels + rng.random(levels.shape)) * (scale / LEVELS) + shift
+
+
+def to_levels(x, cfg):
+    """Scaled data back to 0..255 pixel units (continuous; v + u − 1/2, so that a level sits at its own value)."""
+    return (np.asarray(x) - cfg["shift"]) * (LEVELS / cfg["scale"]) - 0.5
+
+
+def bits_per_dim(K_pixel_bits, scale):
+    """Negative log-likelihood in bits per dimension on the 0..256 scale (the DDPM-era convention) from K in bits
+    per pixel of the scaled data: a density in x is one in 256·y times scale/256, so bpd = −K + log₂(256/scale)."""
+    return -K_pixel_bits + math.log2(LEVELS / scale)
+
+
+class Pixels:
+    """The training images as 8-bit levels; every minibatch row is dequantised afresh (gaussian.draw_batch)."""
+
+    def __init__(self, levels):
+        self.levels = levels
+        self.scale, self.shift = pixel_scaling(levels)
+        self.cfg = {"scale": self.scale, "shift": self.shift}     # saved with the model: samples need it
+
+    def __len__(self):
+        return len(self.levels)
+
+    def draw(self, idx, rng):
+        return dequantise(np.take(self.levels, idx, axis=0), self.scale, self.shift, rng)
+
+
+def mnist_train(data_dir):
+    return Pixels(data.load_mnist(data_dir, "train")[0])
+
+
+def mnist_heldout(data_dir, n, cfg):
+    """The first n test images (None: all), dequantised once (fixed seed) and scaled with the training set's
+    scale and shift."""
+    levels = data.load_mnist(data_dir, "test")[0]
+    n = len(levels) if n is None else n
+    if n > len(levels):
+        raise ValueError(f"{data_dir} holds {len(levels)} test images, fewer than the {n} asked for")
+    return dequantise(levels[:n], cfg["scale"], cfg["shift"], np.random.default_rng(HELDOUT_SEED))
+
+
+def ceiling_bits(cfg):
+    """−H(X⁽¹⁾|X⁽⁰⁾) = −(D/2) log₂(2πe β₁) in bits per image: K ≤ −H(X⁽¹⁾) ≤ this, since p(x⁽⁰⁾|x⁽¹⁾) is the fixed
+    step N(√(1−β₁) x⁽¹⁾, β₁) (App. B.2)."""
+    return -dpm.bits(dpm.gaussian_entropy(cfg["beta1"], cfg["D"]))
+
+
+def per_pixel_metrics(m, cfg):
+    """metrics.json's image entries: K and K − L_null per pixel (Table 1's convention), and bits per dimension."""
+    D = cfg["D"]
+    K = m["K_bits"] / D
+    return {"K_bits_per_pixel": K, "K_stderr_bits_per_pixel": m["K_stderr_bits"] / D,
+            "K_minus_L_null_bits_per_pixel": m["K_minus_L_null_bits"] / D,
+            "K_minus_L_null_stderr_bits_per_pixel": m["K_minus_L_null_stderr_bits"] / D,
+            "ceiling_minus_L_null_bits_per_pixel": (m["ceiling_bits"] - m["L_null_bits"]) / D,
+            "bits_per_dim": bits_per_dim(K, cfg["scale"]), "bits_per_dim_stderr": m["K_stderr_bits"] / D,
+            "scale": cfg["scale"], "shift": cfg["shift"]}
+
+
+def summary(m):
+    return (f"K = {m['K_bits_per_pixel']:.3f} ± {m['K_stderr_bits_per_pixel']:.3f} bits/pixel  "
+            f"K-L_null = {m['K_minus_L_null_bits_per_pixel']:.3f} ± {m['K_minus_L_null_stderr_bits_per_pixel']:.3f}"
+            f"  (ceiling {m['ceiling_minus_L_null_bits_per_pixel']:.3f})  NLL = {m['bits_per_dim']:.3f} bits/dim  "
+            f"alpha_bar_T = {m['alpha_bar_T']:.2e}")
+
+
+def quality(x, cfg):
+    """What can be said of image samples without a classifier: their pixel statistics in 0..255 units."""
+    v = to_levels(x, cfg)
+    return {"samples": len(x), "mean_level": float(v.mean()), "std_level": float(v.std()),
+            "fraction_beyond_8_levels_outside_0_255": float(np.mean((v < -8) | (v > 263)))}
+
+
+def as_uint8(x, cfg):
+    return np.clip(np.rint(to_levels(x, cfg)), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- §2.5 on images: inpainting and denoising
+
+def parse_condition(text, D, heldout):
+    """--condition for images, on one held-out image (heldout(): the scaled held-out set):
+      inpaint[:I]  Fig. 5's protocol: the central square (half the side) of held-out image I (default 0) is
+                   unknown; the other pixels are known, held by a delta r at every step (§2.5.3): ("clamp", ...)
+      denoise[:I]  Fig. 3's protocol: y = x + N(0, 1) (SNR 1 on unit-variance data) and r = N(y, 1), multiplied
+                   in exactly (Eq. 61): ("gauss", y, 1.0)
+    The returned tuple carries (original, corrupted) after gaussian's fields, for the report and the figure."""
+    kind, _, index = text.partition(":")
+    if kind not in ("inpaint", "denoise"):
+        raise ValueError(f"images take inpaint[:I] or denoise[:I] (I: a held-out image), got {text!r}")
+    try:
+        i = int(index or 0)
+    except ValueError:
+        raise ValueError(f"the image index must be an integer, got {index!r}") from None
+    x = heldout()
+    if not 0 <= i < len(x):
+        raise ValueError(f"the image index must be in [0, {len(x) - 1}], got {i}")
+    x = x[i]
+    rows, cols = side_of(D)
+    if kind == "inpaint":
+        unknown = np.zeros((rows, cols), bool)
+        unknown[rows // 4:rows // 4 + rows // 2, cols // 4:cols // 4 + cols // 2] = True
+        known = np.flatnonzero(~unknown.ravel())
+        corrupted = np.where(unknown.ravel(), np.nan, x)
+        return "clamp", {int(k): float(x[k]) for k in known}, None, x, corrupted
+    y = x + np.random.default_rng([7, i]).standard_normal(D)
+    return "gauss", y, 1.0, x, y
+
+
+def side_of(D):
+    s = math.isqrt(D)
+    return s, D // s
+
+
+def report(x, condition, text, noise, rng, cfg):
+    """sample.py's lines about image samples; returns what figure() draws."""
+    q = quality(x, cfg)
+    print(f"{len(x)} samples: pixel levels mean {q['mean_level']:.1f}, std {q['std_level']:.1f}; "
+          f"{q['fraction_beyond_8_levels_outside_0_255']:.2%} of pixels more than 8 levels outside 0..255")
+    if condition is not None:
+        original, corrupted = condition[3], condition[4]
+        rms = lambda a: float(np.sqrt(np.mean(a * a)))
+        if condition[0] == "clamp":
+            unknown = np.isnan(corrupted)
+            err = to_levels(x[:, unknown], cfg) - to_levels(original[unknown], cfg)
+            print(f"{text}: the {int(unknown.sum())} unknown pixels differ from the original by {rms(err):.1f} "
+                  f"levels (RMS); the mean of the held-out set there would differ by "
+                  f"{rms(to_levels(original[unknown], cfg) - q['mean_level']):.1f}")
+        else:
+            err = to_levels(x, cfg) - to_levels(original, cfg)
+            print(f"{text}: samples differ from the original by {rms(err):.1f} levels (RMS); the noisy image "
+                  f"by {rms(to_levels(corrupted, cfg) - to_levels(original, cfg)):.1f}")
+    return x, condition, cfg
+
+
+TRAJECTORY_FRACTIONS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.0)
+
+
+def figure(params, consts, drawn, rng, sample):
+    """The PNG for sample.py --figure. Unconditioned: the samples as a grid (App. 1) above the reverse
+    trajectories of 6 new chains at 8 values of t, from x⁽ᵀ⁾ (left) to x⁽⁰⁾ (right), as in Figs. 3–4.
+    Conditioned: one row, original | corrupted (unknown pixels mid-grey, in inpainting) | up to 8 samples."""
+    x, condition, cfg = drawn
+    rows, cols = side_of(cfg["D"])
+    tile = lambda v: as_uint8(v, cfg).reshape(-1, rows, cols)
+    if condition is not None:
+        grey = (128 + 0.5) * cfg["scale"] / LEVELS + cfg["shift"]            # level 128 in scaled units
+        bad = tile(np.nan_to_num(condition[4], nan=grey))
+        panel = np.concatenate([tile(condition[3]), bad, tile(x[:8])])
+        return figures.png(figures.image_grid(panel, len(panel)))
+    grid = figures.image_grid(tile(x[:100]), min(10, len(x)))
+    T = consts.T
+    keep = sorted({int(round(f * T)) for f in TRAJECTORY_FRACTIONS} - {1}, reverse=True)
+    _, kept = sample(params, consts, 6, rng, keep=keep)
+    strips = figures.image_grid(np.concatenate([tile(np.stack([kept[t][i] for t in keep])) for i in range(6)]),
+                                len(keep))
+    width = max(grid.shape[1], strips.shape[1])
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=255)
+    return figures.png(np.concatenate([pad(grid), np.full((8, width), 255, np.uint8), pad(strips)]))
+
+
+# ---------------------------------------------------------------- Table 2: the Parzen-window estimate
+
+PARZEN_WIDTHS = np.logspace(-1, 0, 10)     # Goodfellow et al. (2014)'s grid of Gaussian widths, [0, 1] units
+
+
+def sq_distances(a, b, chunk=1000):
+    """‖a_i − b_j‖² (len(a), len(b)) in float64, through BLAS, a chunk of a's rows at a time."""
+    bb = np.sum(b * b, 1)
+    out = np.empty((len(a), len(b)))
+    for s in range(0, len(a), chunk):
+        x = a[s:s + chunk]
+        out[s:s + chunk] = np.maximum(np.sum(x * x, 1)[:, None] - 2.0 * x @ b.T + bb[None, :], 0.0)
+    return out
+
+
+def parzen_log_likelihood(d2, width):
+    """Table 2's Parzen-window estimate (Goodfellow et al. 2014): log (1/N) Σ_i N(x; s_i, width² I) for each
+    row of d2 = ‖x − s_i‖² (nats, one per x)."""
+    a = -d2 / (2.0 * width * width)
+    top = a.max(1, keepdims=True)
+    return (top[:, 0] + np.log(np.mean(np.exp(a - top), 1)))
+
+
+def parzen(centres, validation, test):
+    """Choose the width on validation images, then the mean log-likelihood of the test images in bits with its
+    standard error (all in [0, 1] pixel units, D = 784). Returns (width, mean, stderr, per-width validation)."""
+    D = test.shape[1]
+    norm = lambda w: -0.5 * D * math.log(2.0 * math.pi * w * w)
+    d2_val = sq_distances(validation, centres)
+    val = [float(np.mean(parzen_log_likelihood(d2_val, w)) + norm(w)) for w in PARZEN_WIDTHS]
+    width = float(PARZEN_WIDTHS[int(np.argmax(val))])
+    ll = dpm.bits(parzen_log_likelihood(sq_distances(test, centres), width) + norm(width))
+    return width, float(ll.mean()), float(ll.std(ddof=1) / math.sqrt(len(ll))), val
+
+
+def nearest(a, b):
+    """Each row of a's Euclidean distance to its nearest row of b."""
+    return np.sqrt(sq_distances(a, b).min(1))
+
+
+def table2(sample_levels, data_dir, n_validation=1000):
+    """Table 2's protocol on samples in 0..255 units: the Parzen estimate from the samples and, as the paper's
+    "perfect model", from as many training images; and the memorisation check (each sample's distance to
+    its nearest training image beside the same for held-out images). The width is chosen on the last
+    n_validation training images (Goodfellow et al. used train[50000:60000]); those are never centres."""
+    train = data.load_mnist(data_dir, "train")[0] / 255.0
+    test = data.load_mnist(data_dir, "test")[0] / 255.0
+    n_validation = min(n_validation, len(train) // 5)
+    validation, train = train[-n_validation:], train[:-n_validation]
+    samples = np.clip(np.asarray(sample_levels, np.float64) / 255.0, 0.0, 1.0)
+    out = {"samples": len(samples), "test_images": len(test), "validation_images": n_validation}
+    for name, centres in (("samples", samples), ("training_images", train[:len(samples)])):
+        width, mean, se, _ = parzen(centres, validation, test)
+        out[name] = {"centres": len(centres), "width": width, "log_likelihood_bits": mean, "stderr_bits": se}
+    d_samples, d_heldout = nearest(samples, train), nearest(test, train)
+    out["nearest_training_distance"] = {
+        "samples_median": float(np.median(d_samples)), "heldout_median": float(np.median(d_heldout)),
+        "samples_closer_than_1pct_of_heldout": float(np.mean(d_samples < np.quantile(d_heldout, 0.01)))}
+    return out
