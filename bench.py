@@ -7,6 +7,12 @@
 train_step_* time the comparison model, whatever train.py's defaults are: 2 → 128 → 128 tanh MLP
 (inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40,
 Adam; one step = drawing the minibatch, forward, backward and the Adam update.
+
+mnist_* time the MNIST model of datasets.py (net_image.DenseImageNet: 3 dense layers of 500, 2 features per
+pixel, a 20-wide per-pixel MLP, T = 1000) on random images: mnist_train_step_b128 and _b512 (ms; with
+images/s), mnist_train_step_gflops_b128 and _b512, and mnist_sample_64 (ms per reverse step of 64 images).
+numba: cpu_image.py (float32); numpy: the twin (gaussian.py on net_image.py, adam.py) in float32, as train.py
+runs it. They take --repeat / 6 steps each (at least 3).
 """
 import argparse
 import json
@@ -175,8 +181,71 @@ def bench_cuda(a):
     return 0
 
 
+def mnist_step_flops(cfg, n):
+    """Floating-point operations of one MNIST training step's matrix products, 2 per multiply-add: the forward's
+    dense layers and per-pixel MLP (its readout folded over the bumps, 2 × P per pixel), and twice that for
+    the backward; the elementwise work (tanh, the KL, Adam) is not counted."""
+    D, H, L, F, P = cfg["D"], cfg["H"], cfg["dense_layers"], cfg["pixel_features"], cfg["P"]
+    dense = D * H + (L - 1) * H * H + H * D * F if L else D * D * F
+    pixel = D * ((1 + F) * P + P * P + 2 * P)
+    return 2 * n * 3 * (dense + pixel)
+
+
+def mnist_bench(backend, a, want, emit):
+    """The mnist_* rows (see the module docstring)."""
+    if not any(want(name) for name in CPU_NAMES if name.startswith("mnist_")):
+        return
+    import cpu_image
+    import net_image
+    cfg = dict(datasets.MNIST.model)
+    rng = np.random.default_rng(0)
+    consts = gaussian.Gaussian(cfg, net_image.DenseImageNet)
+    params = consts.init(rng)
+    params["W3"] += (0.05 * rng.standard_normal(params["W3"].shape)).astype(params["W3"].dtype)
+    x_train = rng.standard_normal((2048, cfg["D"]))
+    repeat = max(3, a.repeat // 6)
+    for bs in (128, 512):
+        name, gname = f"mnist_train_step_b{bs}", f"mnist_train_step_gflops_b{bs}"
+        if not (want(name) or want(gname)):
+            continue
+        if backend == "numpy":
+            p = {k: v.copy() for k, v in params.items()}
+            opt = Adam(p)
+
+            def step():
+                x0, t, eps = gaussian.draw_batch(rng, x_train, bs, cfg["T"])
+                _, grads = gaussian.loss_and_grads(p, consts, x0, eps, t)
+                opt.step(p, grads, 1e-4)
+            info = {}
+        else:
+            trainer = cpu_image.Trainer(consts, bs)
+            trainer.load(params)
+
+            def step():
+                x0, t, eps = gaussian.draw_batch(rng, x_train, bs, cfg["T"])
+                trainer.step(x0, eps, t, 1e-4)
+            info = dict(chunks=len(cpu_image.chunks(bs)), threads=trainer.net.threads)
+        ms = timed(step, repeat, 3) * 1e3
+        if want(name):
+            emit(stats(name, ms, "ms", backend=backend, images_per_s=round(bs / float(np.median(ms)) * 1e3, 1),
+                       **info))
+        if want(gname):
+            peak, how = peak_gflops()
+            flops = mnist_step_flops(cfg, bs)
+            emit(stats(gname, flops / (ms * 1e-3) / 1e9, "GFLOP/s", backend=backend, flop_per_step=flops,
+                       peak_gflops=peak, peak_is=how))
+    if want("mnist_sample_64"):
+        scfg = dict(cfg, T=50)            # a reverse step costs the same whatever T is; T = 50 keeps a call short
+        sconsts = gaussian.Gaussian(scfg, net_image.DenseImageNet)
+        sm = cpu_image.sample if backend == "numba" else gaussian.sample
+        s = timed(lambda: sm(params, sconsts, 64, np.random.default_rng(0)), 3, 1)
+        emit(stats("mnist_sample_64", s / (scfg["T"] - 1) * 1e3, "ms", backend=backend, images=64,
+                   what=f"one reverse step of 64 images (sample with T = {scfg['T']}, per step)"))
+
+
 CPU_NAMES = ("train_step_b512", "train_step_b4096", "train_step_gflops", "eval_K_20000", "sample_100000",
-             "cold_start_cold_cache", "cold_start_warm_cache")
+             "cold_start_cold_cache", "cold_start_warm_cache", "mnist_train_step_b128", "mnist_train_step_b512",
+             "mnist_train_step_gflops_b128", "mnist_train_step_gflops_b512", "mnist_sample_64")
 
 
 def main(argv=None):
@@ -236,6 +305,7 @@ def main(argv=None):
             emit(stats("cold_start_cold_cache", cold, "s", what="process start to the end of train.py's first step"))
         if want("cold_start_warm_cache"):
             emit(stats("cold_start_warm_cache", warm, "s", what="process start to the end of train.py's first step"))
+    mnist_bench(b, a, want, emit)
     return 0
 
 

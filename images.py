@@ -180,7 +180,7 @@ def figure(params, consts, drawn, rng, sample):
         grey = (128 + 0.5) * cfg["scale"] / LEVELS + cfg["shift"]            # level 128 in scaled units
         bad = tile(np.nan_to_num(condition[4], nan=grey))
         panel = np.concatenate([tile(condition[3]), bad, tile(x[:8])])
-        return figures.png(figures.image_grid(panel, len(panel)))
+        return figures.png(zoom(figures.image_grid(panel, len(panel))))
     grid = figures.image_grid(tile(x[:100]), min(10, len(x)))
     T = consts.T
     keep = sorted({int(round(f * T)) for f in TRAJECTORY_FRACTIONS} - {1}, reverse=True)
@@ -189,7 +189,12 @@ def figure(params, consts, drawn, rng, sample):
                                 len(keep))
     width = max(grid.shape[1], strips.shape[1])
     pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=255)
-    return figures.png(np.concatenate([pad(grid), np.full((8, width), 255, np.uint8), pad(strips)]))
+    return figures.png(zoom(np.concatenate([pad(grid), np.full((8, width), 255, np.uint8), pad(strips)])))
+
+
+def zoom(a, k=2):
+    """Each pixel as a k × k block, so that a 28 × 28 digit is legible on a screen."""
+    return np.repeat(np.repeat(a, k, 0), k, 1)
 
 
 # ---------------------------------------------------------------- Table 2: the Parzen-window estimate

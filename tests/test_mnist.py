@@ -13,7 +13,6 @@ import gaussian
 import images
 import net_image
 from conftest import one_error_line, run_sample, run_train
-from test_images import mnist_pair
 
 TINY = {"T": 6, "J": 3, "D": 5, "H": 4, "dense_layers": 2, "pixel_features": 2, "P": 3, "beta1": 1e-3,
         "beta_T": 0.5}
@@ -180,7 +179,7 @@ def test_conditioned_images(mnist_runs, mnist_dir, tmp_path, kind):
                       "--figure", tmp_path / "c.png") == 0
     x = np.load(tmp_path / "c.npy")
     panel = decode_png(open(tmp_path / "c.png", "rb").read())
-    assert panel.shape == (28 + 4, 5 * 30 + 2)
+    assert panel.shape == (2 * (28 + 4), 2 * (5 * 30 + 2))          # drawn at 2× (images.zoom)
     if kind.startswith("inpaint"):
         truth = bar_digits(60, 60)[3].ravel().astype(float)
         known = np.ones((28, 28), bool)
