@@ -690,15 +690,11 @@ class Trainer:
                      for lo, hi in cpu_train.split(n, 2)])
         net.pixel_sums(s, grads)
         # the schedule's gradient: per row (dpm.kl_backward's tail), per t, back to c (dpm.schedule_backward)
-        S, bt, abt, abp = b["sums"], beta[t], ab[t], ab[t - 1]
-        sa, sb, sqp, om = rc[:, R_SA], rc[:, R_SB], np.sqrt(abp), 1.0 - abt
-        g_sa, g_sb, g_c0, g_c1, g_logit = S[:, S_SA], S[:, S_SB], S[:, S_C0], S[:, S_C1], S[:, S_LOGIT]
-        g_btil = w * 0.5 * S[:, S_BTIL]
-        g_bt = (g_logit / (bt * (1.0 - bt)) - g_sa * 0.5 / sa + g_sb * 0.5 / sb
-                + g_c0 * sqp / om - g_c1 * 0.5 / sa * (1.0 - abp) / om + g_btil * (1.0 - abp) / om)
-        g_abp = g_c0 * bt / (2.0 * sqp * om) - g_c1 * sa / om - g_btil * bt / om
-        g_abt = (g_c0 * sqp * bt / om**2 + g_c1 * sa * (1.0 - abp) / om**2 + g_btil * bt * (1.0 - abp) / om**2
-                 + S[:, S_AB])
+        S = b["sums"]
+        g_bt, g_abt, g_abp = dpm.schedule_scalars_backward(S[:, S_SA], S[:, S_SB], S[:, S_C0], S[:, S_C1],
+                                                           S[:, S_LOGIT], w * 0.5 * S[:, S_BTIL], beta[t], ab[t],
+                                                           ab[t - 1])
+        g_abt = g_abt + S[:, S_AB]
         g_beta = np.bincount(t, g_bt, T + 1)
         g_ab = np.bincount(t, g_abt, T + 1) + np.bincount(t - 1, g_abp, T + 1)
         g_ab[T] -= np.mean(dpm.prior_and_edge_terms_grad_ab_T(x0, ab[T]))

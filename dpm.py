@@ -180,14 +180,22 @@ def kl_backward(g_kl, cache, T):
     g_c0 = np.sum(g_mu_tilde * x0, 1, keepdims=True)
     g_c1 = np.sum(g_mu_tilde * xt, 1, keepdims=True)
     g_logit = np.sum(g_z, 1, keepdims=True)
-    sqp = np.sqrt(abp)
+    g_bt, g_abt_direct, g_abp = schedule_scalars_backward(g_sa, g_sb, g_c0, g_c1, g_logit, g_beta_tilde, bt, abt, abp)
+    return g_a, g_b, g_xt, g_bt[:, 0], g_abt_direct[:, 0], g_abp[:, 0]
+
+
+def schedule_scalars_backward(g_sa, g_sb, g_c0, g_c1, g_logit, g_beta_tilde, bt, abt, abp):
+    """∂L/∂(β_t, ᾱ_t, ᾱ_{t−1}) per sample from ∂L/∂ of the per-t scalars of reverse_mu_sigma and q_posterior:
+    √(1−β_t), √β_t, μ̃'s c0 = √ᾱ_{t−1} β_t/(1−ᾱ_t) and c1 = √(1−β_t)(1−ᾱ_{t−1})/(1−ᾱ_t), logit β_t, β̃_t.
+    (ᾱ_t's entry is its direct part; x⁽ᵗ⁾'s dependence on ᾱ_t is d_xt_d_ab's.)"""
+    sa, sb, sqp, one_m = np.sqrt(1.0 - bt), np.sqrt(bt), np.sqrt(abp), 1.0 - abt
     g_bt = (g_logit / (bt * (1.0 - bt)) - g_sa * 0.5 / sa + g_sb * 0.5 / sb
             + g_c0 * sqp / one_m - g_c1 * 0.5 / sa * (1.0 - abp) / one_m
             + g_beta_tilde * (1.0 - abp) / one_m)
     g_abp = (g_c0 * bt / (2.0 * sqp * one_m) - g_c1 * sa / one_m - g_beta_tilde * bt / one_m)
-    g_abt_direct = (g_c0 * sqp * bt / one_m**2 + g_c1 * sa * (1.0 - abp) / one_m**2
-                    + g_beta_tilde * bt * (1.0 - abp) / one_m**2)
-    return g_a, g_b, g_xt, g_bt[:, 0], g_abt_direct[:, 0], g_abp[:, 0]
+    g_abt = (g_c0 * sqp * bt / one_m**2 + g_c1 * sa * (1.0 - abp) / one_m**2
+             + g_beta_tilde * bt * (1.0 - abp) / one_m**2)
+    return g_bt, g_abt, g_abp
 
 
 def d_xt_d_ab(x0, eps, abt):

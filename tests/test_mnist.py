@@ -172,11 +172,12 @@ def test_samples_in_pixel_units_and_figure(mnist_runs, tmp_path):
     assert grid.shape[1] >= 4 * 28
 
 
-@pytest.mark.parametrize("kind", ["inpaint:3", "denoise:2"])
-def test_conditioned_images(mnist_runs, mnist_dir, tmp_path, kind):
+@pytest.mark.parametrize("kind, more", [("inpaint:3", []), ("denoise:2", []), ("inpaint:3", ["--particles", "6"])])
+def test_conditioned_images(mnist_runs, mnist_dir, tmp_path, kind, more):
+    """Fig. 5's and Fig. 3's protocols through §2.5's r_t = r chain, and inpainting through smc.gaussian."""
     run = mnist_runs / "s300"
     assert run_sample(run, "-n", "3", "--out", tmp_path / "c.npy", "--condition", kind,
-                      "--figure", tmp_path / "c.png") == 0
+                      "--figure", tmp_path / "c.png", *more) == 0
     x = np.load(tmp_path / "c.npy")
     panel = decode_png(open(tmp_path / "c.png", "rb").read())
     assert panel.shape == (2 * (28 + 4), 2 * (5 * 30 + 2))          # drawn at 2× (images.zoom)
