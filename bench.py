@@ -8,8 +8,9 @@ train_step_* time the comparison model, whatever train.py's defaults are: 2 → 
 (inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40,
 Adam; one step = drawing the minibatch, forward, backward and the Adam update.
 
-mnist_* time the MNIST model of datasets.py (net_image.DenseImageNet: 3 dense layers of 500, 2 features per
-pixel, a 20-wide per-pixel MLP, T = 1000) on random images: mnist_train_step_b128 and _b512 (ms; with
+mnist_* time the MNIST network (net_image.DenseImageNet) at the official code's widths, as the PyTorch
+comparison in README has them (3 dense layers of 500, 2 features per pixel, a 20-wide per-pixel MLP, T = 1000;
+dpm's default is 128 wide) on random images: mnist_train_step_b128 and _b512 (ms; with
 images/s), mnist_train_step_gflops_b128 and _b512, and mnist_sample_64 (ms per reverse step of 64 images).
 numba: cpu_image.py (float32); numpy: the twin (gaussian.py on net_image.py, adam.py) in float32, as train.py
 runs it. They take --repeat / 6 steps each (at least 3).
@@ -197,7 +198,7 @@ def mnist_bench(backend, a, want, emit):
         return
     import cpu_image
     import net_image
-    cfg = dict(datasets.MNIST.model)
+    cfg = dict(datasets.MNIST.model, H=500)      # the official code's widths, as the PyTorch comparison has
     rng = np.random.default_rng(0)
     consts = gaussian.Gaussian(cfg, net_image.DenseImageNet)
     params = consts.init(rng)
