@@ -19,7 +19,6 @@ import numpy as np
 
 import ckpt
 import cli
-import datasets
 import dpm
 from cli import UsageError, positive
 
@@ -99,7 +98,7 @@ def main(argv=None):
     if ds.log_weights is None:
         raise UsageError(f"evaluate.py (Eq. 9) covers Gaussian diffusion only; {args.run} is a {ds.name} run")
     noise = meta["noise"]
-    x = ds.load(args.points, datasets.HELDOUT_SEED, noise)
+    x = ds.heldout_set(args.points, noise, consts.cfg, meta.get("data_dir"))
     rng = np.random.default_rng([args.seed, 5])
     kmn, _ = ds.cpu.evaluate(params, consts, x, rng, n_draws=4)
     K = dpm.bits(kmn + consts.log_null(x))

@@ -344,7 +344,7 @@ def test_glue_kernels_match_numpy():
     dpm.alpha_bar), the per-t tables and their fold back onto the bumps (cpu_train.Tables.update's products), the
     weight-gradient products, and the binomial start and last step (dpm.binomial_q_rate)."""
     cfg, consts, p, rng = small_gauss(11)
-    T, J, H, D = consts.T, cfg["J"], cfg["H"], 2
+    T, J, H = consts.T, cfg["J"], cfg["H"]
     beta_d, ab_d, coef_d = cuda.device_array(T + 1), cuda.device_array(T + 1), cuda.to_device(np.zeros((T + 1, cpu_kernels.N_COEF)))
     host = cpu_train.Tables(consts, np.float32)
     cs._schedule[1, 1](cuda.to_device(p["c"]), cuda.to_device(consts.basis), cuda.to_device(host.logit_base),

@@ -77,4 +77,4 @@ def test_limit_and_ceiling_match_known_values_and_monte_carlo():
 
 def test_unknown_dataset_is_refused():
     with pytest.raises(ValueError, match="unknown data set"):
-        datasets.get("mnist")
+        datasets.get("cifar10")
