@@ -157,7 +157,7 @@ def report(x, condition, text, noise, rng, cfg):
             unknown = np.isnan(corrupted)
             err = to_levels(x[:, unknown], cfg) - to_levels(original[unknown], cfg)
             print(f"{text}: the {int(unknown.sum())} unknown pixels differ from the original by {rms(err):.1f} "
-                  f"levels (RMS); the mean of the held-out set there would differ by "
+                  f"levels (RMS); a flat grey at the samples' mean level would differ by "
                   f"{rms(to_levels(original[unknown], cfg) - q['mean_level']):.1f}")
         else:
             err = to_levels(x, cfg) - to_levels(original, cfg)
