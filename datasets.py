@@ -207,10 +207,10 @@ MNIST = Dataset(
     # per pixel, a per-pixel MLP P wide; scale and shift are the training set's (images.pixel_scaling)
     model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 20,
            "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
-    cfg=lambda a: dict(MNIST.model, T=a.T, H=a.hidden, beta1=a.beta1),
+    cfg=lambda a: dict(MNIST.model, T=a.T, H=a.hidden, beta1=a.beta1, pixel_features=a.pixel_features),
     train={"steps": 20_000, "lr": 1e-3, "lr_decay_steps": 20_000, "eval_every": 5000, "quick_eval": 100,
            "heldout": 1000, "draws": 1, "backend": "numba", "T": 1000, "hidden": 128, "beta1": 1e-4,
-           "batch_size": 128, "data_dir": os.path.join("data", "mnist")},
+           "batch_size": 128, "data_dir": os.path.join("data", "mnist"), "pixel_features": 2},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 4096), "D": (int, 784, 784),
            "dense_layers": (int, 0, 8), "pixel_features": (int, 1, 16), "P": (int, 1, 256),
            "beta1": (float, 0, 1), "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6)},

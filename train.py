@@ -25,7 +25,7 @@ import figures
 from adam import Adam
 from cli import UsageError, positive
 
-MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir")
+MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir", "pixel_features")
 
 
 def parse(argv):
@@ -42,6 +42,8 @@ def parse(argv):
     p.add_argument("--noise", type=float, help="swissroll: the roll's noise σ, before standardising")
     p.add_argument("--beta1", type=positive(float), help="swissroll: the fixed first-step variance β₁ (§2.4.1)")
     p.add_argument("--data-dir", help="mnist: the folder of the four IDX files (default data/mnist)")
+    p.add_argument("--pixel-features", type=positive(int, 16),
+                   help="mnist: features per pixel from the dense pathway to the per-pixel MLP")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")
