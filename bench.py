@@ -49,21 +49,29 @@ def make_trainer(backend, cfg, batch, seed=0):
     rng = np.random.default_rng(seed)
     x_train = data.swissroll(200_000, [seed, 0])
     params = consts.init(rng)
+    return step_fn(backend, consts, params, x_train, batch, rng, cpu_train.Trainer, 1e-3)[0]
+
+
+def step_fn(backend, consts, params, x_train, batch, rng, Trainer, lr):
+    """(one training step as train.py does it, the Trainer or None): the NumPy reference (gaussian.py, adam.py)
+    on a copy of params, or Trainer (cpu_train.Trainer, cpu_image.Trainer) loaded with them."""
+    T = consts.T
     if backend == "numpy":
-        opt = Adam(params)
+        p = {k: v.copy() for k, v in params.items()}
+        opt = Adam(p)
 
         def step():
-            x0, t, eps = gaussian.draw_batch(rng, x_train, batch, cfg["T"])
-            _, grads = gaussian.loss_and_grads(params, consts, x0, eps, t)
-            opt.step(params, grads, 1e-3)
-    else:
-        trainer = cpu_train.Trainer(consts, batch)
-        trainer.load(params)
+            x0, t, eps = gaussian.draw_batch(rng, x_train, batch, T)
+            _, grads = gaussian.loss_and_grads(p, consts, x0, eps, t)
+            opt.step(p, grads, lr)
+        return step, None
+    trainer = Trainer(consts, batch)
+    trainer.load(params)
 
-        def step():
-            x0, t, eps = gaussian.draw_batch(rng, x_train, batch, cfg["T"])
-            trainer.step(x0, eps, t, 1e-3)
-    return step
+    def step():
+        x0, t, eps = gaussian.draw_batch(rng, x_train, batch, T)
+        trainer.step(x0, eps, t, lr)
+    return step, trainer
 
 
 def timed(fn, repeat, warmup):
@@ -209,23 +217,8 @@ def mnist_bench(backend, a, want, emit):
         name, gname = f"mnist_train_step_b{bs}", f"mnist_train_step_gflops_b{bs}"
         if not (want(name) or want(gname)):
             continue
-        if backend == "numpy":
-            p = {k: v.copy() for k, v in params.items()}
-            opt = Adam(p)
-
-            def step():
-                x0, t, eps = gaussian.draw_batch(rng, x_train, bs, cfg["T"])
-                _, grads = gaussian.loss_and_grads(p, consts, x0, eps, t)
-                opt.step(p, grads, 1e-4)
-            info = {}
-        else:
-            trainer = cpu_image.Trainer(consts, bs)
-            trainer.load(params)
-
-            def step():
-                x0, t, eps = gaussian.draw_batch(rng, x_train, bs, cfg["T"])
-                trainer.step(x0, eps, t, 1e-4)
-            info = dict(chunks=len(cpu_image.chunks(bs)), threads=trainer.net.threads)
+        step, trainer = step_fn(backend, consts, params, x_train, bs, rng, cpu_image.Trainer, 1e-4)
+        info = {} if trainer is None else dict(chunks=len(cpu_image.chunks(bs)), threads=trainer.net.threads)
         ms = timed(step, repeat, 3) * 1e3
         if want(name):
             emit(stats(name, ms, "ms", backend=backend, images_per_s=round(bs / float(np.median(ms)) * 1e3, 1),

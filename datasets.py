@@ -216,7 +216,7 @@ MNIST = Dataset(
            "beta1": (float, 0, 1), "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6)},
     backends=("numba", "numpy"),
     train_set=lambda a: images.mnist_train(a.data_dir),
-    heldout_set=lambda n, noise, cfg, data_dir: images.mnist_heldout(data_dir, n, cfg),
+    heldout_set=lambda n, noise, cfg, data_dir: images.mnist_heldout(data_dir, n, cfg, HELDOUT_SEED),
     width=lambda cfg: max(cfg["H"], cfg["D"] * max(cfg["P"], cfg["pixel_features"])), final_samples=100,
     cpu=cpu_image, log_weights=None, cuda_trainer=None, cuda_sample=None,
     table2=images.table2,                  # evaluate.py's Parzen estimate (Table 2); None: Eq. 9 instead
@@ -231,7 +231,7 @@ MNIST = Dataset(
     extra_metrics=lambda params, consts, m: dict(_schedule_metrics(*consts.schedule(params), consts.cfg["beta1"]),
                                                  **images.per_pixel_metrics(m, consts.cfg)),
     summary=images.summary, report=images.report,
-    figure=lambda params, consts, drawn, rng: images.figure(params, consts, drawn, rng, gaussian.sample),
+    figure=lambda params, consts, drawn, rng: images.figure(params, consts, drawn, rng, cpu_image.sample),
 )
 
 DATASETS = {d.name: d for d in (SWISSROLL, HEARTBEAT, MNIST)}

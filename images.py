@@ -16,7 +16,6 @@ import dpm
 import figures
 
 LEVELS = 256
-HELDOUT_SEED = [0, 1]
 
 
 def pixel_scaling(levels):
@@ -63,14 +62,14 @@ def mnist_train(data_dir):
     return Pixels(data.load_mnist(data_dir, "train")[0])
 
 
-def mnist_heldout(data_dir, n, cfg):
-    """The first n test images (None: all), dequantised once (fixed seed) and scaled with the training set's
-    scale and shift."""
+def mnist_heldout(data_dir, n, cfg, seed):
+    """The first n test images (None: all), dequantised once (with seed, the same for every run) and scaled with
+    the training set's scale and shift."""
     levels = data.load_mnist(data_dir, "test")[0]
     n = len(levels) if n is None else n
     if n > len(levels):
         raise ValueError(f"{data_dir} holds {len(levels)} test images, fewer than the {n} asked for")
-    return dequantise(levels[:n], cfg["scale"], cfg["shift"], np.random.default_rng(HELDOUT_SEED))
+    return dequantise(levels[:n], cfg["scale"], cfg["shift"], np.random.default_rng(seed))
 
 
 def ceiling_bits(cfg):
