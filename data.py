@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 
-from jitopts import kernel
+from jitopts import kernel, strict
 
 S_LO, S_HI = 1.5 * math.pi, 4.5 * math.pi
 MEAN = np.array([2.0, 2.0 / (3.0 * math.pi)])
@@ -322,3 +322,65 @@ def load_mnist(data_dir, split):
     if labels.max() > 9:
         raise _idx_error(_idx_path(lab_path), f"label {int(labels.max())} outside 0..9")
     return images.reshape(len(images), 28 * 28), labels
+
+
+# ---------------------------------------------------------------- dead leaves (Lee, Mumford & Huang 2001)
+
+LEAVES = {"size": 64, "patch": 16, "r_min": 1.5, "r_max": 32.0, "margin": 16}   # data.deadleaves' defaults
+LEAVES_BATCH = 4096       # discs drawn at a time; more are drawn until the image is covered
+
+
+def leaf_discs(rng, n, size, r_min, r_max, margin):
+    """n discs, front to back: centres uniform on the image grown by margin on every side, radii with density
+    ∝ r⁻³ on [r_min, r_max] (inverse CDF: r⁻² uniform between r_max⁻² and r_min⁻²), grey levels uniform 0..255."""
+    cx, cy = (rng.uniform(-margin, size + margin, n) for _ in range(2))
+    r = (r_min ** -2 - rng.random(n) * (r_min ** -2 - r_max ** -2)) ** -0.5
+    return cx, cy, r, rng.integers(0, 256, n).astype(np.uint8)
+
+
+@strict      # plain IEEE arithmetic: a pixel on a disc's edge falls as in the twin (no fused multiply-add)
+def _paint_leaves(cx, cy, r, grey, img, covered):
+    """Paint discs front to back onto the pixels (centres at i + 1/2) not yet covered; returns how many pixels
+    are still uncovered. Each disc touches only its bounding box. Twin: paint_leaves_numpy."""
+    size = img.shape[0]
+    left = size * size - covered.sum()
+    for k in range(len(r)):
+        if left == 0:
+            break
+        i0, i1 = max(0, int(math.floor(cy[k] - r[k]))), min(size, int(math.ceil(cy[k] + r[k])) + 1)
+        j0, j1 = max(0, int(math.floor(cx[k] - r[k]))), min(size, int(math.ceil(cx[k] + r[k])) + 1)
+        r2 = r[k] * r[k]
+        for i in range(i0, i1):
+            dy = i + 0.5 - cy[k]
+            for j in range(j0, j1):
+                dx = j + 0.5 - cx[k]
+                if not covered[i, j] and dx * dx + dy * dy <= r2:
+                    img[i, j], covered[i, j] = grey[k], True
+                    left -= 1
+    return left
+
+
+def paint_leaves_numpy(cx, cy, r, grey, size):
+    """_paint_leaves' twin, by another route: each pixel takes the grey level of the first disc that covers
+    it (255 + 1 = 256 where none does)."""
+    c = np.arange(size) + 0.5
+    inside = ((c[None, None, :] - cx[:, None, None]) ** 2 + (c[None, :, None] - cy[:, None, None]) ** 2
+              <= r[:, None, None] ** 2)
+    first = np.where(inside.any(0), inside.argmax(0), -1)
+    return np.where(first >= 0, grey[first].astype(np.int64), 256)
+
+
+def deadleaves(n, seed, size=64, patch=16, r_min=1.5, r_max=32.0, margin=16):
+    """n dead-leaves patches (n, patch²) of 8-bit levels: source images of size × size (discs front to back,
+    each covering only still-uncovered pixels, until the image is covered), each cut into (size // patch)²
+    non-overlapping patches, taken in order."""
+    rng = np.random.default_rng(seed)
+    per = (size // patch) ** 2
+    out = np.empty((-(-n // per) * per, patch * patch), np.uint8)
+    for k in range(0, len(out), per):
+        img, covered = np.zeros((size, size), np.uint8), np.zeros((size, size), np.bool_)
+        while _paint_leaves(*leaf_discs(rng, LEAVES_BATCH, size, r_min, r_max, margin), img, covered):
+            pass
+        blocks = img[:size // patch * patch, :size // patch * patch].reshape(size // patch, patch, -1, patch)
+        out[k:k + per] = blocks.transpose(0, 2, 1, 3).reshape(per, patch * patch)
+    return out[:n]

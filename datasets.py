@@ -14,6 +14,7 @@ import cpu_train
 import figures
 import gaussian
 import images
+import net_conv
 import net_image
 import smc
 
@@ -50,7 +51,9 @@ class Dataset:
                 want = f"a number in ({lo:g}, {hi:g})"
             if not ok:
                 raise ValueError(f"{key} must be {want}, got {v!r}")
-        if cfg["T"] * cfg["H"] > MAX_ELEMENTS:
+        if getattr(self, "check", None):
+            self.check(cfg)
+        if cfg["T"] * cfg.get("H", 0) > MAX_ELEMENTS:
             raise ValueError(f"T x H = {cfg['T'] * cfg['H']} would not fit in memory (at most {MAX_ELEMENTS})")
 
     def check_noise(self, noise):
@@ -234,7 +237,73 @@ MNIST = Dataset(
     figure=lambda params, consts, drawn, rng: images.figure(params, consts, drawn, rng, cpu_image.sample),
 )
 
-DATASETS = {d.name: d for d in (SWISSROLL, HEARTBEAT, MNIST)}
+
+def _leaves_report(x, condition, text, noise, rng, cfg):
+    """images.report, then how flat the samples are beside the data (App. D.2's dead leaves)."""
+    drawn = images.report(x, condition, text, noise, rng, cfg)
+    side = math.isqrt(cfg["D"])
+    s = images.flatness(images.as_uint8(x, cfg), side)
+    d = images.flatness(data.deadleaves(1000, HELDOUT_SEED, **images.leaves_settings(cfg)), side)
+    print(f"adjacent pixel pairs within 2 grey levels: {s['horizontal']:.1%} horizontal, {s['vertical']:.1%} "
+          f"vertical (the data: {d['horizontal']:.1%}, {d['vertical']:.1%})")
+    return drawn
+
+
+def _leaves_check(cfg):
+    """What the rules cannot say of a dead-leaves cfg: square patches that the scales divide, cut from the
+    generated images, and r_min < r_max."""
+    side = math.isqrt(cfg["D"])
+    if side * side != cfg["D"] or side % 2 ** (cfg["scales"] - 1) or side > cfg["leaves_size"]:
+        raise ValueError(f"the patch side ({cfg['D']} pixels) must be a whole number, at most leaves_size "
+                         f"({cfg['leaves_size']}), that divides by 2^(scales - 1) = {2 ** (cfg['scales'] - 1)}")
+    if cfg["r_min"] >= cfg["r_max"]:
+        raise ValueError(f"r_min ({cfg['r_min']}) must be below r_max ({cfg['r_max']})")
+
+
+DEADLEAVES = Dataset(
+    name="deadleaves",
+    kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, net_conv.ConvImageNet),
+    # the network of net_conv.py: conv_layers multi-scale layers of `channels` channels at `scales` scales, a
+    # per-pixel MLP P wide; the generator's settings (data.deadleaves), kept so the held-out set can be made again
+    model={"T": 1000, "J": 10, "D": 256, "conv_layers": 3, "channels": 32, "scales": 3, "P": 32,
+           "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0,
+           "leaves_size": data.LEAVES["size"], "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"],
+           "margin": data.LEAVES["margin"]},
+    cfg=lambda a: dict(DEADLEAVES.model, T=a.T, beta1=a.beta1, D=a.patch ** 2, conv_layers=a.conv_layers,
+                       channels=a.channels, scales=a.scales, leaves_size=a.leaves_size, r_min=a.r_min,
+                       r_max=a.r_max, margin=a.margin),
+    train={"steps": 40_000, "lr": 1e-3, "lr_decay_steps": 40_000, "eval_every": 5000, "quick_eval": 100,
+           "heldout": 500, "draws": 1, "backend": "numpy", "T": 1000, "beta1": 1e-4, "batch_size": 64,
+           "patch": data.LEAVES["patch"], "train_patches": 20_000, "leaves_size": data.LEAVES["size"],
+           "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"], "margin": data.LEAVES["margin"],
+           "conv_layers": 3, "channels": 32, "scales": 3},
+    rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "D": (int, 4, 4096), "conv_layers": (int, 1, 8),
+           "channels": (int, 1, 256), "scales": (int, 1, 6), "P": (int, 1, 256), "beta1": (float, 0, 1),
+           "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6),
+           "leaves_size": (int, 2, 4096), "r_min": (float, 0, 1e6), "r_max": (float, 0, 1e6),
+           "margin": (int, 0, 4096)},
+    backends=("numpy",),  # TODO cpu_conv
+    train_set=images.deadleaves_train,
+    heldout_set=lambda n, noise, cfg, data_dir: images.deadleaves_heldout(n, cfg, HELDOUT_SEED),
+    width=lambda cfg: cfg["D"] * max(cfg["channels"] * (cfg["conv_layers"] + 1), cfg["P"]), final_samples=100,
+    cpu=None, log_weights=None, cuda_trainer=None, cuda_sample=None, table2=None, check=_leaves_check,
+    parse_condition=images.parse_condition, conditioned=gaussian.sample_conditioned,
+    smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
+    output=lambda x, cfg: (images.to_levels(x, cfg).astype(np.float32), None), csv=False,  # 0..255 units
+    limit_bits=lambda cfg, noise: None,
+    ceiling_bits=lambda cfg, noise: images.ceiling_bits(cfg),
+    quality=lambda x, x_heldout, noise, cfg: images.leaves_quality(x, x_heldout, cfg),
+    entropy=gaussian.entropy_check, entropy_points=100,
+    entropy_names=("lower bound H(β̃_t)", "upper bound H(β_t)"),
+    extra_metrics=lambda params, consts, m: dict(_schedule_metrics(*consts.schedule(params), consts.cfg["beta1"]),
+                                                 **images.per_pixel_metrics(m, consts.cfg)),
+    summary=images.summary, report=_leaves_report,
+    figure=lambda params, consts, drawn, rng: images.figure(
+        params, consts, drawn, rng, gaussian.sample,
+        beside=data.deadleaves(100, HELDOUT_SEED, **images.leaves_settings(consts.cfg))),
+)
+
+DATASETS = {d.name: d for d in (SWISSROLL, HEARTBEAT, MNIST, DEADLEAVES)}
 
 
 def get(name):

@@ -72,6 +72,33 @@ def mnist_heldout(data_dir, n, cfg, seed):
     return dequantise(levels[:n], cfg["scale"], cfg["shift"], np.random.default_rng(seed))
 
 
+def deadleaves_train(args):
+    """args.train_patches dead-leaves patches from the training seed [seed, 0] (data.deadleaves)."""
+    return Pixels(data.deadleaves(args.train_patches, [args.seed, 0], **leaves_settings(vars(args))))
+
+
+def deadleaves_heldout(n, cfg, seed):
+    """n held-out patches (None: 1,000) from the held-out seed, dequantised once and scaled with the training set's
+    scale and shift, as mnist_heldout."""
+    levels = data.deadleaves(1000 if n is None else n, seed, **leaves_settings(cfg))
+    return dequantise(levels, cfg["scale"], cfg["shift"], np.random.default_rng(seed))
+
+
+def leaves_settings(cfg):
+    """data.deadleaves' keyword arguments from a model cfg (or train.py's flags): patch side = √D."""
+    side = math.isqrt(cfg["D"]) if "D" in cfg else cfg["patch"]
+    return {"size": cfg["leaves_size"], "patch": side, "r_min": cfg["r_min"], "r_max": cfg["r_max"],
+            "margin": cfg["margin"]}
+
+
+def flatness(levels, side):
+    """The share of horizontally and of vertically adjacent pixel pairs within 2 grey levels, in 8-bit images
+    (n, side²): flat regions (dead leaves' discs) give most pairs, grain and noise few."""
+    v = np.asarray(levels, np.int64).reshape(-1, side, side)
+    return {"horizontal": float(np.mean(np.abs(np.diff(v, axis=2)) <= 2)),
+            "vertical": float(np.mean(np.abs(np.diff(v, axis=1)) <= 2))}
+
+
 def ceiling_bits(cfg):
     """−H(X⁽¹⁾|X⁽⁰⁾) = −(D/2) log₂(2πe β₁) in bits per image: K ≤ −H(X⁽¹⁾) ≤ this, since p(x⁽⁰⁾|x⁽¹⁾) is the fixed
     step N(√(1−β₁) x⁽¹⁾, β₁) (App. B.2)."""
@@ -102,6 +129,13 @@ def quality(x, cfg):
     v = to_levels(x, cfg)
     return {"samples": len(x), "mean_level": float(v.mean()), "std_level": float(v.std()),
             "fraction_beyond_8_levels_outside_0_255": float(np.mean((v < -8) | (v > 263)))}
+
+
+def leaves_quality(x, x_heldout, cfg):
+    """quality() and flatness() of the samples beside the held-out patches' (App. D.2's dead leaves)."""
+    side = math.isqrt(cfg["D"])
+    return dict(quality(x, cfg), flat_pairs=flatness(as_uint8(x, cfg), side),
+                data_flat_pairs=flatness(as_uint8(x_heldout, cfg), side))
 
 
 def as_uint8(x, cfg):
@@ -168,19 +202,26 @@ def report(x, condition, text, noise, rng, cfg):
 TRAJECTORY_FRACTIONS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.0)
 
 
-def figure(params, consts, drawn, rng, sample):
-    """The PNG for sample.py --figure. Unconditioned: the samples as a grid (App. 1) above the reverse
+def figure(params, consts, drawn, rng, sample, beside=None):
+    """The PNG for sample.py --figure. Unconditioned: the samples as a grid (App. 1; with beside, 8-bit data
+    images, a grid of those to its left, as Fig. 4 sets a training image beside a sample) above the reverse
     trajectories of 6 new chains at 8 values of t, from x⁽ᵀ⁾ (left) to x⁽⁰⁾ (right), as in Figs. 3–4.
     Conditioned: one row, original | corrupted (unknown pixels mid-grey, in inpainting) | up to 8 samples."""
     x, condition, cfg = drawn
     rows, cols = side_of(cfg["D"])
+    k = max(2, 64 // rows)                        # a 28 × 28 digit twice, a 16 × 16 patch four times
     tile = lambda v: as_uint8(v, cfg).reshape(-1, rows, cols)
     if condition is not None:
         grey = (128 + 0.5) * cfg["scale"] / LEVELS + cfg["shift"]            # level 128 in scaled units
         bad = tile(np.nan_to_num(condition[4], nan=grey))
         panel = np.concatenate([tile(condition[3]), bad, tile(x[:8])])
-        return figures.png(zoom(figures.image_grid(panel, len(panel))))
+        return figures.png(zoom(figures.image_grid(panel, len(panel)), k))
     grid = figures.image_grid(tile(x[:100]), min(10, len(x)))
+    if beside is not None:
+        left = figures.image_grid(np.asarray(beside[:100], np.uint8).reshape(-1, rows, cols), min(10, len(beside)))
+        h = max(left.shape[0], grid.shape[0])
+        tall = lambda a: np.pad(a, ((0, h - a.shape[0]), (0, 0)), constant_values=255)
+        grid = np.concatenate([tall(left), np.full((h, 8), 255, np.uint8), tall(grid)], axis=1)
     T = consts.T
     keep = sorted({int(round(f * T)) for f in TRAJECTORY_FRACTIONS} - {1}, reverse=True)
     _, kept = sample(params, consts, 6, rng, keep=keep)
@@ -188,11 +229,11 @@ def figure(params, consts, drawn, rng, sample):
                                 len(keep))
     width = max(grid.shape[1], strips.shape[1])
     pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=255)
-    return figures.png(zoom(np.concatenate([pad(grid), np.full((8, width), 255, np.uint8), pad(strips)])))
+    return figures.png(zoom(np.concatenate([pad(grid), np.full((8, width), 255, np.uint8), pad(strips)]), k))
 
 
 def zoom(a, k=2):
-    """Each pixel as a k × k block, so that a 28 × 28 digit is legible on a screen."""
+    """Each pixel as a k × k block, so that a small image is legible on a screen."""
     return np.repeat(np.repeat(a, k, 0), k, 1)
 
 

@@ -44,11 +44,9 @@ class DenseImageNet:
         """x⁽ᵗ⁾ (n, D) at steps t (n,) → out = [a | b] (n, 2D) in float64, cache."""
         dt = p["W1"].dtype
         g = self.basis[:, t].T.astype(dt)                                  # (n, J)
-        d = [np.asarray(x, dt)]
-        for k in range(1, self.L + 1):
-            d.append(np.tanh(d[-1] @ p[f"V{k}"] + p[f"c{k}"]))
-        f = np.tanh(d[-1] @ p["Vf"] + p["cf"])                           # (n, D·F)
-        Y, pixel_cache = self.pixel_forward(p, d[0], f, g)               # (n, D, 2)
+        x = np.asarray(x, dt)
+        d, f = self.features_forward(p, x)
+        Y, pixel_cache = self.pixel_forward(p, x, f, g)                  # (n, D, 2)
         out = np.concatenate([Y[:, :, 0], Y[:, :, 1]], axis=1).astype(np.float64)
         return out, (d, f, g, pixel_cache)
 
@@ -58,14 +56,24 @@ class DenseImageNet:
         D = self.D
         g_Y = np.stack([g_out[:, :D], g_out[:, D:]], axis=2).astype(f.dtype)   # (n, D, 2)
         grads, g_x, g_f = self.pixel_backward(p, pixel_cache, g, g_Y)
-        g_f = g_f * (1.0 - f * f)
-        grads["Vf"], grads["cf"] = d[-1].T @ g_f, g_f.sum(0)
-        g_d = g_f @ p["Vf"].T
+        return grads, g_x + self.features_backward(p, d, f, g_f * (1.0 - f * f), grads)
+
+    def features_forward(self, p, x):
+        """The dense pathway: x (n, D) → d = [x, d_1 .. d_L], f (n, D·F)."""
+        d = [x]
+        for k in range(1, self.L + 1):
+            d.append(np.tanh(d[-1] @ p[f"V{k}"] + p[f"c{k}"]))
+        return d, np.tanh(d[-1] @ p["Vf"] + p["cf"])
+
+    def features_backward(self, p, d, f, g_z, grads):
+        """∂L/∂(f before its tanh) (n, D·F) → the dense pathway's gradients (into grads) and its ∂L/∂x."""
+        grads["Vf"], grads["cf"] = d[-1].T @ g_z, g_z.sum(0)
+        g_d = g_z @ p["Vf"].T
         for k in range(self.L, 0, -1):
             g_d = g_d * (1.0 - d[k] * d[k])
             grads[f"V{k}"], grads[f"c{k}"] = d[k - 1].T @ g_d, g_d.sum(0)
             g_d = g_d @ p[f"V{k}"].T
-        return grads, g_x + g_d
+        return g_d
 
     def pixel_forward(self, p, x, f, g):
         """The per-pixel MLP and the temporal readout: x (n, D), f (n, D·F), g (n, J) → Y (n, D, 2), cache.

@@ -25,7 +25,8 @@ import figures
 from adam import Adam
 from cli import UsageError, positive
 
-MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir", "pixel_features")
+MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir", "pixel_features", "patch",
+               "train_patches", "leaves_size", "r_min", "r_max", "margin", "conv_layers", "channels", "scales")
 
 
 def parse(argv):
@@ -44,6 +45,16 @@ def parse(argv):
     p.add_argument("--data-dir", help="mnist: the folder of the four IDX files (default data/mnist)")
     p.add_argument("--pixel-features", type=positive(int, 16),
                    help="mnist: features per pixel from the dense pathway to the per-pixel MLP")
+    p.add_argument("--patch", type=positive(int, 64), help="deadleaves: the side of the square training patches")
+    p.add_argument("--train-patches", type=positive(int, 10**6), help="deadleaves: training patches generated")
+    p.add_argument("--leaves-size", type=positive(int, 4096),
+                   help="deadleaves: the side of the generated images that the patches are cut from")
+    p.add_argument("--r-min", type=positive(float), help="deadleaves: the smallest disc radius, pixels")
+    p.add_argument("--r-max", type=positive(float), help="deadleaves: the largest disc radius, pixels")
+    p.add_argument("--margin", type=int, help="deadleaves: disc centres fall up to this many pixels outside the image")
+    p.add_argument("--conv-layers", type=positive(int, 8), help="deadleaves: multi-scale convolution layers")
+    p.add_argument("--channels", type=positive(int, 256), help="deadleaves: channels per convolution layer")
+    p.add_argument("--scales", type=positive(int, 6), help="deadleaves: scales 1, 2, 4, ... per layer")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")

@@ -1,0 +1,121 @@
+"""The dead-leaves network of §3.2 / App. D.2.1: multi-scale convolution (after Barron et al. 2013), then the
+per-pixel MLP and temporal readout shared with MNIST (net_image.DenseImageNet.pixel_forward). Plain NumPy,
+forward and backward by hand: the twin and test oracle of cpu_conv.py's kernels.
+
+Images are channels-last, (n, S, S, C), S = √D. One multi-scale layer k, scales s = 0 .. N−1:
+
+    z = c_k + Σ_s up_{2^s}( conv3x3( pool_{2^s}(h_{k−1}), K_{k,s} ) ),    h_k = tanh(z),    h_0 = x⁽ᵗ⁾
+
+pool_m is an m × m mean pool, up_m its nearest-neighbour upsampling, conv3x3 a 3 × 3 correlation with zero
+padding ("same": the official code's "full" convolution then a one-pixel crop). Where the paper and the
+official code differ (README, "Dead leaves"): tanh after the sum over scales (the paper; the code puts its
+nonlinearity on each scale before the sum and divides by N), one bias per channel (tied; the Blocks layers of
+2015 had one per channel and position), tanh rather than softplus or leaky ReLU. The last layer's C channels
+are the per-pixel features f: F = C.
+"""
+import numpy as np
+
+import dpm
+import net_image
+
+
+# ---------------------------------------------------------------- the pieces and their adjoints
+
+def conv3x3(a, K):
+    """z[n, i, j, o] = Σ_{u, v, c} a_pad[n, i + u, j + v, c] K[u, v, c, o]: a (n, S, S, Cin), K (3, 3, Cin, Cout),
+    zero padding of one pixel. A sum over the 9 shifted copies of a."""
+    S1, S2 = a.shape[1:3]
+    pad = np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(pad[:, u:u + S1, v:v + S2] @ K[u, v] for u in range(3) for v in range(3))
+
+
+def conv3x3_backward(a, K, g):
+    """∂L/∂z (n, S, S, Cout) → (∂L/∂a, ∂L/∂K) of conv3x3(a, K)."""
+    S1, S2 = a.shape[1:3]
+    pad = np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    g_pad = np.zeros_like(pad)
+    g_K = np.empty_like(K)
+    for u in range(3):
+        for v in range(3):
+            g_K[u, v] = np.einsum("nijc,nijo->co", pad[:, u:u + S1, v:v + S2], g)
+            g_pad[:, u:u + S1, v:v + S2] += g @ K[u, v].T
+    return g_pad[:, 1:-1, 1:-1], g_K
+
+
+def pool(a, m):
+    """m × m mean pool of a (n, S, S, C)."""
+    n, S1, S2, C = a.shape
+    return a.reshape(n, S1 // m, m, S2 // m, m, C).mean(axis=(2, 4))
+
+
+def pool_adjoint(g, m):
+    """The adjoint of pool: each pooled pixel's g spread as g/m² over its block."""
+    return np.repeat(np.repeat(g, m, axis=1), m, axis=2) / (m * m)
+
+
+def up(z, m):
+    """Nearest-neighbour upsampling by m."""
+    return np.repeat(np.repeat(z, m, axis=1), m, axis=2)
+
+
+def up_adjoint(g, m):
+    """The adjoint of up: the sum over each block."""
+    n, S1, S2, C = g.shape
+    return g.reshape(n, S1 // m, m, S2 // m, m, C).sum(axis=(2, 4))
+
+
+# ---------------------------------------------------------------- the network
+
+class ConvImageNet(net_image.DenseImageNet):
+    """conv_layers multi-scale layers of `channels` channels at `scales` scales, then the per-pixel MLP (P wide)
+    and readout of net_image.DenseImageNet (forward, backward, pixel_forward, pixel_backward are its)."""
+
+    def __init__(self, cfg):
+        self.T, self.D, self.J, self.P = cfg["T"], cfg["D"], cfg["J"], cfg["P"]
+        self.L, self.C, self.N = cfg["conv_layers"], cfg["channels"], cfg["scales"]
+        self.S = int(round(self.D ** 0.5))
+        if self.S * self.S != self.D or self.S % 2 ** (self.N - 1):
+            raise ValueError(f"D = {self.D} must be a square whose side divides by 2^(scales − 1) = {2 ** (self.N - 1)}")
+        self.F = self.C
+        self.basis = dpm.temporal_basis(self.T, self.J)
+        self.PARAM_NAMES = tuple(f"K{k}s{s}" for k in range(1, self.L + 1) for s in range(self.N)) + tuple(
+            f"c{k}" for k in range(1, self.L + 1)) + ("W1", "b1", "W2", "b2", "W3", "b3")
+
+    def init(self, rng, dtype=np.float32):
+        """Filters N(0, 1/(9 Cin N)) (unit-variance sums for unit-variance inputs), zero biases; the per-pixel MLP
+        Glorot-uniform with a zero readout, as net_image's, so the untrained model is the forward kernel."""
+        C, N, P, J = self.C, self.N, self.P, self.J
+        p = {}
+        for k in range(1, self.L + 1):
+            cin = 1 if k == 1 else C
+            for s in range(N):
+                p[f"K{k}s{s}"] = (rng.standard_normal((3, 3, cin, C)) / np.sqrt(9 * cin * N)).astype(dtype)
+        for k in range(1, self.L + 1):
+            p[f"c{k}"] = np.zeros(C, dtype)
+        lim1, lim2 = np.sqrt(6.0 / (1 + C + P)), np.sqrt(6.0 / (2 * P))
+        p["W1"], p["b1"] = rng.uniform(-lim1, lim1, (1 + C, P)).astype(dtype), np.zeros(P, dtype)
+        p["W2"], p["b2"] = rng.uniform(-lim2, lim2, (P, P)).astype(dtype), np.zeros(P, dtype)
+        p["W3"], p["b3"] = np.zeros((J, 2, P), dtype), np.zeros((J, 2), dtype)
+        return p
+
+    def features_forward(self, p, x):
+        """x (n, D) → h = [x as (n, S, S, 1), h_1 .. h_L], f = h_L as (n, D·C)."""
+        h = [x.reshape(len(x), self.S, self.S, 1)]
+        for k in range(1, self.L + 1):
+            z = p[f"c{k}"] + sum(up(conv3x3(pool(h[-1], 2 ** s), p[f"K{k}s{s}"]), 2 ** s) for s in range(self.N))
+            h.append(np.tanh(z))
+        return h, h[-1].reshape(len(x), self.D * self.C)
+
+    def features_backward(self, p, h, f, g_z, grads):
+        """∂L/∂(h_L before its tanh) (n, D·C) → the filters' and biases' gradients (into grads) and ∂L/∂x."""
+        n, S = len(f), self.S
+        g_z = g_z.reshape(n, S, S, self.C)
+        for k in range(self.L, 0, -1):
+            grads[f"c{k}"] = g_z.sum(axis=(0, 1, 2))
+            g_h = 0.0
+            for s in range(self.N):
+                m = 2 ** s
+                g_a, grads[f"K{k}s{s}"] = conv3x3_backward(pool(h[k - 1], m), p[f"K{k}s{s}"], up_adjoint(g_z, m))
+                g_h = g_h + pool_adjoint(g_a, m)
+            g_z = g_h * (1.0 - h[k - 1] * h[k - 1]) if k > 1 else g_h
+        return g_z.reshape(n, self.D)

@@ -1,0 +1,159 @@
+"""Dead leaves (§3.2, App. D.2.1): the generator against its NumPy twin and its known statistics, the
+multi-scale convolution's pieces against their definitions (adjoints by the inner-product identity), and the
+whole network's gradients against central differences in float64."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import data
+import gaussian
+import net_conv
+
+TINY = {"T": 6, "J": 3, "D": 16, "conv_layers": 2, "channels": 2, "scales": 2, "P": 3, "beta1": 1e-3,
+        "beta_T": 0.5}
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(4, 24))
+@settings(max_examples=20, deadline=None)
+def test_painter_matches_first_covering_disc(seed, size):
+    """_paint_leaves (front to back, covered pixels skipped) = each pixel's first covering disc (the twin)."""
+    rng = np.random.default_rng(seed)
+    discs = data.leaf_discs(rng, 300, size, 1.0, size / 2, 4)
+    img, covered = np.zeros((size, size), np.uint8), np.zeros((size, size), np.bool_)
+    left = data._paint_leaves(*discs, img, covered)
+    twin = data.paint_leaves_numpy(*discs, size)
+    assert left == np.sum(twin == 256)
+    assert np.array_equal(np.where(covered, img.astype(np.int64), 256), twin)
+
+
+def test_generator_statistics():
+    """Covered images, uniform grey levels (std 73.9 for U{0..255}), flat discs (most neighbours equal), radii
+    ∝ r⁻³ (inverse CDF: P(r ≤ 2 r_min) = 3/4 when r_max ≫ r_min), and independent training and held-out seeds."""
+    x = data.deadleaves(2048, [1, 0])
+    assert x.shape == (2048, 256) and x.dtype == np.uint8
+    assert abs(x.std() - 73.9) < 3 and abs(x.mean() - 127.5) < 4
+    v = x.reshape(-1, 16, 16).astype(int)
+    assert 0.7 < np.mean(np.abs(np.diff(v, axis=2)) <= 2) < 0.85
+    r = data.leaf_discs(np.random.default_rng(0), 100_000, 64, 1.5, 1e6, 16)[2]
+    assert abs(np.mean(r <= 3.0) - 0.75) < 0.01
+    assert np.array_equal(data.deadleaves(32, [1, 0]), x[:32])
+    assert not np.array_equal(data.deadleaves(32, [0, 1]), x[:32])
+
+
+def inner(a, b):
+    return float(np.sum(a * b))
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_pool_and_up_adjoints(m):
+    """⟨pool a, g⟩ = ⟨a, pool* g⟩ and ⟨up z, g⟩ = ⟨z, up* g⟩; pool of a constant is that constant."""
+    rng = np.random.default_rng(m)
+    a, g_small = rng.standard_normal((2, 8, 8, 3)), rng.standard_normal((2, 8 // m, 8 // m, 3))
+    assert np.isclose(inner(net_conv.pool(a, m), g_small), inner(a, net_conv.pool_adjoint(g_small, m)))
+    assert np.isclose(inner(net_conv.up(g_small, m), a), inner(g_small, net_conv.up_adjoint(a, m)))
+    assert np.allclose(net_conv.pool(np.full((1, 8, 8, 1), 2.5), m), 2.5)
+
+
+def test_conv3x3_known_answer_and_adjoint():
+    """A centre tap is the identity, a right-hand tap reads the right neighbour (zero past the edge); the backward
+    is the adjoint in a and in K."""
+    a = np.arange(16.0).reshape(1, 4, 4, 1)
+    K = np.zeros((3, 3, 1, 1))
+    K[1, 1] = 1.0
+    assert np.array_equal(net_conv.conv3x3(a, K), a)
+    K[1, 1], K[1, 2] = 0.0, 1.0
+    want = np.concatenate([a[:, :, 1:], np.zeros((1, 4, 1, 1))], axis=2)
+    assert np.array_equal(net_conv.conv3x3(a, K), want)
+    rng = np.random.default_rng(0)
+    a, K, g = rng.standard_normal((2, 5, 5, 3)), rng.standard_normal((3, 3, 3, 4)), rng.standard_normal((2, 5, 5, 4))
+    g_a, g_K = net_conv.conv3x3_backward(a, K, g)
+    z = net_conv.conv3x3(a, K)
+    assert np.isclose(inner(z, g), inner(a, g_a))
+    assert np.isclose(inner(z, g), inner(K, g_K))
+
+
+def perturbed(consts, rng, scale=0.3):
+    p = consts.net.init(rng, np.float64)
+    p["c"] = np.zeros(consts.J)
+    return {k: v + scale * rng.standard_normal(v.shape) for k, v in p.items()}
+
+
+def test_loss_and_input_gradients_match_central_differences():
+    """Every filter, bias and pixel weight, the schedule's c (through Eq. 14's bound), and ∂out/∂x⁽ᵗ⁾, float64."""
+    consts = gaussian.Gaussian(TINY, net_conv.ConvImageNet)
+    rng = np.random.default_rng(5)
+    p = perturbed(consts, rng)
+    x0, eps, t = rng.standard_normal((3, 16)), rng.standard_normal((3, 16)), rng.integers(2, 7, 3)
+    _, g = gaussian.loss_and_grads(p, consts, x0, eps, t)
+    h = 1e-5        # the bound sums terms of order D, so rounding, not truncation, limits a smaller step
+
+    def loss(q):
+        return gaussian.loss_and_grads(q, consts, x0, eps, t)[0]
+
+    for name, v in p.items():
+        for i in range(v.size):
+            up, down = ({k: a.copy() for k, a in p.items()} for _ in range(2))
+            up[name].flat[i] += h
+            down[name].flat[i] -= h
+            fd = (loss(up) - loss(down)) / (2 * h)
+            assert abs(fd - g[name].flat[i]) <= 1e-6 * (1 + abs(fd)), (name, i, fd, g[name].flat[i])
+    w = rng.standard_normal((3, 32))
+    out, cache = consts.net.forward(p, x0, t)
+    _, g_x = consts.net.backward(p, cache, w)
+    for i in range(x0.size):
+        up, down = x0.copy(), x0.copy()
+        up.flat[i] += h
+        down.flat[i] -= h
+        fd = inner(consts.net.forward(p, up, t)[0] - consts.net.forward(p, down, t)[0], w) / (2 * h)
+        assert abs(fd - g_x.flat[i]) <= 1e-6 * (1 + abs(fd)), (i, fd, g_x.flat[i])
+
+
+def test_untrained_network_is_the_forward_kernel():
+    consts = gaussian.Gaussian(TINY, net_conv.ConvImageNet)
+    p = consts.init(np.random.default_rng(0))
+    out, _ = consts.net.forward(p, np.random.default_rng(1).standard_normal((2, 16)), np.array([2, 5]))
+    assert np.array_equal(out, np.zeros((2, 32)))
+
+
+SMALL = ["--data", "deadleaves", "--T", "20", "--patch", "8", "--leaves-size", "16", "--channels", "4",
+         "--scales", "2", "--conv-layers", "2", "--train-patches", "400", "--batch-size", "16", "--heldout", "20",
+         "--eval-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def leaves_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("leaves")
+    from conftest import run_train
+    assert run_train(d, *SMALL, "--steps", "40") == 0
+    return d / "run"
+
+
+def test_train_sample_figure_and_inpaint(leaves_run, tmp_path, capsys):
+    """train.py → metrics.json (per-pixel K, flatness of samples and data); sample.py's .npy in 0..255 units,
+    Fig. 4's figure (data beside samples) and an inpainted central square whose known pixels are the data's."""
+    import json
+    from conftest import run_sample
+    from test_mnist import decode_png
+    m = json.load(open(leaves_run / "metrics.json"))
+    assert m["sample_quality"]["data_flat_pairs"]["horizontal"] > 0.5
+    assert 0 <= m["sample_quality"]["flat_pairs"]["horizontal"] <= 1
+    assert abs(m["K_minus_L_null_bits_per_pixel"] - m["K_minus_L_null_bits"] / 64) < 1e-9
+    assert run_sample(leaves_run, "-n", "3", "--out", tmp_path / "s.npy", "--figure", tmp_path / "f.png") == 0
+    x = np.load(tmp_path / "s.npy")
+    assert x.shape == (3, 64) and x.dtype == np.float32
+    assert "adjacent pixel pairs within 2 grey levels" in capsys.readouterr().out
+    assert decode_png(open(tmp_path / "f.png", "rb").read()).shape[1] > 2 * 8 * 8   # data grid beside samples
+    assert run_sample(leaves_run, "-n", "2", "--out", tmp_path / "c.npy", "--condition", "inpaint:1") == 0
+    truth = data.deadleaves(2, [0, 1], size=16, patch=8)[1].astype(float)
+    known = np.ones((8, 8), bool)
+    known[2:6, 2:6] = False
+    assert np.all(np.abs(np.load(tmp_path / "c.npy")[:, known.ravel()] - truth[known.ravel()]) <= 0.5 + 1e-3)
+
+
+@pytest.mark.parametrize("flags, words", [(["--patch", "10", "--scales", "3"], "divides by"),
+                                          (["--r-min", "40"], "r_min"), (["--hidden", "8"], "does not apply")])
+def test_bad_settings_one_line(tmp_path, capsys, flags, words):
+    from conftest import one_error_line, run_train
+    assert run_train(tmp_path, "--data", "deadleaves", *flags, "--steps", "1", out="r") == 2
+    assert words in one_error_line(capsys)
+    assert not (tmp_path / "r").exists()
