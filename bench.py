@@ -14,6 +14,13 @@ dpm's default is 128 wide) on random images: mnist_train_step_b128 and _b512 (ms
 images/s), mnist_train_step_gflops_b128 and _b512, and mnist_sample_64 (ms per reverse step of 64 images).
 numba: cpu_image.py (float32); numpy: the twin (gaussian.py on net_image.py, adam.py) in float32, as train.py
 runs it. They take --repeat / 6 steps each (at least 3).
+
+deadleaves_* time the dead-leaves network (net_conv.ConvImageNet) at its defaults (DEADLEAVES below: 3
+multi-scale layers of 32 channels at 3 scales on 16 × 16 patches, a 32-wide per-pixel MLP, T = 1000) on
+random unit-variance patches: deadleaves_train_step_b64 (ms; with patches/s), deadleaves_train_step_gflops_b64
+(the direct convolution's FLOPs, deadleaves_step_flops, whatever the algorithm), and deadleaves_sample_64 (ms
+per reverse step of 64 patches). numba: cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py,
+adam.py) in float32. They take --repeat / 10 steps each (at least 3; the twin's at most 5).
 """
 import argparse
 import json
@@ -237,9 +244,60 @@ def mnist_bench(backend, a, want, emit):
                    what=f"one reverse step of 64 images (sample with T = {scfg['T']}, per step)"))
 
 
+DEADLEAVES = {"T": 1000, "J": 10, "D": 256, "conv_layers": 3, "channels": 32, "scales": 3, "P": 32, "beta1": 1e-4,
+              "beta_T": 0.5, "scale": 1.0, "shift": 0.0}
+
+
+def deadleaves_step_flops(cfg, n):
+    """Floating-point operations of one dead-leaves training step, 2 per multiply-add of the direct
+    convolutions (9 Cin C per output pixel and scale) and of the per-pixel MLP (its readout folded, 2 × P per
+    pixel), the backward twice the forward; pooling, tanh, the KL and Adam are not counted. 41.0 MFLOP per
+    patch at the defaults (the PyTorch comparison's 41.7 counted a little more)."""
+    D, C, N, L, P = cfg["D"], cfg["channels"], cfg["scales"], cfg["conv_layers"], cfg["P"]
+    conv = sum(D // 4 ** s * 9 * (1 if k == 0 else C) * C for k in range(L) for s in range(N))
+    pixel = D * ((1 + C) * P + P * P + 2 * P)
+    return 2 * n * 3 * (conv + pixel)
+
+
+def deadleaves_bench(backend, a, want, emit):
+    """The deadleaves_* rows (see the module docstring)."""
+    if not any(want(name) for name in CPU_NAMES if name.startswith("deadleaves_")):
+        return
+    import cpu_conv
+    import net_conv
+    cfg, bs = DEADLEAVES, 64
+    rng = np.random.default_rng(0)
+    consts = gaussian.Gaussian(cfg, net_conv.ConvImageNet)
+    params = consts.init(rng)
+    params["W3"] += (0.05 * rng.standard_normal(params["W3"].shape)).astype(params["W3"].dtype)
+    x_train = rng.standard_normal((2048, cfg["D"]))
+    repeat = max(3, a.repeat // 10) if backend == "numba" else min(5, max(3, a.repeat // 10))
+    name, gname = f"deadleaves_train_step_b{bs}", f"deadleaves_train_step_gflops_b{bs}"
+    if want(name) or want(gname):
+        step, trainer = step_fn(backend, consts, params, x_train, bs, rng, cpu_conv.Trainer, 1e-4)
+        info = {} if trainer is None else dict(chunks=len(cpu_conv.conv_chunks(bs)), threads=trainer.net.threads)
+        ms = timed(step, repeat, 3 if backend == "numba" else 1) * 1e3
+        if want(name):
+            emit(stats(name, ms, "ms", backend=backend, patches_per_s=round(bs / float(np.median(ms)) * 1e3, 1),
+                       **info))
+        if want(gname):
+            peak, how = peak_gflops()
+            flops = deadleaves_step_flops(cfg, bs)
+            emit(stats(gname, flops / (ms * 1e-3) / 1e9, "GFLOP/s", backend=backend, flop_per_step=flops,
+                       peak_gflops=peak, peak_is=how))
+    if want("deadleaves_sample_64"):
+        scfg = dict(cfg, T=20 if backend == "numba" else 5)    # a reverse step costs the same whatever T is
+        sconsts = gaussian.Gaussian(scfg, net_conv.ConvImageNet)
+        sm = cpu_conv.sample if backend == "numba" else gaussian.sample
+        s = timed(lambda: sm(params, sconsts, 64, np.random.default_rng(0)), 3, 1)
+        emit(stats("deadleaves_sample_64", s / (scfg["T"] - 1) * 1e3, "ms", backend=backend, patches=64,
+                   what=f"one reverse step of 64 patches (sample with T = {scfg['T']}, per step)"))
+
+
 CPU_NAMES = ("train_step_b512", "train_step_b4096", "train_step_gflops", "eval_K_20000", "sample_100000",
              "cold_start_cold_cache", "cold_start_warm_cache", "mnist_train_step_b128", "mnist_train_step_b512",
-             "mnist_train_step_gflops_b128", "mnist_train_step_gflops_b512", "mnist_sample_64")
+             "mnist_train_step_gflops_b128", "mnist_train_step_gflops_b512", "mnist_sample_64",
+             "deadleaves_train_step_b64", "deadleaves_train_step_gflops_b64", "deadleaves_sample_64")
 
 
 def main(argv=None):
@@ -300,6 +358,7 @@ def main(argv=None):
         if want("cold_start_warm_cache"):
             emit(stats("cold_start_warm_cache", warm, "s", what="process start to the end of train.py's first step"))
     mnist_bench(b, a, want, emit)
+    deadleaves_bench(b, a, want, emit)
     return 0
 
 

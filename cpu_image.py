@@ -16,7 +16,7 @@ image's W_eff over the block, and folds the image's onto W3, b3 through g(t). In
 (TRAIN) the KL of Eq. 14 and its gradient are computed on each block as it comes out of the forward
 (_kl_block), and the block goes straight back through the backward.
 
-Dense pathway (FastDenseImageNet.dense_forward, dense_backward): each layer's product is cut into column
+Dense pathway (FastDenseImageNet.features_forward, features_backward): each layer's product is cut into column
 ranges (col_tasks), so that BLAS keeps all the batch's rows in one call; backward, one phase per layer
 does the layer's weight gradient and the ∂ below. tanh and its derivative are kernels (bias_tanh,
 dtanh_mul).
@@ -453,10 +453,12 @@ def col_tasks(n, k, width):
     return [(lo, min(lo + cols, width)) for lo in range(0, width, cols)]
 
 
-class FastDenseImageNet(net_image.DenseImageNet):
-    """net_image.DenseImageNet with the per-pixel MLP in Numba kernels and the dense pathway in BLAS, the work
-    cut into tasks that threads share (threads=None: cpu_train.team_size()). Same interface, same results.
-    Not for use by two threads at once (its scratch buffers are the net's)."""
+class FastPixelNet:
+    """The per-pixel MLP, readout, forward and backward of an image network in Numba kernels, the work cut into
+    tasks that threads share (threads=None: cpu_train.team_size()); the feature pathway is the subclass's
+    (features_forward, features_backward, feature_scratch). Mixed in before the twin (FastDenseImageNet,
+    cpu_conv.FastConvNet): same interface, same results. Not for use by two threads at once (its scratch
+    buffers are the net's)."""
 
     def __init__(self, cfg, threads=None):
         super().__init__(cfg)
@@ -494,19 +496,83 @@ class FastDenseImageNet(net_image.DenseImageNet):
         _share(lambda k, i: tasks[i](), len(tasks), self.threads)
 
     def scratch(self, n, dt):
-        """Buffers for a batch of n in dtype dt that never leave the net: the ∂ before f's tanh and each dense
-        layer's, the dense part of ∂x, and each row chunk's sums of the pixel weights' gradients."""
+        """Buffers for a batch of n in dtype dt that never leave the net: the ∂ before f's tanh (gf), each row
+        chunk's sums of the pixel weights' gradients, and the feature pathway's own (feature_scratch)."""
         key = (n, np.dtype(dt).str)
         if key not in self._scratch:
             C, P, J, F = len(chunks(n)), self.P, self.J, self.F
             z = lambda *s: np.zeros(s, dt)
-            self._scratch[key] = {
-                "gf": z(n, self.D * F), "gx": z(n, self.D), "gd": [z(n, self.H) for _ in range(self.L)],
-                "W1": z(C, 1 + F, P), "b1": z(C, P), "W2": z(C, P, P), "b2": z(C, P), "W3": z(C, J, 2, P),
-                "b3": z(C, J, 2)}
+            self._scratch[key] = dict(
+                {"gf": z(n, self.D * F), "W1": z(C, 1 + F, P), "b1": z(C, P), "W2": z(C, P, P), "b2": z(C, P),
+                 "W3": z(C, J, 2, P), "b3": z(C, J, 2)}, **self.feature_scratch(n, dt))
         return self._scratch[key]
 
-    def dense_forward(self, p, x):
+    def feature_scratch(self, n, dt):
+        """The feature pathway's buffers for a batch of n (name → array), kept in scratch."""
+        return {}
+
+    def features_forward(self, p, x):
+        """x (n, D) in the network dtype → (d, f): d the pathway's cache with d[0] = x, f (n, D·F) after its
+        tanh. Called with BLAS held to one thread."""
+        raise NotImplementedError
+
+    def features_backward(self, p, d, s, gx, grads):
+        """From s["gf"] (∂L/∂(f before its tanh)): the pathway's gradients into grads, its ∂L/∂x added to gx.
+        Called with BLAS held to one thread."""
+        raise NotImplementedError
+
+    def pixel_rows(self, p, d, f, g, s, c, lo, hi, io, gx):
+        """Row chunk c (rows lo:hi) of the per-pixel backward: io (∂L/∂out) → gx, s["gf"] (through f's tanh)
+        and the chunk's own sums of the pixel weights' gradients."""
+        pixel_backward_k(d[0][lo:hi], f[lo:hi], g[lo:hi], *self._pp(p), p["W1"].dtype == np.float64, io[lo:hi],
+                         True, gx[lo:hi], s["gf"][lo:hi], *(s[k][c] for k in PIXEL_NAMES))
+
+    @staticmethod
+    def pixel_sums(s, grads):
+        for k in PIXEL_NAMES:                        # the chunks' sums, in chunk order
+            np.sum(s[k], axis=0, out=grads[k])
+
+    # ---------------------------------------------------------- forward and backward (the twin's interface)
+
+    def forward(self, p, x, t):
+        """x⁽ᵗ⁾ (n, D) at steps t (n,) → out = [a | b] (n, 2D) float64, cache (as the twin's)."""
+        dt = p["W1"].dtype
+        n, pp, exact = len(x), self._pp(p), dt == np.float64
+        g = np.ascontiguousarray(self.basis[:, t].T, dt)                   # (n, J)
+        out = np.empty((n, 2 * self.D))
+        with _BlasHeld():
+            d, f = self.features_forward(p, np.ascontiguousarray(x, dt))
+            self.run([partial(lambda lo, hi: pixel_forward_k(d[0][lo:hi], f[lo:hi], g[lo:hi], *pp, exact,
+                                                             out[lo:hi]), lo, hi) for lo, hi in chunks(n)])
+        return out, (d, f, g, None)
+
+    def backward(self, p, cache, g_out):
+        """∂L/∂out (n, 2D) → (∂L/∂ every parameter, ∂L/∂x⁽ᵗ⁾ (n, D)), as the twin's: the per-pixel MLP in row
+        chunks (each with its own sums of the pixel weights' gradients, added in chunk order), then the
+        feature pathway (features_backward)."""
+        d, f, g, _ = cache
+        n, dt = len(g), f.dtype
+        s = self.scratch(n, dt)
+        gx = np.empty((n, self.D), dt)
+        g_out = np.ascontiguousarray(g_out, np.float64)
+        grads = {k: np.empty_like(p[k]) for k in self.PARAM_NAMES}
+        with _BlasHeld():
+            self.run([partial(self.pixel_rows, p, d, f, g, s, c, lo, hi, g_out, gx)
+                      for c, (lo, hi) in enumerate(chunks(n))])
+            self.features_backward(p, d, s, gx, grads)
+        self.pixel_sums(s, grads)
+        return grads, gx
+
+
+class FastDenseImageNet(FastPixelNet, net_image.DenseImageNet):
+    """net_image.DenseImageNet with the per-pixel MLP in Numba kernels (FastPixelNet) and the dense pathway in
+    BLAS, each layer's product cut into column tasks."""
+
+    def feature_scratch(self, n, dt):
+        """The dense part of ∂x and each dense layer's ∂ before its tanh."""
+        return {"gx": np.zeros((n, self.D), dt), "gd": [np.zeros((n, self.H), dt) for _ in range(self.L)]}
+
+    def features_forward(self, p, x):
         """x (n, D) in the network dtype → d = [x, d_1 .. d_L], f (n, D·F): each layer cut into column ranges."""
         dt = p["W1"].dtype
         exact, n, L = dt == np.float64, len(x), self.L
@@ -522,7 +588,7 @@ class FastDenseImageNet(net_image.DenseImageNet):
             self.run([partial(layer, a, W, c, o, lo, hi) for lo, hi in col_tasks(n, a.shape[1], W.shape[1])])
         return d, f
 
-    def dense_backward(self, p, d, s, gx, grads):
+    def features_backward(self, p, d, s, gx, grads):
         """Down the dense layers from s["gf"] (∂ before f's tanh), one phase per layer: the gradient of its
         weights (into grads) and the ∂ before the tanh below, both cut into column ranges; ∂x is added to gx."""
         n, L = len(gx), self.L
@@ -549,74 +615,34 @@ class FastDenseImageNet(net_image.DenseImageNet):
             self.run(tasks)
             z = o
 
-    def pixel_rows(self, p, d, f, g, s, c, lo, hi, io, gx):
-        """Row chunk c (rows lo:hi) of the per-pixel backward: io (∂L/∂out) → gx, s["gf"] (through f's tanh)
-        and the chunk's own sums of the pixel weights' gradients."""
-        pixel_backward_k(d[0][lo:hi], f[lo:hi], g[lo:hi], *self._pp(p), p["W1"].dtype == np.float64, io[lo:hi],
-                         True, gx[lo:hi], s["gf"][lo:hi], *(s[k][c] for k in PIXEL_NAMES))
 
-    @staticmethod
-    def pixel_sums(s, grads):
-        for k in PIXEL_NAMES:                        # the chunks' sums, in chunk order
-            np.sum(s[k], axis=0, out=grads[k])
-
-    # ---------------------------------------------------------- forward and backward (the twin's interface)
-
-    def forward(self, p, x, t):
-        """x⁽ᵗ⁾ (n, D) at steps t (n,) → out = [a | b] (n, 2D) float64, cache (as the twin's)."""
-        dt = p["W1"].dtype
-        n, pp, exact = len(x), self._pp(p), dt == np.float64
-        g = np.ascontiguousarray(self.basis[:, t].T, dt)                   # (n, J)
-        out = np.empty((n, 2 * self.D))
-        with _BlasHeld():
-            d, f = self.dense_forward(p, np.ascontiguousarray(x, dt))
-            self.run([partial(lambda lo, hi: pixel_forward_k(d[0][lo:hi], f[lo:hi], g[lo:hi], *pp, exact,
-                                                             out[lo:hi]), lo, hi) for lo, hi in chunks(n)])
-        return out, (d, f, g, None)
-
-    def backward(self, p, cache, g_out):
-        """∂L/∂out (n, 2D) → (∂L/∂ every parameter, ∂L/∂x⁽ᵗ⁾ (n, D)), as the twin's: the per-pixel MLP in row
-        chunks (each with its own sums of the pixel weights' gradients, added in chunk order), then the dense
-        layers (dense_backward)."""
-        d, f, g, _ = cache
-        n, dt = len(g), f.dtype
-        s = self.scratch(n, dt)
-        gx = np.empty((n, self.D), dt)
-        g_out = np.ascontiguousarray(g_out, np.float64)
-        grads = {k: np.empty_like(p[k]) for k in self.PARAM_NAMES}
-        with _BlasHeld():
-            self.run([partial(self.pixel_rows, p, d, f, g, s, c, lo, hi, g_out, gx)
-                      for c, (lo, hi) in enumerate(chunks(n))])
-            self.dense_backward(p, d, s, gx, grads)
-        self.pixel_sums(s, grads)
-        return grads, gx
-
-
-def fast_consts(consts):
-    """A gaussian.Gaussian with consts' cfg whose network is FastDenseImageNet (consts itself if it is one)."""
-    if isinstance(consts.net, FastDenseImageNet):
+def fast_consts(consts, Fast=FastDenseImageNet):
+    """A gaussian.Gaussian with consts' cfg whose network is Fast (consts itself if it is one)."""
+    if isinstance(consts.net, Fast):
         return consts
-    return gaussian.Gaussian(consts.cfg, FastDenseImageNet)
+    return gaussian.Gaussian(consts.cfg, Fast)
 
 
 class Trainer:
     """A training step of train.py's numba backend for MNIST: the loss and gradient of gaussian.loss_and_grads
-    (its maths, on FastDenseImageNet, each piece cut into tasks for the threads) followed by adam.Adam's update.
+    (its maths, on the network class Fast (FastDenseImageNet here), each piece cut into tasks for the threads)
+    followed by adam.Adam's update.
 
     params, m, v: name → array (gaussian.Gaussian.init's names): the network's are views of flat vectors in
     dtype (so that Adam is one kernel over them), "c" (the schedule, J numbers) float64 as in the NumPy
     reference; grads likewise. n: Adam's step count. threads: how many threads share the work (default
     cpu_train.team_size(); the numbers do not depend on it).
 
-    A step: the schedule and x⁽ᵗ⁾ (noised_k); the dense layers (FastDenseImageNet.dense_forward); then for each
-    row chunk the per-pixel MLP, the KL and its backward and the per-pixel backward in one pass (pixel_train_k);
-    the dense layers' backward; ∂x⁽ᵗ⁾ chained to ᾱ_t (ab_rows_k); the schedule's backward (NumPy, per row and
+    A step: the schedule and x⁽ᵗ⁾ (noised_k); the feature pathway (Fast.features_forward: the dense layers);
+    then for each row chunk the per-pixel MLP, the KL and its backward and the per-pixel backward in one pass (pixel_train_k);
+    the feature pathway's backward; ∂x⁽ᵗ⁾ chained to ᾱ_t (ab_rows_k); the schedule's backward (NumPy, per row and
     per t, as gaussian.loss_and_grads); Adam."""
 
     ADAM_CHUNK = 1 << 18      # entries of the flat vectors per Adam task
+    Fast = FastDenseImageNet  # the network class (a FastPixelNet); cpu_conv.Trainer: FastConvNet
 
     def __init__(self, consts, batch_size, dtype=np.float32, b1=0.9, b2=0.999, eps=1e-8, threads=None):
-        self.consts = gaussian.Gaussian(consts.cfg, lambda cfg: FastDenseImageNet(cfg, threads))  # its own net
+        self.consts = gaussian.Gaussian(consts.cfg, lambda cfg: self.Fast(cfg, threads))  # its own net
         self.net, self.batch, self.dtype = self.consts.net, batch_size, np.dtype(dtype)
         self.b1, self.b2, self.eps = b1, b2, eps
         shapes = {k: v.shape for k, v in self.net.init(np.random.default_rng(0), dtype).items()}
@@ -682,9 +708,9 @@ class Trainer:
 
         with _BlasHeld():
             noised_k(x0, eps, rc, b["xt"], b["x_net"])
-            d, f = net.dense_forward(p, b["x_net"])
+            d, f = net.features_forward(p, b["x_net"])
             net.run([partial(rows, c, lo, hi) for c, (lo, hi) in enumerate(chunks(n))])
-            net.dense_backward(p, d, s, b["gx"], grads)
+            net.features_backward(p, d, s, b["gx"], grads)
             net.run([partial(lambda lo, hi: ab_rows_k(x0[lo:hi], eps[lo:hi], rc[lo:hi], b["g_xt"][lo:hi],
                                                       b["gx"][lo:hi], b["sums"][lo:hi]), lo, hi)
                      for lo, hi in cpu_train.split(n, 2)])
@@ -728,11 +754,11 @@ class Trainer:
         return loss
 
 
-def evaluate(params, consts, x0, rng, n_draws=4):
-    """gaussian.evaluate on FastDenseImageNet: per-point K − L_null (nats) and the mean KL_t; the same RNG draws."""
-    return gaussian.evaluate(params, fast_consts(consts), x0, rng, n_draws)
+def evaluate(params, consts, x0, rng, n_draws=4, Fast=FastDenseImageNet):
+    """gaussian.evaluate on Fast: per-point K − L_null (nats) and the mean KL_t; the same RNG draws."""
+    return gaussian.evaluate(params, fast_consts(consts, Fast), x0, rng, n_draws)
 
 
-def sample(params, consts, n, rng, keep=()):
-    """gaussian.sample on FastDenseImageNet (Eq. 5, then Eq. 44), with the same RNG draws."""
-    return gaussian.sample(params, fast_consts(consts), n, rng, keep)
+def sample(params, consts, n, rng, keep=(), Fast=FastDenseImageNet):
+    """gaussian.sample on Fast (Eq. 5, then Eq. 44), with the same RNG draws."""
+    return gaussian.sample(params, fast_consts(consts, Fast), n, rng, keep)

@@ -9,6 +9,7 @@ import numpy as np
 
 import binomial
 import data
+import cpu_conv
 import cpu_image
 import cpu_train
 import figures
@@ -273,7 +274,7 @@ DEADLEAVES = Dataset(
                        channels=a.channels, scales=a.scales, leaves_size=a.leaves_size, r_min=a.r_min,
                        r_max=a.r_max, margin=a.margin),
     train={"steps": 40_000, "lr": 1e-3, "lr_decay_steps": 40_000, "eval_every": 5000, "quick_eval": 100,
-           "heldout": 500, "draws": 1, "backend": "numpy", "T": 1000, "beta1": 1e-4, "batch_size": 64,
+           "heldout": 500, "draws": 1, "backend": "numba", "T": 1000, "beta1": 1e-4, "batch_size": 64,
            "patch": data.LEAVES["patch"], "train_patches": 20_000, "leaves_size": data.LEAVES["size"],
            "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"], "margin": data.LEAVES["margin"],
            "conv_layers": 3, "channels": 32, "scales": 3},
@@ -282,11 +283,11 @@ DEADLEAVES = Dataset(
            "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6),
            "leaves_size": (int, 2, 4096), "r_min": (float, 0, 1e6), "r_max": (float, 0, 1e6),
            "margin": (int, 0, 4096)},
-    backends=("numpy",),  # TODO cpu_conv
+    backends=("numba", "numpy"),
     train_set=images.deadleaves_train,
     heldout_set=lambda n, noise, cfg, data_dir: images.deadleaves_heldout(n, cfg, HELDOUT_SEED),
     width=lambda cfg: cfg["D"] * max(cfg["channels"] * (cfg["conv_layers"] + 1), cfg["P"]), final_samples=100,
-    cpu=None, log_weights=None, cuda_trainer=None, cuda_sample=None, table2=None, check=_leaves_check,
+    cpu=cpu_conv, log_weights=None, cuda_trainer=None, cuda_sample=None, table2=None, check=_leaves_check,
     parse_condition=images.parse_condition, conditioned=gaussian.sample_conditioned,
     smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
     output=lambda x, cfg: (images.to_levels(x, cfg).astype(np.float32), None), csv=False,  # 0..255 units
@@ -299,7 +300,7 @@ DEADLEAVES = Dataset(
                                                  **images.per_pixel_metrics(m, consts.cfg)),
     summary=images.summary, report=_leaves_report,
     figure=lambda params, consts, drawn, rng: images.figure(
-        params, consts, drawn, rng, gaussian.sample,
+        params, consts, drawn, rng, cpu_conv.sample,
         beside=data.deadleaves(100, HELDOUT_SEED, **images.leaves_settings(consts.cfg))),
 )
 

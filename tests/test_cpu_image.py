@@ -156,12 +156,12 @@ def test_a_non_finite_step_raises_and_changes_nothing(monkeypatch, where):
     if where == "loss":
         x1[2, 7] = np.nan
     else:                                             # a finite loss, one infinite gradient in the middle of Vf
-        dense_backward = tr.net.dense_backward
+        features_backward = tr.net.features_backward
 
         def poisoned(p, d, s, gx, grads):
-            dense_backward(p, d, s, gx, grads)
+            features_backward(p, d, s, gx, grads)
             grads["Vf"][3, 5] = np.inf
-        monkeypatch.setattr(tr.net, "dense_backward", poisoned)
+        monkeypatch.setattr(tr.net, "features_backward", poisoned)
     state = [{k: v.copy() for k, v in s.items()} for s in (tr.params, tr.m, tr.v)]
     with pytest.raises(FloatingPointError):
         tr.step(x1, eps1, t1, 1e-3)

@@ -1,0 +1,138 @@
+"""cpu_conv.py (the dead-leaves network's Numba path) against its NumPy twin (net_conv.py's pieces,
+net_conv.ConvImageNet, gaussian.py, adam.py) at small, awkward sizes: a last scale of one pixel (an odd side:
+half-empty Winograd tiles), batches cut into several image chunks, one input channel in the first layer.
+
+float64 must agree with the twin to rounding (1e-12 relative), float32 (how train.py trains) to float32
+rounding (1e-5)."""
+import numpy as np
+import pytest
+
+import cpu_conv
+import gaussian
+import net_conv
+from adam import Adam
+
+TOL = {np.float64: 1e-12, np.float32: 1e-5}
+CFG = {"T": 8, "J": 3, "D": 64, "conv_layers": 2, "channels": 3, "scales": 2, "P": 5, "beta1": 1e-3,
+       "beta_T": 0.5}
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def perturbed(cfg, rng, dtype, scale=0.3):
+    p = gaussian.Gaussian(cfg, net_conv.ConvImageNet).init(rng)
+    return {k: (v + scale * rng.standard_normal(v.shape)).astype(np.float64 if k == "c" else dtype)
+            for k, v in p.items()}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("S, N, cin", [(8, 3, 1), (4, 3, 3)])   # (4, 3): the last scale is 1 × 1
+def test_layer_kernels_match_net_conv(dtype, S, N, cin):
+    """wino_in, the products, wino_out (one layer forward) and wino_gout, wino_gin, wino_to_filters (its
+    backward) against net_conv.pool, conv3x3, up and their adjoints, on image chunks 1:4 of 5."""
+    rng = np.random.default_rng(S + cin)
+    n, C, lo, hi = 5, 4, 1, 4
+    a = np.tanh(rng.standard_normal((n, S, S, cin))).astype(dtype)
+    Ks = [rng.standard_normal((3, 3, cin, C)).astype(dtype) for _ in range(N)]
+    c = rng.standard_normal(C).astype(dtype)
+    g = rng.standard_normal((n, S, S, C)).astype(dtype)
+    tiles = [n * ((S // 2 ** s + 1) // 2) ** 2 for s in range(N)]
+    buf = lambda w: [cpu_conv.tile_buffer(r, w, dtype) for r in tiles]
+    z = np.zeros((n, S, S, C), dtype)
+    V = buf(cin)
+    cpu_conv.conv_layer(a, [cpu_conv.filters_to_wino(K) for K in Ks], c, z, V, buf(C), lo, hi,
+                        dtype == np.float64)
+    twin = np.tanh(c + sum(net_conv.up(net_conv.conv3x3(net_conv.pool(a, 2 ** s), Ks[s]), 2 ** s)
+                           for s in range(N)))
+    assert rel_err(z[lo:hi], twin[lo:hi]) < TOL[dtype]
+    assert not np.any(z[:lo]) and not np.any(z[hi:])
+    gU = [np.zeros((16, cin, C), dtype) for _ in range(N)]
+    ga = np.zeros((n, S, S, cin), dtype)
+    UT = [np.ascontiguousarray(cpu_conv.filters_to_wino(K).transpose(0, 2, 1)) for K in Ks]
+    cpu_conv.conv_layer_backward(g, a, UT, V, buf(C), buf(cin), gU, ga, lo, hi, True, True)
+    g_a = 0.0
+    for s in range(N):
+        m = 2 ** s
+        ga_s, gK = net_conv.conv3x3_backward(net_conv.pool(a[lo:hi], m), Ks[s], net_conv.up_adjoint(g[lo:hi], m))
+        g_a = g_a + net_conv.pool_adjoint(ga_s, m)
+        assert rel_err(cpu_conv.wino_to_filters(gU[s]), gK) < TOL[dtype], s
+    assert rel_err(ga[lo:hi], g_a * (1 - a[lo:hi] ** 2)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_forward_backward_match_the_twin(dtype):
+    """out, every parameter's gradient and ∂x; the same numbers with one thread or two."""
+    cfg = dict(CFG, scales=3)                         # 8 × 8: scales of 8, 4, 2 pixels
+    rng = np.random.default_rng(0)
+    p = {k: v for k, v in perturbed(cfg, rng, dtype).items() if k != "c"}
+    n = 19                                            # image chunks of 7, 6, 6 with CONV_ROWS 8
+    x, t = rng.standard_normal((n, cfg["D"])), rng.integers(2, cfg["T"] + 1, n)
+    twin = net_conv.ConvImageNet(cfg)
+    out, cache = twin.forward(p, x, t)
+    g_out = rng.standard_normal(out.shape)
+    grads, g_x = twin.backward(p, cache, g_out)
+    results = []
+    for threads in (1, 2):
+        fast = cpu_conv.FastConvNet(cfg, threads=threads)
+        o, c = fast.forward(p, x, t)
+        gr, gx = fast.backward(p, c, g_out)
+        assert o.dtype == np.float64 and gx.dtype == dtype
+        assert rel_err(o, out) < TOL[dtype] and rel_err(gx, g_x) < TOL[dtype]
+        assert gr.keys() == grads.keys()
+        for k in grads:
+            assert gr[k].dtype == dtype and gr[k].shape == grads[k].shape
+            assert rel_err(gr[k], grads[k]) < TOL[dtype], k
+        results.append([o, gx] + [gr[k] for k in sorted(gr)])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def batches(cfg, rng, n, k):
+    return [(rng.standard_normal((n, cfg["D"])), rng.standard_normal((n, cfg["D"])),
+             rng.integers(2, cfg["T"] + 1, n)) for _ in range(k)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_trainer_matches_gaussian_and_adam(dtype):
+    """loss_and_grads against gaussian.loss_and_grads on the twin, then steps against adam.Adam; two threads
+    give the same numbers as one."""
+    rng = np.random.default_rng(1)
+    p = perturbed(CFG, rng, dtype)
+    consts = gaussian.Gaussian(CFG, net_conv.ConvImageNet)
+    bs = batches(CFG, rng, 9, 2)
+    x0, eps, t = bs[0]
+    loss, grads = gaussian.loss_and_grads({k: v.copy() for k, v in p.items()}, consts, x0, eps, t)
+    trs = [cpu_conv.Trainer(consts, 9, dtype=dtype, threads=k) for k in (1, 2)]
+    for tr in trs:
+        tr.load(p)
+        assert abs(tr.loss_and_grads(x0, eps, t) - loss) < TOL[dtype] * 10 * abs(loss)
+        for k in grads:
+            assert rel_err(tr.grads[k], grads[k]) < TOL[dtype] * 10, k
+    twin_p = {k: v.copy() for k, v in p.items()}
+    opt = Adam(twin_p)
+    for x0, eps, t in bs:
+        _, g = gaussian.loss_and_grads(twin_p, consts, x0, eps, t)
+        opt.step(twin_p, g, 1e-2)
+        for tr in trs:
+            tr.step(x0, eps, t, 1e-2)
+    for k in p:
+        np.testing.assert_array_equal(trs[0].params[k], trs[1].params[k])
+        for mine, theirs in ((trs[0].params[k], twin_p[k]), (trs[0].m[k], opt.m[k]), (trs[0].v[k], opt.v[k])):
+            scale = max(np.max(np.abs(theirs)), 1e-2)
+            assert np.max(np.abs(mine - theirs)) < TOL[dtype] * 100 * scale, k
+
+
+def test_evaluate_and_sample_match_gaussian_on_the_twin():
+    rng = np.random.default_rng(4)
+    p = perturbed(CFG, rng, np.float64)
+    twin = gaussian.Gaussian(CFG, net_conv.ConvImageNet)
+    x0 = rng.standard_normal((3, CFG["D"]))
+    per, kl_t = cpu_conv.evaluate(p, twin, x0, np.random.default_rng(9), n_draws=1)
+    per_ref, kl_t_ref = gaussian.evaluate(p, twin, x0, np.random.default_rng(9), n_draws=1)
+    assert rel_err(per, per_ref) < 1e-11 and rel_err(kl_t, kl_t_ref) < 1e-11
+    x, kept = cpu_conv.sample(p, twin, 3, np.random.default_rng(8), keep=(CFG["T"], 1))
+    x_ref, kept_ref = gaussian.sample(p, twin, 3, np.random.default_rng(8), keep=(CFG["T"], 1))
+    assert kept.keys() == kept_ref.keys() and rel_err(x, x_ref) < 1e-11
+    assert isinstance(cpu_conv.fast_consts(twin).net, cpu_conv.FastConvNet)
