@@ -244,8 +244,7 @@ def mnist_bench(backend, a, want, emit):
                    what=f"one reverse step of 64 images (sample with T = {scfg['T']}, per step)"))
 
 
-DEADLEAVES = {"T": 1000, "J": 10, "D": 256, "conv_layers": 3, "channels": 32, "scales": 3, "P": 32, "beta1": 1e-4,
-              "beta_T": 0.5, "scale": 1.0, "shift": 0.0}
+DEADLEAVES = datasets.DEADLEAVES.model      # train.py's dead-leaves network
 
 
 def deadleaves_step_flops(cfg, n):

@@ -16,16 +16,31 @@ products 20.3 ms, the Winograd products 9.7 ms (BLAS gets about the same GFLOP/s
 
     wino_in    pool_m (fused) then the input transform V = Bᵀ d B of every tile; twin: the convolution's
                input side (net_conv.pool, net_conv.conv3x3's zero padding)
-    wino_out   the output transform Y = Aᵀ M A, upsampled (up_m) and summed over scales onto the tied bias,
-               tanh fused on the last scale; twin: net_conv.up and ConvImageNet.features_forward's sum
-    wino_gout  up_m's adjoint (block sums) then the adjoint of the output transform, ∂M = A ∂Y Aᵀ;
-               twin: net_conv.up_adjoint
-    wino_gin   the adjoint of the input transform, ∂d = B ∂V Bᵀ, scattered onto the overlapping tiles, then
-               pool_m's adjoint, summed over scales, times 1 − h² (∂ through the layer below's tanh) on the
-               last scale; twin: net_conv.pool_adjoint and conv3x3_backward's ∂a
-The products, ∂U = Vᵀ ∂M and ∂V = ∂M Uᵀ (16 each) are np.matmul; ∂K = Gᵀ ∂U G in NumPy (twin:
-conv3x3_backward's ∂K). Together the kernels and products equal net_conv.conv3x3 and conv3x3_backward to
-rounding (the transforms are exact in exact arithmetic).
+    wino_out   the output transform Y = Aᵀ M A, plus the coarser scales' sum under each tile (up₂), written
+               once at the scale's resolution; on the finest scale z = tanh(c + that) (the tied bias);
+               twin: net_conv.up and ConvImageNet.features_forward's sum
+    wino_gout  the adjoint of the output transform, ∂M = A ∂Y Aᵀ, and the 2 × 2 block sums of ∂Y, the next
+               scale's ∂Y (up_m's adjoint one factor 2 at a time); twin: net_conv.up_adjoint
+    wino_gin   the adjoint of the input transform, ∂d = B ∂V Bᵀ, scattered onto the overlapping tiles, plus ¼
+               of the coarser scales' sum over each 2 × 2 block (pool₂'s adjoint), times 1 − h² (∂ through
+               the layer below's tanh) on the finest; twin: net_conv.pool_adjoint and conv3x3_backward's ∂a
+    thin_forward, thin_backward  the products where Cin = 1 (the first layer), as loops
+The scales run coarsest first forward (each adds the coarser sum, so z is written once) and finest first
+backward for ∂U (each makes the next scale's ∂Y), coarsest first for ∂a. The transforms take a whole tile
+row at a time: each image row split into its even and odd pixels, every step of F(2 × 2, 3 × 3) is a
+shifted elementwise loop over T·C numbers (the T tiles of a tile row are consecutive rows of the tile
+buffers). The products, V @ U, ∂U = Vᵀ ∂M and ∂V = ∂M Uᵀ (16 each), are np.matmul (Cin > 1); U = G K Gᵀ
+and ∂K = Gᵀ ∂U G are one product each with G ⊗ G (16, 9). Together the kernels and products equal
+net_conv.conv3x3 and conv3x3_backward to rounding (the transforms are exact in exact arithmetic).
+
+Measured (batch 64, the old and new versions alternating step by step in one process, medians of 30-40
+steps, the machine shared with a training run that keeps one core busy, so ±15 %): one thread, CPU time
+60-62 → 45 ms; two threads, wall clock 52 → 40 ms. In a step now (one thread): the Cin = 32 products about
+18 ms (50-90 GFLOP/s, BLAS's own at these shapes), the four transforms about 16 ms together (5.5 ms when
+each runs alone over the batch, probably because in a step V and M come from L3), the per-pixel MLP 5-6 ms.
+Before: the transforms 23 ms (per tile, 16 loops of 32 numbers: 2-4× slower than the tile-row loops
+alone), the Cin = 1 products 4.6 ms (np.matmul at about 1 GFLOP/s), the filter einsums 1.5 ms. CONV_ROWS:
+8 was best of 2, 4, 8, 16 (4: +6 %, 16: +11 %).
 
 Threads: an image's path through every layer is independent of the other images', so the whole forward is
 one phase of image chunks (conv_chunks) and the whole backward another, each chunk keeping its own sums of
@@ -52,6 +67,7 @@ ONE = np.float32(1.0)
 
 # F(2×2, 3×3) (Lavin & Gray 2016, correlation form): Y = Aᵀ [(G K Gᵀ) ⊙ (Bᵀ d B)] A
 G_WINO = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+GG_WINO = np.kron(G_WINO, G_WINO)           # (16, 9): U[4p + q] = Σ_{u,v} G[p, u] G[q, v] K[u, v]
 
 
 # ---------------------------------------------------------------- kernels
@@ -73,11 +89,6 @@ def _tanh32(x):
     q = x2 * q + f(2.26843463243900e-03)
     q = x2 * q + f(4.89352518554385e-03)
     return x * p / q
-
-
-@scalar
-def _act(z, exact):
-    return math.tanh(z) if exact else _tanh32(z)
 
 
 # Loops over one channel vector (or a row of them) with two or three arrays each, inlined: LLVM vectorises a
@@ -143,202 +154,279 @@ def _sub3(a, b, c, o):
 
 
 @scalar
-def _pool_rows(hi_, m, Sm, cin, inv, o):
-    """o (flat row of Sm channel vectors) = the m × m block means of rows hi_ (m rows of the full image)."""
-    for x in range(Sm * cin):
-        o[x] = 0.0
-    for u in range(m):
-        src = hi_[u]
-        for x in range(Sm):
-            ox = o[x * cin:(x + 1) * cin]
-            for v in range(m):
-                sv = src[(x * m + v) * cin:(x * m + v + 1) * cin]
-                for c in range(cin):
-                    ox[c] += sv[c]
-    for x in range(Sm * cin):
-        o[x] *= inv
+def _zero(o):
+    for k in range(o.shape[0]):
+        o[k] = 0.0
+
+
+@scalar
+def _dec(o, a):
+    for k in range(o.shape[0]):
+        o[k] -= a[k]
+
+
+# The transforms below work on whole tile rows: in the tile buffers (16, R, C) the T tiles of a tile row are
+# consecutive rows, so each of the 16 positions of a tile row is one contiguous run of T·C numbers. An image
+# row is first split into its even and odd pixels (a row of E | O, each T·C long: pixel 2j and 2j + 1 at j·C),
+# after which every step of F(2×2, 3×3) along the row is a shifted elementwise op over a whole run: long loops
+# that vectorise, rather than 16 loops of C (32) numbers per tile (measured 4-5× slower at C = 32).
 
 
 @kernel
 def wino_in(h, m, V, lo, hi):
     """Images lo:hi of h (n, S, S, Cin): the m × m mean pool (m = 1: h itself), zero-padded by one pixel,
     cut into 4 × 4 tiles at stride 2 (T × T tiles, T = ⌈S/m / 2⌉), each tile d → V[:, r] = Bᵀ d B (16, Cin),
-    r = image · T² + tile row · T + tile column. Rows of the padded image first (t = Bᵀ d, whole rows at
-    once), then columns, tile by tile."""
+    r = image · T² + tile row · T + tile column (V: (16, R ≥ rows, Cin), C-contiguous). Each padded row is
+    held as its even and odd columns (E | O, (T + 1)·Cin each); rows first (t = Bᵀ d, whole rows), then the
+    columns of a whole tile row at once (shifted runs of E and O)."""
     n, S, _, cin = h.shape
     Sm = S // m
     T = (Sm + 1) // 2
-    W = (2 * T + 2) * cin
-    buf = np.zeros((2 * T + 2, W), h.dtype)
-    t = np.empty((4, W), h.dtype)
+    W = (T + 1) * cin
+    Tc = T * cin
+    V2 = V.reshape(16, V.shape[1] * cin)
+    buf = np.zeros((2 * T + 2, 2 * W), h.dtype)
+    t = np.empty((4, 2 * W), h.dtype)
+    acc = np.empty(S * cin, h.dtype)
     inv = h.dtype.type(1.0 / (m * m))
     for i in range(lo, hi):
         hf = h[i].reshape(S, S * cin)
         for y in range(Sm):
-            _pool_rows(hf[y * m:(y + 1) * m], m, Sm, cin, inv, buf[1 + y, cin:(Sm + 1) * cin])
+            row = buf[1 + y]
+            if m == 1:
+                src = hf[y]
+            else:
+                _copy(hf[y * m], acc)              # the block's rows summed, then its columns
+                for u in range(1, m):
+                    _acc(acc, hf[y * m + u])
+                src = acc
+            for x in range(Sm):                    # pixel x is padded column x + 1: E[(x + 1) / 2] or O[x / 2]
+                j0 = ((x + 1) // 2) * cin if x % 2 else W + (x // 2) * cin
+                o = row[j0:j0 + cin]
+                if m == 1:
+                    _copy(src[x * cin:(x + 1) * cin], o)
+                else:
+                    _copy(src[x * m * cin:(x * m + 1) * cin], o)
+                    for v in range(1, m):
+                        _acc(o, src[(x * m + v) * cin:(x * m + v + 1) * cin])
+                    for c in range(cin):
+                        o[c] *= inv
         for ti in range(T):
             b0, b1, b2, b3 = buf[2 * ti], buf[2 * ti + 1], buf[2 * ti + 2], buf[2 * ti + 3]
             _sub(b0, b2, t[0])
             _add(b1, b2, t[1])
             _sub(b2, b1, t[2])
             _sub(b1, b3, t[3])
-            for tj in range(T):
-                r = i * T * T + ti * T + tj
-                x0 = 2 * tj * cin
-                for p in range(4):
-                    tp = t[p]
-                    d0, d1 = tp[x0:x0 + cin], tp[x0 + cin:x0 + 2 * cin]
-                    d2, d3 = tp[x0 + 2 * cin:x0 + 3 * cin], tp[x0 + 3 * cin:x0 + 4 * cin]
-                    _sub(d0, d2, V[4 * p, r])
-                    _add(d1, d2, V[4 * p + 1, r])
-                    _sub(d2, d1, V[4 * p + 2, r])
-                    _sub(d1, d3, V[4 * p + 3, r])
+            r = (i * T * T + ti * T) * cin
+            for p in range(4):
+                te0, te1 = t[p, 0:Tc], t[p, cin:cin + Tc]            # d0, d2 of every tile of the row
+                to0, to1 = t[p, W:W + Tc], t[p, W + cin:W + cin + Tc]  # d1, d3
+                _sub(te0, te1, V2[4 * p, r:r + Tc])
+                _add(to0, te1, V2[4 * p + 1, r:r + Tc])
+                _sub(te1, to0, V2[4 * p + 2, r:r + Tc])
+                _sub(to0, to1, V2[4 * p + 3, r:r + Tc])
 
 
 @kernel
-def wino_out(M, m, bias, z, lo, hi, first, last, exact):
-    """Images lo:hi: each tile's M[:, r] (16, C) → its 2 × 2 outputs Y = Aᵀ M A at scale m, each spread over its
-    m × m block of z (n, S, S, C) (up_m): z = bias + Y where first, z += Y otherwise; tanh after where last
-    (every pixel is in exactly one block of each scale)."""
-    n, S, _, C = z.shape
-    Sm = S // m
+def wino_out(M, bias, coarse, out, lo, hi, final, exact):
+    """Images lo:hi at one scale (out (n, Sm, Sm, C)): each tile's M[:, r] (16, C) → its 2 × 2 outputs
+    Y = Aᵀ M A, plus, where coarse has images (n, Sm/2, Sm/2, C: the sum of the coarser scales), the coarse
+    pixel under the tile (up₂: a tile's 2 × 2 outputs are exactly one pixel's block of the next scale);
+    final (the finest scale): out = tanh(bias + that), else out = that. A whole tile row at once, the 2 × 2
+    outputs then spread onto their pixels."""
+    n, Sm, _, C = out.shape
     T = (Sm + 1) // 2
-    s4 = np.empty((8, C), z.dtype)
-    y4 = np.empty((4, C), z.dtype)
+    TC = T * C
+    M2 = M.reshape(16, M.shape[1] * C)
+    s4 = np.empty((8, TC), out.dtype)
+    y4 = np.empty((4, TC), out.dtype)
+    has_coarse = coarse.shape[0] > 0
     for i in range(lo, hi):
-        zi = z[i]
         for ti in range(T):
-            for tj in range(T):
-                r = i * T * T + ti * T + tj
-                for q in range(4):
-                    _add3(M[q, r], M[4 + q, r], M[8 + q, r], s4[q])
-                    _sub3(M[4 + q, r], M[8 + q, r], M[12 + q, r], s4[4 + q])
-                for a in range(2):
-                    _add3(s4[4 * a], s4[4 * a + 1], s4[4 * a + 2], y4[2 * a])
-                    _sub3(s4[4 * a + 1], s4[4 * a + 2], s4[4 * a + 3], y4[2 * a + 1])
-                for a in range(2):
-                    Y = 2 * ti + a
-                    if Y >= Sm:
-                        continue
+            r = (i * T * T + ti * T) * C
+            for q in range(4):
+                m0, m1, m2, m3 = M2[q, r:r + TC], M2[4 + q, r:r + TC], M2[8 + q, r:r + TC], M2[12 + q, r:r + TC]
+                _add3(m0, m1, m2, s4[q])
+                _sub3(m1, m2, m3, s4[4 + q])
+            for a in range(2):
+                _add3(s4[4 * a], s4[4 * a + 1], s4[4 * a + 2], y4[2 * a])
+                _sub3(s4[4 * a + 1], s4[4 * a + 2], s4[4 * a + 3], y4[2 * a + 1])
+            if has_coarse:
+                cr = coarse[i, ti].reshape(TC)
+                for k in range(4):
+                    _acc(y4[k], cr)
+            for a in range(2):
+                Y = 2 * ti + a
+                if Y >= Sm:
+                    continue
+                orow = out[i, Y]
+                for tj in range(T):
                     for b in range(2):
                         X = 2 * tj + b
                         if X >= Sm:
                             continue
-                        yv = y4[2 * a + b]
-                        for u in range(m):
-                            for v in range(m):
-                                o = zi[Y * m + u, X * m + v]
-                                if first:
-                                    _add(bias, yv, o)
-                                else:
-                                    _acc(o, yv)
-                                if last:
-                                    for c in range(C):
-                                        o[c] = _act(o[c], exact)
+                        yv, o = y4[2 * a + b, tj * C:(tj + 1) * C], orow[X]
+                        if not final:
+                            _copy(yv, o)
+                        elif exact:
+                            for c in range(C):
+                                o[c] = math.tanh(bias[c] + yv[c])
+                        else:
+                            for c in range(C):
+                                o[c] = _tanh32(bias[c] + yv[c])
 
 
 @kernel
-def wino_gout(g, m, gM, lo, hi):
-    """Images lo:hi of g = ∂L/∂z (n, S, S, C): up_m's adjoint (the sum over each m × m block, zero past the
-    edge of the last tile) then, per tile, ∂M[:, r] = A ∂Y Aᵀ (16, C): rows first (whole rows), then columns."""
-    n, S, _, C = g.shape
-    Sm = S // m
+def wino_gout(G, gM, coarse, lo, hi):
+    """Images lo:hi of G = ∂L/∂(a scale's output) (n, Sm, Sm, C): per tile, ∂M[:, r] = A ∂Y Aᵀ (16, C), and,
+    where coarse has images, its 2 × 2 block sums into coarse (n, Sm/2, Sm/2, C): up₂'s adjoint, the next
+    scale's G. A tile row at once: its two image rows split into even and odd pixels (zero past the edge),
+    rows first, then columns."""
+    n, Sm, _, C = G.shape
     T = (Sm + 1) // 2
-    W = 2 * T * C
-    gy = np.zeros((2 * T, W), g.dtype)
-    t = np.empty((4, W), g.dtype)
+    TC = T * C
+    gM2 = gM.reshape(16, gM.shape[1] * C)
+    rr = np.zeros((2, 2 * TC), G.dtype)
+    t = np.empty((4, 2 * TC), G.dtype)
+    has_coarse = coarse.shape[0] > 0
     for i in range(lo, hi):
-        gf = g[i].reshape(S, S * C)
-        for y in range(Sm):
-            _pool_rows(gf[y * m:(y + 1) * m], m, Sm, C, g.dtype.type(1.0), gy[y, :Sm * C])
         for ti in range(T):
-            r0, r1 = gy[2 * ti], gy[2 * ti + 1]
+            for a in range(2):
+                Y = 2 * ti + a
+                ra = rr[a]
+                if Y >= Sm:
+                    _zero(ra)
+                    continue
+                grow = G[i, Y]
+                for X in range(2 * T):
+                    o = ra[(X % 2) * TC + (X // 2) * C:(X % 2) * TC + (X // 2 + 1) * C]
+                    if X < Sm:
+                        _copy(grow[X], o)
+                    else:
+                        _zero(o)
+            r0, r1 = rr[0], rr[1]
             # Aᵀ's columns (1, 0), (1, 1), (1, −1), (0, −1)
             _copy(r0, t[0])
             _add(r0, r1, t[1])
             _sub(r0, r1, t[2])
             _neg(r1, t[3])
-            for tj in range(T):
-                r = i * T * T + ti * T + tj
-                x0 = 2 * tj * C
-                for p in range(4):
-                    tp = t[p]
-                    a0, a1 = tp[x0:x0 + C], tp[x0 + C:x0 + 2 * C]
-                    _copy(a0, gM[4 * p, r])
-                    _add(a0, a1, gM[4 * p + 1, r])
-                    _sub(a0, a1, gM[4 * p + 2, r])
-                    _neg(a1, gM[4 * p + 3, r])
+            r = (i * T * T + ti * T) * C
+            for p in range(4):
+                a0, a1 = t[p, :TC], t[p, TC:]
+                _copy(a0, gM2[4 * p, r:r + TC])
+                _add(a0, a1, gM2[4 * p + 1, r:r + TC])
+                _sub(a0, a1, gM2[4 * p + 2, r:r + TC])
+                _neg(a1, gM2[4 * p + 3, r:r + TC])
+            if has_coarse:
+                cr = coarse[i, ti].reshape(TC)
+                e0, o0, e1, o1 = r0[:TC], r0[TC:], r1[:TC], r1[TC:]
+                for k in range(TC):
+                    cr[k] = (e0[k] + o0[k]) + (e1[k] + o1[k])
 
 
 @kernel
-def wino_gin(gV, m, ga, h, lo, hi, first, last, act):
-    """Images lo:hi: each tile's ∂V[:, r] (16, Cin) → ∂d = B ∂V Bᵀ (4 × 4) added onto the zero-padded pooled
-    image, whose inside, spread by pool_m's adjoint (/m² over each block), goes into ga (n, S, S, Cin):
-    set where first, added otherwise; where last and act, ga ⊙= 1 − h² after (∂ through h = tanh(·)).
-    Columns first, tile by tile, into four rows; then the rows, whole rows at once."""
-    n, S, _, cin = ga.shape
-    Sm = S // m
+def wino_gin(gV, coarse, out, h, lo, hi, first, act):
+    """Images lo:hi at one scale (out (n, Sm, Sm, Cin)): each tile's ∂V[:, r] (16, Cin) → ∂d = B ∂V Bᵀ (4 × 4)
+    added onto the zero-padded image; its inside, plus where coarse has images (n, Sm/2, Sm/2, Cin: the
+    coarser scales' sum) ¼ of the coarse pixel over each 2 × 2 block (pool₂'s adjoint), goes into out: set
+    where first, added otherwise; where act, out ⊙= 1 − h² after (∂ through h = tanh(·)). Columns first, a
+    whole tile row at once (shifted runs of E | O, as wino_in), then the rows."""
+    n, Sm, _, cin = out.shape
     T = (Sm + 1) // 2
-    W = (2 * T + 2) * cin
-    buf = np.zeros((2 * T + 2, W), ga.dtype)
-    w = np.zeros((4, W), ga.dtype)
-    inv = ga.dtype.type(1.0 / (m * m))
+    W = (T + 1) * cin
+    Tc = T * cin
+    gV2 = gV.reshape(16, gV.shape[1] * cin)
+    buf = np.zeros((2 * T + 2, 2 * W), out.dtype)
+    w = np.zeros((4, 2 * W), out.dtype)
+    quarter = out.dtype.type(0.25)
+    has_coarse = coarse.shape[0] > 0
     for i in range(lo, hi):
-        buf[...] = 0.0
+        for k in range(2 * T + 2):
+            _zero(buf[k])
         for ti in range(T):
-            w[...] = 0.0
-            for tj in range(T):
-                r = i * T * T + ti * T + tj
-                x0 = 2 * tj * cin
-                for p in range(4):
-                    # Bᵀ's columns: (1,0,0,0), (0,1,−1,1), (−1,1,1,0), (0,0,0,−1)
-                    wp = w[p]
-                    v0, v1, v2, v3 = gV[4 * p, r], gV[4 * p + 1, r], gV[4 * p + 2, r], gV[4 * p + 3, r]
-                    _acc(wp[x0:x0 + cin], v0)
-                    _acc_pmp(wp[x0 + cin:x0 + 2 * cin], v1, v2, v3)
-                    _acc_ppm(wp[x0 + 2 * cin:x0 + 3 * cin], v1, v2, v0)
-                    o = wp[x0 + 3 * cin:x0 + 4 * cin]
-                    for c in range(cin):
-                        o[c] -= v3[c]
+            r = (i * T * T + ti * T) * cin
+            for p in range(4):
+                # Bᵀ's columns: (1,0,0,0), (0,1,−1,1), (−1,1,1,0), (0,0,0,−1) onto columns 2tj .. 2tj + 3
+                wp = w[p]
+                _zero(wp)
+                v0, v1 = gV2[4 * p, r:r + Tc], gV2[4 * p + 1, r:r + Tc]
+                v2, v3 = gV2[4 * p + 2, r:r + Tc], gV2[4 * p + 3, r:r + Tc]
+                _acc(wp[0:Tc], v0)
+                _acc_pmp(wp[W:W + Tc], v1, v2, v3)
+                _acc_ppm(wp[cin:cin + Tc], v1, v2, v0)
+                _dec(wp[W + cin:W + cin + Tc], v3)
             _acc(buf[2 * ti], w[0])
             _acc_pmp(buf[2 * ti + 1], w[1], w[2], w[3])
             _acc_ppm(buf[2 * ti + 2], w[1], w[2], w[0])
-            o = buf[2 * ti + 3]
-            w3 = w[3]
-            for c in range(W):
-                o[c] -= w3[c]
-        gi, hh = ga[i].reshape(S, S * cin), h[i].reshape(S, S * cin)
+            _dec(buf[2 * ti + 3], w[3])
         for y in range(Sm):
-            src = buf[1 + y, cin:(Sm + 1) * cin]
-            for u in range(m):
-                o, a = gi[y * m + u], hh[y * m + u]
-                for x in range(Sm):
-                    sx = src[x * cin:(x + 1) * cin]
-                    for v in range(m):
-                        ox = o[(x * m + v) * cin:(x * m + v + 1) * cin]
-                        if first:
-                            for c in range(cin):
-                                ox[c] = sx[c] * inv
-                        else:
-                            for c in range(cin):
-                                ox[c] += sx[c] * inv
-                if last and act:
-                    for c in range(S * cin):
-                        o[c] *= ONE - a[c] * a[c]
+            row, orow, hrow = buf[1 + y], out[i, y], h[i, y]
+            for x in range(Sm):
+                j0 = ((x + 1) // 2) * cin if x % 2 else W + (x // 2) * cin
+                s, o = row[j0:j0 + cin], orow[x]
+                if has_coarse:
+                    q = coarse[i, y // 2, x // 2]
+                    if first:
+                        for c in range(cin):
+                            o[c] = s[c] + quarter * q[c]
+                    else:
+                        for c in range(cin):
+                            o[c] += s[c] + quarter * q[c]
+                elif first:
+                    _copy(s, o)
+                else:
+                    _acc(o, s)
+                if act:
+                    hh = hrow[x]
+                    for c in range(cin):
+                        o[c] *= ONE - hh[c] * hh[c]
 
+
+# One input channel (the first layer): NumPy's matmul over an inner dimension of 1 ran at about 1 GFLOP/s
+# (4.6 ms of a batch-64 step for 5.5 MFLOP), so its products are these loops.
+
+@kernel
+def thin_forward(V, U, M, rl, rh):
+    """M[p, r] = V[p, r, 0] U[p, 0] for rows rl:rh and p < 16: V @ U where Cin = 1."""
+    for p in range(16):
+        u = U[p, 0]
+        for r in range(rl, rh):
+            v, o = V[p, r, 0], M[p, r]
+            for c in range(o.shape[0]):
+                o[c] = v * u[c]
+
+
+@kernel
+def thin_backward(V, gM, U, gU, gV, rl, rh, with_gV):
+    """Rows rl:rh where Cin = 1: gU[p, 0] = Σ_r V[p, r, 0] gM[p, r] (set) and, where with_gV,
+    gV[p, r, 0] = gM[p, r] · U[p, 0] (U: (16, 1, C), the filters, not their transposes)."""
+    for p in range(16):
+        g, u = gU[p, 0], U[p, 0]
+        for c in range(g.shape[0]):
+            g[c] = 0.0
+        for r in range(rl, rh):
+            v, row = V[p, r, 0], gM[p, r]
+            for c in range(g.shape[0]):
+                g[c] += v * row[c]
+            if with_gV:
+                s = row[0] - row[0]
+                for c in range(row.shape[0]):
+                    s += row[c] * u[c]
+                gV[p, r, 0] = s
 
 # ---------------------------------------------------------------- the transforms of the filters (NumPy)
 
 def filters_to_wino(K):
-    """K (3, 3, Cin, C) → U (16, Cin, C) = G K Gᵀ per channel pair, in K's dtype."""
-    G = G_WINO.astype(K.dtype)
-    return np.einsum("pu,qv,uvco->pqco", G, G, K).reshape(16, K.shape[2], K.shape[3])
+    """K (3, 3, Cin, C) → U (16, Cin, C) = G K Gᵀ per channel pair, in K's dtype: one product (G ⊗ G) (16, 9)
+    @ K as (9, Cin·C) (a three-operand einsum took 1.5 ms a step)."""
+    GG = GG_WINO.astype(K.dtype)
+    return (GG @ K.reshape(9, -1)).reshape(16, K.shape[2], K.shape[3])
 
 
 def wino_to_filters(gU):
-    """The adjoint of filters_to_wino: ∂U (16, Cin, C) → ∂K (3, 3, Cin, C) = Gᵀ ∂U G."""
-    G = G_WINO.astype(gU.dtype)
-    return np.einsum("pu,qv,pqco->uvco", G, G, gU.reshape(4, 4, *gU.shape[1:]))
+    """The adjoint of filters_to_wino: ∂U (16, Cin, C) → ∂K (3, 3, Cin, C) = Gᵀ ∂U G = (G ⊗ G)ᵀ ∂U."""
+    GG = GG_WINO.astype(gU.dtype)
+    return (GG.T @ gU.reshape(16, -1)).reshape(3, 3, *gU.shape[1:])
 
 
 # ---------------------------------------------------------------- the network
@@ -349,41 +437,73 @@ def conv_chunks(n):
     return cpu_train.split(n, max(1, min(MAX_CHUNKS, -(-n // CONV_ROWS))))
 
 
-def conv_layer(a, Ks, c, z, V, M, lo, hi, exact):
+def scale_buffers(n, S, N, c, dt):
+    """[None, then (n, S/2^s, S/2^s, c) zeros for s = 1 .. N − 1]: the coarse scales' sums (forward: Σ of the
+    scales at or below s, at s's resolution; backward: ∂ at s, or the input ∂ summed over scales ≥ s)."""
+    return [None] + [np.zeros((n, S >> s, S >> s, c), dt) for s in range(1, N)]
+
+
+def _no_coarse(dt):
+    return np.zeros((0, 0, 0, 0), dt)
+
+
+def conv_layer(a, Ks, c, z, V, M, lo, hi, exact, A=None):
     """Images lo:hi of one multi-scale layer: h = tanh(c + Σ_s up(conv3x3(pool(a, 2^s), Ks[s]), 2^s)) into z,
-    Ks[s] given as U (filters_to_wino); V[s], M[s] (tiles, 16, ·) the scale's tiles and products."""
-    N = len(Ks)
-    for s in range(N):
+    Ks[s] given as U (filters_to_wino); V[s], M[s] (tile_buffer, 16, ·) the scale's tiles and products; A
+    (scale_buffers, C channels) the coarse scales' sums. Coarsest scale first, each scale's output plus the
+    coarser sum (up₂) written once at its own resolution, the finest one into z through c and tanh."""
+    N, n, S = len(Ks), a.shape[0], a.shape[1]
+    A = scale_buffers(n, S, N, z.shape[3], z.dtype) if A is None else A
+    for s in range(N - 1, -1, -1):
         m = 2 ** s
-        T2 = ((a.shape[1] // m + 1) // 2) ** 2
-        wino_in(a, m, V[s], lo, hi)
+        T2 = ((S // m + 1) // 2) ** 2
         rl, rh = lo * T2, hi * T2
-        np.matmul(V[s][:, rl:rh], Ks[s], out=M[s][:, rl:rh])
-        wino_out(M[s], m, c, z, lo, hi, s == 0, s == N - 1, exact)
+        wino_in(a, m, V[s], lo, hi)
+        if a.shape[3] == 1:
+            thin_forward(V[s], Ks[s], M[s], rl, rh)
+        else:
+            np.matmul(V[s][:, rl:rh], Ks[s], out=M[s][:, rl:rh])
+        wino_out(M[s], c, A[s + 1] if s + 1 < N else _no_coarse(z.dtype), z if s == 0 else A[s], lo, hi, s == 0,
+                 exact)
 
 
-def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, first, act):
+def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, first, act, G=None, Q=None):
     """Images lo:hi of one layer's backward from g = ∂L/∂z: ∂U of each scale (16, Cin, C) into gU[s] (set),
     and, where ga is not None, ∂L/∂a into ga (set where first, else added; ⊙ (1 − a²) where act: ∂ through
-    a's tanh). Ks_T[s]: Uᵀ (16, C, Cin)."""
-    N = len(Ks_T)
+    a's tanh). Ks_T[s]: Uᵀ (16, C, Cin). G, Q (scale_buffers of C and Cin channels): ∂ at each coarse scale
+    (the block sums of the finer one's, up's adjoint taken one factor 2 at a time) and the input ∂ summed
+    over the scales at or above each (coarsest first, pool's adjoint one factor 2 at a time)."""
+    N, n, S, C, cin = len(Ks_T), g.shape[0], g.shape[1], g.shape[3], a.shape[3]
+    G = scale_buffers(n, S, N, C, g.dtype) if G is None else G
+    Q = scale_buffers(n, S, N, cin, g.dtype) if Q is None else Q
+    none = _no_coarse(g.dtype)
+    rows = []
     for s in range(N):
-        m = 2 ** s
-        T2 = ((g.shape[1] // m + 1) // 2) ** 2
+        T2 = ((S // 2 ** s + 1) // 2) ** 2
         rl, rh = lo * T2, hi * T2
-        wino_gout(g, m, gM[s], lo, hi)
-        np.matmul(V[s][:, rl:rh].transpose(0, 2, 1), gM[s][:, rl:rh], out=gU[s])
-        if ga is not None:
+        rows.append((rl, rh))
+        wino_gout(g if s == 0 else G[s], gM[s], G[s + 1] if s + 1 < N else none, lo, hi)
+        if cin == 1:
+            thin_backward(V[s], gM[s], Ks_T[s].reshape(16, 1, C), gU[s], gV[s], rl, rh, ga is not None)
+        else:
+            np.matmul(V[s][:, rl:rh].transpose(0, 2, 1), gM[s][:, rl:rh], out=gU[s])
+    if ga is None:
+        return
+    for s in range(N - 1, -1, -1):
+        rl, rh = rows[s]
+        if cin > 1:
             np.matmul(gM[s][:, rl:rh], Ks_T[s], out=gV[s][:, rl:rh])
-            wino_gin(gV[s], m, ga, a, lo, hi, first and s == 0, s == N - 1, act)
+        wino_gin(gV[s], Q[s + 1] if s + 1 < N else none, ga if s == 0 else Q[s], a, lo, hi,
+                 first or s > 0, act and s == 0)
 
 
 def tile_buffer(rows, c, dt):
-    """A (16, rows, c) array of zeros for the tiles of one scale, each position's rows padded by 64 bytes or
-    more: with rows · c a power of two, 16 positions a power of two apart share L1 sets and the transforms,
-    which touch all 16 per tile, ran 9× slower (wino_in 14.5 ms against 1.6 at batch 64)."""
+    """A C-contiguous (16, rows + pad, c) array of zeros for the tiles of one scale (the kernels use rows
+    0 .. rows − 1 of each position), each position's rows padded by 64 bytes or more: with rows · c a power
+    of two, 16 positions a power of two apart share L1 sets and the transforms, which touch all 16 per
+    tile, ran 9× slower (wino_in 14.5 ms against 1.6 at batch 64)."""
     pad = max(1, 64 // (c * np.dtype(dt).itemsize))
-    return np.zeros((16, rows + pad, c), dt)[:, :rows]
+    return np.zeros((16, rows + pad, c), dt)
 
 
 class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
@@ -406,6 +526,8 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
             "M": [tile_buffer(n * self._tiles(s), C, dt) for s in range(N)],
             "gM": [tile_buffer(n * self._tiles(s), C, dt) for s in range(N)],
             "gV": {c: [tile_buffer(n * self._tiles(s), c, dt) for s in range(N)] for c in {1, C}},   # by Cin
+            "A": scale_buffers(n, S, N, C, dt), "G": scale_buffers(n, S, N, C, dt),
+            "Q": {c: scale_buffers(n, S, N, c, dt) for c in {1, C}},                                 # by Cin
             "gh": [z(n, S, S, C) for _ in range(2)],
             "gU": [[z(nc, 16, cin(k), C) for s in range(N)] for k in range(1, L + 1)],
             "gc": z(nc, L, C)}
@@ -422,7 +544,7 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
 
         def chunk(lo, hi):
             for k in range(1, L + 1):
-                conv_layer(h[k - 1], Us[k - 1], p[f"c{k}"], h[k], s["V"][k - 1], s["M"], lo, hi, exact)
+                conv_layer(h[k - 1], Us[k - 1], p[f"c{k}"], h[k], s["V"][k - 1], s["M"], lo, hi, exact, s["A"])
 
         self.run([partial(chunk, lo, hi) for lo, hi in conv_chunks(n)])
         return (x, h, Us), h[L].reshape(n, self.D * self.C)
@@ -442,7 +564,8 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
                 np.sum(g[lo:hi].reshape(-1, C), axis=0, out=s["gc"][c, k - 1])
                 ga = s["gh"][k % 2] if k > 1 else gx4
                 conv_layer_backward(g, h[k - 1], UTs[k - 1], s["V"][k - 1], s["gM"], s["gV"][h[k - 1].shape[3]],
-                                    [gU[c] for gU in s["gU"][k - 1]], ga, lo, hi, k > 1, k > 1)
+                                    [gU[c] for gU in s["gU"][k - 1]], ga, lo, hi, k > 1, k > 1, s["G"],
+                                    s["Q"][h[k - 1].shape[3]])
                 g = ga
 
         self.run([partial(chunk, c, lo, hi) for c, (lo, hi) in enumerate(conv_chunks(n))])

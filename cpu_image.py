@@ -290,7 +290,7 @@ def pixel_k(x, f, g, W1, b1, W2, b2, W3, b3, exact, mode, act, io, gx, gf, gW1, 
     sW1T, sb1, sW2, sb2 = np.zeros((P4, F1), dt), np.zeros(P4, dt), np.zeros((P4, P4), dt), np.zeros(P4, dt)
     We, WeT, be = np.zeros((2, P4), dt), np.zeros((P4, 4), dt), np.zeros(4, dt)
     sWeT, sbe = np.zeros((P4, 2), dt), np.zeros(2, dt)
-    zero = np.zeros(P4, dt)
+    zero = np.zeros(max(P4, F4), dt)     # the zero bias of every block product, gu (F4 rows) included
     u, gu, y = np.zeros((F1, BLK), dt), np.empty((F4, BLK), dt), np.empty((4, BLK), dt)
     h1, h2, gz1, gz2 = (np.empty((P4, BLK), dt), np.empty((P4, BLK), dt), np.empty((P4, BLK), dt),
                         np.empty((P4, BLK), dt))

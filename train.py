@@ -41,7 +41,7 @@ def parse(argv):
     p.add_argument("--T", type=positive(int, 10**6), help="diffusion steps")
     p.add_argument("--hidden", type=positive(int, 2048), help="hidden units per layer")
     p.add_argument("--noise", type=float, help="swissroll: the roll's noise σ, before standardising")
-    p.add_argument("--beta1", type=positive(float), help="swissroll: the fixed first-step variance β₁ (§2.4.1)")
+    p.add_argument("--beta1", type=positive(float), help="the fixed first-step variance β₁ (§2.4.1)")
     p.add_argument("--data-dir", help="mnist: the folder of the four IDX files (default data/mnist)")
     p.add_argument("--pixel-features", type=positive(int, 16),
                    help="mnist: features per pixel from the dense pathway to the per-pixel MLP")

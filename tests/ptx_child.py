@@ -1,5 +1,5 @@
 """Run by tests/test_cuda.py in a child process without the CUDA simulator: compile every kernel of
-cuda_sample.py and cuda_train.py to PTX for compute capability 8.0, which needs no GPU but does need the CUDA toolkit
+cuda_sample.py, cuda_train.py and cuda_image.py to PTX for compute capability 8.0, which needs no GPU but does need the CUDA toolkit
 packages (requirements-gpu.txt). Prints one line per kernel, or "SKIP: why" where the toolkit is missing."""
 import os
 import sys
@@ -17,6 +17,7 @@ from numba.cuda.random import xoroshiro128p_dtype  # noqa: E402
 import numba.cuda.dispatcher as dispatcher  # noqa: E402
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(8, 0))
 
+import cuda_image  # noqa: E402
 import cuda_sample  # noqa: E402
 import cuda_train  # noqa: E402
 
@@ -57,10 +58,23 @@ EXAMPLES = {
     "_hb_head": (f64(3, 20), f64(3, 20), np.zeros(3, np.int64), f64(7, 2, 2), f64(3, 20), 0.01, 0.2, 1.0,
                  f64(3, 20), f64(3)),
     "_sigmoid_back": (f64(3, 20), f64(6, 20), f64(3, 6), f64(3, 6)),
+    # image networks (cuda_image.py): products (A, B, C (splits, M, N), M, N, K, k_split, S1, S2, Ch, accumulate),
+    # n = 2 images of 4 × 4, Cin = 3, Cout = 5
+    "_gemm_nn": (f32(7, 9), f32(9, 6), f32(1, 7, 6), 7, 6, 9, 16, 0, 0, 1, False),
+    "_gemm_tn": (f32(9, 7), f32(9, 6), f32(1, 7, 6), 7, 6, 9, 16, 0, 0, 1, True),
+    "_gemm_nt": (f32(7, 9), f32(6, 9), f32(1, 7, 6), 7, 6, 9, 16, 0, 0, 1, False),
+    "_conv_fwd": (f32(2, 4, 4, 3), f32(27, 5), f32(1, 32, 5), 32, 5, 27, 32, 4, 4, 3, False),
+    "_conv_gin": (f32(2, 4, 4, 5), f32(3, 3, 3, 5), f32(1, 32, 3), 32, 3, 45, 48, 4, 4, 5, False),
+    "_conv_gw": (f32(2, 4, 4, 3), f32(32, 5), f32(2, 27, 5), 27, 5, 32, 16, 4, 4, 3, False),
+    "_sum_splits": (f32(2, 27, 5), f32(27, 5), True),
+    "_pool": (f32(2, 4, 4, 3), 2, f32(2, 2, 2, 3), False),
+    "_pool_adj": (f32(2, 2, 2, 3), 2, f32(2, 4, 4, 3), False),
+    "_up": (f32(2, 2, 2, 3), 2, f32(2, 4, 4, 3), True),
+    "_up_adj": (f32(2, 4, 4, 3), 2, f32(2, 2, 2, 3), True),
 }
 
 if __name__ == "__main__":
-    kernels = {name: v for module in (cuda_sample, cuda_train) for name, v in vars(module).items()
+    kernels = {name: v for module in (cuda_sample, cuda_train, cuda_image) for name, v in vars(module).items()
                if isinstance(v, type(cuda_sample._draw)) and not v.targetoptions.get("device")}
     missing = set(kernels) - set(EXAMPLES)
     if missing:

@@ -2,6 +2,7 @@
 net_conv.ConvImageNet, gaussian.py, adam.py) at small, awkward sizes: a last scale of one pixel (an odd side:
 half-empty Winograd tiles), batches cut into several image chunks, one input channel in the first layer.
 
+More features per pixel (6) than the per-pixel MLP is wide (3): its blocks must size for both.
 float64 must agree with the twin to rounding (1e-12 relative), float32 (how train.py trains) to float32
 rounding (1e-5)."""
 import numpy as np
@@ -13,7 +14,7 @@ import net_conv
 from adam import Adam
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
-CFG = {"T": 8, "J": 3, "D": 64, "conv_layers": 2, "channels": 3, "scales": 2, "P": 5, "beta1": 1e-3,
+CFG = {"T": 8, "J": 3, "D": 64, "conv_layers": 2, "channels": 6, "scales": 2, "P": 3, "beta1": 1e-3,
        "beta_T": 0.5}
 
 
@@ -31,7 +32,8 @@ def perturbed(cfg, rng, dtype, scale=0.3):
 @pytest.mark.parametrize("S, N, cin", [(8, 3, 1), (4, 3, 3)])   # (4, 3): the last scale is 1 × 1
 def test_layer_kernels_match_net_conv(dtype, S, N, cin):
     """wino_in, the products, wino_out (one layer forward) and wino_gout, wino_gin, wino_to_filters (its
-    backward) against net_conv.pool, conv3x3, up and their adjoints, on image chunks 1:4 of 5."""
+    backward) against net_conv.pool, conv3x3, up and their adjoints, on image chunks 1:4 of 5; cin = 1: the
+    products as thin_forward, thin_backward."""
     rng = np.random.default_rng(S + cin)
     n, C, lo, hi = 5, 4, 1, 4
     a = np.tanh(rng.standard_normal((n, S, S, cin))).astype(dtype)
