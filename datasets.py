@@ -244,9 +244,13 @@ def _leaves_report(x, condition, text, noise, rng, cfg):
     drawn = images.report(x, condition, text, noise, rng, cfg)
     side = math.isqrt(cfg["D"])
     s = images.flatness(images.as_uint8(x, cfg), side)
-    d = images.flatness(data.deadleaves(1000, HELDOUT_SEED, **images.leaves_settings(cfg)), side)
+    levels = data.deadleaves(1000, HELDOUT_SEED, **images.leaves_settings(cfg))
+    d = images.flatness(levels, side)
     print(f"adjacent pixel pairs within 2 grey levels: {s['horizontal']:.1%} horizontal, {s['vertical']:.1%} "
           f"vertical (the data: {d['horizontal']:.1%}, {d['vertical']:.1%})")
+    rs, rd = images.flat_runs(images.as_uint8(x, cfg), side), images.flat_runs(levels, side)
+    print("pixels in horizontal flat runs of 1-2, 3-7, 8+ pixels: " + ", ".join(f"{rs[k]:.1%}" for k in rs)
+          + " (the data: " + ", ".join(f"{rd[k]:.1%}" for k in rd) + ")")
     return drawn
 
 

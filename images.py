@@ -99,6 +99,18 @@ def flatness(levels, side):
             "vertical": float(np.mean(np.abs(np.diff(v, axis=1)) <= 2))}
 
 
+def flat_runs(levels, side):
+    """Horizontal flat runs (neighbours within 2 grey levels) in 8-bit images (n, side²), as a gauge of region
+    sizes: the share of pixels in runs of 1–2 pixels, 3–7 and at least 8 (a whole 16-pixel row: 16)."""
+    v = np.asarray(levels, np.int64).reshape(-1, side)
+    brk = np.abs(np.diff(v, axis=1)) > 2                                   # a run ends after column j
+    ends = np.concatenate([brk, np.ones((len(v), 1), bool)], axis=1)
+    pos = np.flatnonzero(ends.ravel()) + 1                                # one past each run's last pixel
+    lengths = np.diff(np.concatenate([[0], pos]))
+    share = lambda lo, hi: float(lengths[(lengths >= lo) & (lengths <= hi)].sum() / lengths.sum())
+    return {"1-2": share(1, 2), "3-7": share(3, 7), "8+": share(8, side)}
+
+
 def ceiling_bits(cfg):
     """−H(X⁽¹⁾|X⁽⁰⁾) = −(D/2) log₂(2πe β₁) in bits per image: K ≤ −H(X⁽¹⁾) ≤ this, since p(x⁽⁰⁾|x⁽¹⁾) is the fixed
     step N(√(1−β₁) x⁽¹⁾, β₁) (App. B.2)."""
@@ -134,8 +146,9 @@ def quality(x, cfg):
 def leaves_quality(x, x_heldout, cfg):
     """quality() and flatness() of the samples beside the held-out patches' (App. D.2's dead leaves)."""
     side = math.isqrt(cfg["D"])
-    return dict(quality(x, cfg), flat_pairs=flatness(as_uint8(x, cfg), side),
-                data_flat_pairs=flatness(as_uint8(x_heldout, cfg), side))
+    xs, xd = as_uint8(x, cfg), as_uint8(x_heldout, cfg)
+    return dict(quality(x, cfg), flat_pairs=flatness(xs, side), data_flat_pairs=flatness(xd, side),
+                flat_runs=flat_runs(xs, side), data_flat_runs=flat_runs(xd, side))
 
 
 def as_uint8(x, cfg):

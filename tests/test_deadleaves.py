@@ -157,3 +157,15 @@ def test_bad_settings_one_line(tmp_path, capsys, flags, words):
     assert run_train(tmp_path, "--data", "deadleaves", *flags, "--steps", "1", out="r") == 2
     assert words in one_error_line(capsys)
     assert not (tmp_path / "r").exists()
+
+
+def test_flatness_and_runs_known_answers():
+    """One 4-pixel row 10 10 11 40 and one of 0 3 6 9: pairs within 2 levels 2 of 3 and 0 of 3; runs of 3 + 1
+    pixels and 4 × 1."""
+    import images
+    rows = np.array([[10, 10, 11, 40], [0, 3, 6, 9], [5, 5, 5, 5], [7, 7, 7, 7]])
+    f = images.flatness(rows.reshape(1, 16), 4)
+    assert f["horizontal"] == pytest.approx((2 + 0 + 3 + 3) / 12)
+    assert f["vertical"] == pytest.approx(np.mean(np.abs(np.diff(rows, axis=0)) <= 2))
+    r = images.flat_runs(rows.reshape(1, 16), 4)
+    assert r == pytest.approx({"1-2": (1 + 4) / 16, "3-7": 11 / 16, "8+": 0.0})
