@@ -14,10 +14,8 @@ Kernels (host wrappers in brackets: device arrays in, device arrays out) and the
   _conv_gin [conv3x3_grad_input]        ∂a (+)= the adjoint of conv3x3 in a     twin: net_conv.conv3x3_backward[0]
   _conv_gw  [conv3x3_grad_weight]       ∂K (+)= the adjoint of conv3x3 in K     twin: net_conv.conv3x3_backward[1]
   _sum_splits                           C (+)= Σ_z P[z] (split-k partial sums, in z's order)
-  _pool     [pool]                      m × m mean pool                         twin: net_conv.pool
-  _pool_adj [pool_adjoint]              g/m² spread over each block             twin: net_conv.pool_adjoint
-  _up       [up]                        nearest-neighbour upsampling by m       twin: net_conv.up
-  _up_adj   [up_adjoint]                the sum over each m × m block           twin: net_conv.up_adjoint
+  _block_sum    [pool, up_adjoint]      w · the sum over each m × m block       twin: net_conv.pool (w = 1/m²), up_adjoint (w = 1)
+  _block_spread [up, pool_adjoint]      w · each value spread over its block    twin: net_conv.up (w = 1), pool_adjoint (w = 1/m²)
 (conv3x3_backward returns both gradients, as the twin does.) Every kernel can accumulate into its output
 (`accumulate=True`: out += ...), as the network's sums over scales need (z = c + Σ_s up(conv(pool(h))),
 ∂h = Σ_s pool_adjoint(∂a_s)).
@@ -325,8 +323,9 @@ def _sum_splits(P, C, accumulate):
 # ---------------------------------------------------------------- pool / upsample (one thread per output)
 
 @cuda.jit
-def _pool(a, m, out, accumulate):
-    """out[n, I, J, c] (+)= mean of a[n, mI:mI+m, mJ:mJ+m, c]; twin net_conv.pool."""
+def _block_sum(a, m, w, out, accumulate):
+    """out[n, I, J, c] (+)= w · Σ of a[n, mI:mI+m, mJ:mJ+m, c]: the mean pool (w = 1/m², twin net_conv.pool) and
+    the upsampling's adjoint (w = 1, twin net_conv.up_adjoint)."""
     e = cuda.grid(1)
     n, S1, S2, C = out.shape
     if e < n * S1 * S2 * C:
@@ -338,7 +337,7 @@ def _pool(a, m, out, accumulate):
         for u in range(m):
             for v in range(m):
                 s += a[b, m * I + u, m * J + v, c]
-        s *= np.float32(1.0) / np.float32(m * m)
+        s *= w
         if accumulate:
             out[b, I, J, c] += s
         else:
@@ -346,8 +345,9 @@ def _pool(a, m, out, accumulate):
 
 
 @cuda.jit
-def _pool_adj(g, m, out, accumulate):
-    """out[n, i, j, c] (+)= g[n, i // m, j // m, c] / m²; twin net_conv.pool_adjoint."""
+def _block_spread(g, m, w, out, accumulate):
+    """out[n, i, j, c] (+)= w · g[n, i // m, j // m, c]: nearest upsampling (w = 1, twin net_conv.up) and the mean
+    pool's adjoint (w = 1/m², twin net_conv.pool_adjoint)."""
     e = cuda.grid(1)
     n, S1, S2, C = out.shape
     if e < n * S1 * S2 * C:
@@ -355,47 +355,11 @@ def _pool_adj(g, m, out, accumulate):
         j = (e // C) % S2
         i = (e // (C * S2)) % S1
         b = e // (C * S2 * S1)
-        s = g[b, i // m, j // m, c] * (np.float32(1.0) / np.float32(m * m))
+        s = g[b, i // m, j // m, c] * w
         if accumulate:
             out[b, i, j, c] += s
         else:
             out[b, i, j, c] = s
-
-
-@cuda.jit
-def _up(z, m, out, accumulate):
-    """out[n, i, j, c] (+)= z[n, i // m, j // m, c]; twin net_conv.up."""
-    e = cuda.grid(1)
-    n, S1, S2, C = out.shape
-    if e < n * S1 * S2 * C:
-        c = e % C
-        j = (e // C) % S2
-        i = (e // (C * S2)) % S1
-        b = e // (C * S2 * S1)
-        if accumulate:
-            out[b, i, j, c] += z[b, i // m, j // m, c]
-        else:
-            out[b, i, j, c] = z[b, i // m, j // m, c]
-
-
-@cuda.jit
-def _up_adj(g, m, out, accumulate):
-    """out[n, I, J, c] (+)= Σ of g[n, mI:mI+m, mJ:mJ+m, c]; twin net_conv.up_adjoint."""
-    e = cuda.grid(1)
-    n, S1, S2, C = out.shape
-    if e < n * S1 * S2 * C:
-        c = e % C
-        J = (e // C) % S2
-        I = (e // (C * S2)) % S1
-        b = e // (C * S2 * S1)
-        s = ZERO
-        for u in range(m):
-            for v in range(m):
-                s += g[b, m * I + u, m * J + v, c]
-        if accumulate:
-            out[b, I, J, c] += s
-        else:
-            out[b, I, J, c] = s
 
 
 # ---------------------------------------------------------------- host wrappers
@@ -492,11 +456,11 @@ def conv3x3_backward(a, K, g):
     return conv3x3_grad_input(K, g), conv3x3_grad_weight(a, g)
 
 
-def _elementwise(kernel, x, m, shape, out):
+def _blockwise(kernel, x, m, w, shape, out):
     y, accumulate = _output(out, shape)
     size = math.prod(shape)
     if size:
-        kernel[blocks(size), TPB](x, m, y, accumulate)
+        kernel[blocks(size), TPB](x, m, np.float32(w), y, accumulate)
     return y
 
 
@@ -504,25 +468,25 @@ def pool(a, m, out=None):
     """net_conv.pool (m × m mean pool); with out, out += it."""
     a = _device(a)
     n, S1, S2, C = a.shape
-    return _elementwise(_pool, a, m, (n, S1 // m, S2 // m, C), out)
+    return _blockwise(_block_sum, a, m, 1.0 / (m * m), (n, S1 // m, S2 // m, C), out)
 
 
 def pool_adjoint(g, m, out=None):
     """net_conv.pool_adjoint; with out, out += it."""
     g = _device(g)
     n, S1, S2, C = g.shape
-    return _elementwise(_pool_adj, g, m, (n, S1 * m, S2 * m, C), out)
+    return _blockwise(_block_spread, g, m, 1.0 / (m * m), (n, S1 * m, S2 * m, C), out)
 
 
 def up(z, m, out=None):
     """net_conv.up (nearest-neighbour upsampling by m); with out, out += it."""
     z = _device(z)
     n, S1, S2, C = z.shape
-    return _elementwise(_up, z, m, (n, S1 * m, S2 * m, C), out)
+    return _blockwise(_block_spread, z, m, 1.0, (n, S1 * m, S2 * m, C), out)
 
 
 def up_adjoint(g, m, out=None):
     """net_conv.up_adjoint (the sum over each block); with out, out += it."""
     g = _device(g)
     n, S1, S2, C = g.shape
-    return _elementwise(_up_adj, g, m, (n, S1 // m, S2 // m, C), out)
+    return _blockwise(_block_sum, g, m, 1.0, (n, S1 // m, S2 // m, C), out)
