@@ -5,8 +5,8 @@
     python bench.py --device cuda      # the numba.cuda kernels on a GPU: training, sampling, evaluation
 
 train_step_* time the comparison model, whatever train.py's defaults are: 2 → 128 → 128 tanh MLP
-(inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40,
-Adam; one step = drawing the minibatch, forward, backward and the Adam update.
+(inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40 (the
+paper's; train.py's default is 80), Adam; one step = drawing the minibatch, forward, backward and the Adam update.
 
 mnist_* time the MNIST network (net_image.DenseImageNet) at the official code's widths, as the PyTorch
 comparison in README has them (3 dense layers of 500, 2 features per pixel, a 20-wide per-pixel MLP, T = 1000;
@@ -15,7 +15,7 @@ images/s), mnist_train_step_gflops_b128 and _b512, and mnist_sample_64 (ms per r
 numba: cpu_image.py (float32); numpy: the twin (gaussian.py on net_image.py, adam.py) in float32, as train.py
 runs it. They take --repeat / 6 steps each (at least 3).
 
-deadleaves_* time the dead-leaves network (net_conv.ConvImageNet) at its defaults (DEADLEAVES below: 3
+deadleaves_* time the dead-leaves network (net_conv.ConvImageNet) at its defaults (DEADLEAVES below: 4
 multi-scale layers of 32 channels at 3 scales on 16 × 16 patches, a 32-wide per-pixel MLP, T = 1000) on
 random unit-variance patches: deadleaves_train_step_b64 (ms; with patches/s), deadleaves_train_step_gflops_b64
 (the direct convolution's FLOPs, deadleaves_step_flops, whatever the algorithm), and deadleaves_sample_64 (ms
@@ -37,7 +37,7 @@ import datasets
 import gaussian
 from adam import Adam
 
-COMPARISON = dict(datasets.SWISSROLL.model, M=0)       # no Fourier features: the model the issue compares with PyTorch
+COMPARISON = dict(datasets.SWISSROLL.model, M=0, T=40)  # no Fourier features, the paper's T: the model compared with PyTorch
 
 
 def stats(name, samples, unit, **extra):

@@ -128,7 +128,7 @@ SWISSROLL = Dataset(
     kind=gaussian, Consts=gaussian.Gaussian,
     # the model (saved in every checkpoint): T diffusion steps, J temporal bumps, H hidden units, D dimensions,
     # M Fourier features of scale fourier_scale, the fixed β₁ and the schedule baseline's end β_T
-    model={"T": 40, "J": 10, "H": 128, "D": 2, "M": 32, "fourier_scale": 3.0, "beta1": 2.5e-6, "beta_T": 0.5},
+    model={"T": 80, "J": 10, "H": 128, "D": 2, "M": 32, "fourier_scale": 3.0, "beta1": 1e-6, "beta_T": 0.5},
     cfg=lambda a: dict(SWISSROLL.model, T=a.T, beta1=a.beta1, H=a.hidden, M=a.fourier, fourier_scale=a.fourier_scale),
     # train.py's defaults; a flag given on the command line wins
     train={"steps": 100_000,          # total training steps
@@ -140,9 +140,9 @@ SWISSROLL = Dataset(
            "heldout": 20_000,          # held-out points of the final K
            "draws": 4,                 # forward-noise draws per held-out point in the final K
            "backend": "numba",         # numba: cpu_train's float32 kernels; numpy: the float64 reference
-           "T": 40, "hidden": 128,     # the model's T and H
+           "T": 80, "hidden": 128,     # the model's T (the paper's is 40: see README) and H
            "noise": 0.02,              # the roll's noise σ before standardising
-           "beta1": 2.5e-6,            # β₁ (see README, "Differences from the paper")
+           "beta1": 1e-6,              # β₁ (see README, "Differences from the paper")
            "fourier": 32, "fourier_scale": 3.0},   # the model's M and fourier_scale
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 2048), "D": (int, 2, 2),
            "M": (int, 0, 1024), "fourier_scale": (float, 0, 1e6), "beta1": (float, 0, 1), "beta_T": (float, 0, 1)},
@@ -270,18 +270,18 @@ DEADLEAVES = Dataset(
     kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, net_conv.ConvImageNet),
     # the network of net_conv.py: conv_layers multi-scale layers of `channels` channels at `scales` scales, a
     # per-pixel MLP P wide; the generator's settings (data.deadleaves), kept so the held-out set can be made again
-    model={"T": 1000, "J": 10, "D": 256, "conv_layers": 3, "channels": 32, "scales": 3, "P": 32,
-           "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0,
+    model={"T": 1000, "J": 10, "D": 256, "conv_layers": 4, "channels": 32, "scales": 3, "P": 32,
+           "beta1": 1e-6, "beta_T": 0.5, "scale": 1.0, "shift": 0.0,
            "leaves_size": data.LEAVES["size"], "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"],
            "margin": data.LEAVES["margin"]},
     cfg=lambda a: dict(DEADLEAVES.model, T=a.T, beta1=a.beta1, D=a.patch ** 2, conv_layers=a.conv_layers,
                        channels=a.channels, scales=a.scales, leaves_size=a.leaves_size, r_min=a.r_min,
                        r_max=a.r_max, margin=a.margin),
-    train={"steps": 40_000, "lr": 1e-3, "lr_decay_steps": 40_000, "eval_every": 5000, "quick_eval": 100,
-           "heldout": 500, "draws": 1, "backend": "numba", "T": 1000, "beta1": 1e-4, "batch_size": 64,
+    train={"steps": 35_000, "lr": 1e-3, "lr_decay_steps": 35_000, "eval_every": 5000, "quick_eval": 100,
+           "heldout": 500, "draws": 1, "backend": "numba", "T": 1000, "beta1": 1e-6, "batch_size": 64,
            "patch": data.LEAVES["patch"], "train_patches": 20_000, "leaves_size": data.LEAVES["size"],
            "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"], "margin": data.LEAVES["margin"],
-           "conv_layers": 3, "channels": 32, "scales": 3},
+           "conv_layers": 4, "channels": 32, "scales": 3},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "D": (int, 4, 4096), "conv_layers": (int, 1, 8),
            "channels": (int, 1, 256), "scales": (int, 1, 6), "P": (int, 1, 256), "beta1": (float, 0, 1),
            "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6),
