@@ -33,11 +33,19 @@ def cuda_train():
     return cuda_train
 
 
+# train.py's flags that set a model setting, and the setting's key in `model`: a flag's default is the model's
+# own value, so that each default is written once (in `model`)
+FLAG_KEYS = {"T": "T", "hidden": "H", "beta1": "beta1", "fourier": "M", "fourier_scale": "fourier_scale",
+             "pixel_features": "pixel_features", "conv_layers": "conv_layers", "channels": "channels",
+             "scales": "scales"}
+
+
 class Dataset:
     """One row of the table; every field is named where it is set below."""
 
     def __init__(self, **fields):
         self.__dict__.update(fields)
+        self.train = dict(self.train, **{flag: self.model[key] for flag, key in FLAG_KEYS.items() if key in self.model})
 
     def check_cfg(self, cfg):
         """ValueError unless every model setting is of its kind and inside its range (rules), for flags and
@@ -127,7 +135,8 @@ SWISSROLL = Dataset(
     name="swissroll",
     kind=gaussian, Consts=gaussian.Gaussian,
     # the model (saved in every checkpoint): T diffusion steps, J temporal bumps, H hidden units, D dimensions,
-    # M Fourier features of scale fourier_scale, the fixed β₁ and the schedule baseline's end β_T
+    # M Fourier features of scale fourier_scale, the fixed β₁ and the schedule baseline's end β_T (T = 80, not the
+    # paper's 40, and β₁: README, "Differences from the paper"); train.py's flags default to these (FLAG_KEYS)
     model={"T": 80, "J": 10, "H": 128, "D": 2, "M": 32, "fourier_scale": 3.0, "beta1": 1e-6, "beta_T": 0.5},
     cfg=lambda a: dict(SWISSROLL.model, T=a.T, beta1=a.beta1, H=a.hidden, M=a.fourier, fourier_scale=a.fourier_scale),
     # train.py's defaults; a flag given on the command line wins
@@ -140,10 +149,7 @@ SWISSROLL = Dataset(
            "heldout": 20_000,          # held-out points of the final K
            "draws": 4,                 # forward-noise draws per held-out point in the final K
            "backend": "numba",         # numba: cpu_train's float32 kernels; numpy: the float64 reference
-           "T": 80, "hidden": 128,     # the model's T (the paper's is 40: see README) and H
-           "noise": 0.02,              # the roll's noise σ before standardising
-           "beta1": 1e-6,              # β₁ (see README, "Differences from the paper")
-           "fourier": 32, "fourier_scale": 3.0},   # the model's M and fourier_scale
+           "noise": 0.02},             # the roll's noise σ before standardising
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 2048), "D": (int, 2, 2),
            "M": (int, 0, 1024), "fourier_scale": (float, 0, 1e6), "beta1": (float, 0, 1), "beta_T": (float, 0, 1)},
     backends=("numba", "numpy"),
@@ -177,7 +183,7 @@ HEARTBEAT = Dataset(
     model={"T": 2000, "H": 50, "D": data.HEARTBEAT_BITS, "m": 0.2, "input_scale": 0.25},
     cfg=lambda a: dict(HEARTBEAT.model, T=a.T, H=a.hidden),
     train={"steps": 40_000, "batch_size": 512, "lr": 3e-3, "lr_decay_steps": 20_000, "eval_every": 10_000, "quick_eval": 500,
-           "heldout": 10_000, "draws": 1, "backend": "numpy", "T": 2000, "hidden": 50},
+           "heldout": 10_000, "draws": 1, "backend": "numpy"},
     rules={"T": (int, 3, 1_000_000), "H": (int, 1, 2048), "D": (int, 20, 20), "m": (float, 0, 1),
            "input_scale": (float, 0, 1e6)},
     backends=("numpy",),
@@ -213,8 +219,8 @@ MNIST = Dataset(
            "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
     cfg=lambda a: dict(MNIST.model, T=a.T, H=a.hidden, beta1=a.beta1, pixel_features=a.pixel_features),
     train={"steps": 20_000, "lr": 1e-3, "lr_decay_steps": 20_000, "eval_every": 5000, "quick_eval": 100,
-           "heldout": 1000, "draws": 1, "backend": "numba", "T": 1000, "hidden": 128, "beta1": 1e-4,
-           "batch_size": 128, "data_dir": os.path.join("data", "mnist"), "pixel_features": 2},
+           "heldout": 1000, "draws": 1, "backend": "numba", "batch_size": 128,
+           "data_dir": os.path.join("data", "mnist")},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 4096), "D": (int, 784, 784),
            "dense_layers": (int, 0, 8), "pixel_features": (int, 1, 16), "P": (int, 1, 256),
            "beta1": (float, 0, 1), "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6)},
@@ -278,10 +284,9 @@ DEADLEAVES = Dataset(
                        channels=a.channels, scales=a.scales, leaves_size=a.leaves_size, r_min=a.r_min,
                        r_max=a.r_max, margin=a.margin),
     train={"steps": 35_000, "lr": 1e-3, "lr_decay_steps": 35_000, "eval_every": 5000, "quick_eval": 100,
-           "heldout": 500, "draws": 1, "backend": "numba", "T": 1000, "beta1": 1e-6, "batch_size": 64,
+           "heldout": 500, "draws": 1, "backend": "numba", "batch_size": 64,
            "patch": data.LEAVES["patch"], "train_patches": 20_000, "leaves_size": data.LEAVES["size"],
-           "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"], "margin": data.LEAVES["margin"],
-           "conv_layers": 4, "channels": 32, "scales": 3},
+           "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"], "margin": data.LEAVES["margin"]},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "D": (int, 4, 4096), "conv_layers": (int, 1, 8),
            "channels": (int, 1, 256), "scales": (int, 1, 6), "P": (int, 1, 256), "beta1": (float, 0, 1),
            "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6),
