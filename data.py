@@ -9,6 +9,7 @@ import gzip
 import math
 import os
 import zlib
+from functools import lru_cache
 
 import numpy as np
 
@@ -145,11 +146,13 @@ def neg_entropy_bits(noise=0.02, gain=1.0, var=None, n_s=4000, n_gh=6):
     return float((lp @ we).mean() / math.log(2.0))
 
 
+@lru_cache(maxsize=64)               # a quadrature of seconds, the same at the end of every run
 def limit_bits(noise=0.02):
     """The best achievable K per point, −H(data), in bits."""
     return neg_entropy_bits(noise)
 
 
+@lru_cache(maxsize=64)
 def ceiling_bits(beta1, noise=0.02):
     """−H(X⁽¹⁾) in bits: K can never exceed it because p(x⁽⁰⁾|x⁽¹⁾) is fixed (Appendix B.2)."""
     tau2 = (noise / scale(noise)) ** 2
@@ -170,6 +173,7 @@ def heartbeat(n, seed):
     return heartbeat_sequences()[np.random.default_rng(seed).integers(0, HEARTBEAT_PERIOD, n)]
 
 
+@lru_cache(maxsize=64)
 def heartbeat_ceiling_bits(T, m=0.2):
     """−H(X⁽¹⁾) in bits per sequence, exactly, by enumerating the 2²⁰ values of x⁽¹⁾: the most K can be
     when the last reverse step is fixed to the forward kernel with β₁ = 1/T (App. B.2)."""

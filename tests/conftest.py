@@ -23,7 +23,8 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 # (import them with `from conftest import ...`)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--heldout", "1000", "--draws", "1", "--eval-every", "50"]
+# T = 40 (the default is 80): these runs test behaviour, not the default model, and T sets the evaluations' cost
+FAST = ["--T", "40", "--heldout", "1000", "--draws", "1", "--eval-every", "50"]
 
 
 def run_train(tmp_path, *args, out="run"):

@@ -230,15 +230,15 @@ def test_training_on_the_device_draws_batches_and_refuses_nan():
 
 
 def test_a_short_gpu_run_gives_the_cpu_runs_K():
-    """30 steps on the same minibatches through cuda_train.Trainer and cpu_train.Trainer (both float32): the
+    """20 steps on the same minibatches through cuda_train.Trainer and cpu_train.Trainer (both float32): the
     parameters agree to float rounding and so does the held-out K (gaussian.evaluate, float64, same noise)."""
     cfg, consts, p, rng = small_gauss(9)
-    gpu, cpu = ct.Trainer(consts, 24, np.zeros((1, 2))), model_trainer(consts, 24)
+    gpu, cpu = ct.Trainer(consts, 12, np.zeros((1, 2))), model_trainer(consts, 12)
     gpu.load(p)
     cpu.load(p)
     x_train = data.swissroll(2000, [0, 0])
-    for step in range(30):
-        x0, t, eps = gaussian.draw_batch(rng, x_train, 24, consts.T)
+    for step in range(20):
+        x0, t, eps = gaussian.draw_batch(rng, x_train, 12, consts.T)
         cpu.step(x0, eps, t, 3e-3)
         gpu.apply(gpu.loss_and_grads(x0, eps, t), 3e-3)
     a = {n: np.asarray(v, np.float64) for n, v in gpu.host().items()}
@@ -259,7 +259,7 @@ def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch
     import ckpt
     import train
     from conftest import one_error_line, run_sample
-    tiny = ["--hidden", "4", "--fourier", "1", "--T", "4", "--batch-size", "16", "--heldout", "60", "--draws", "1",
+    tiny = ["--hidden", "4", "--fourier", "1", "--T", "4", "--batch-size", "8", "--heldout", "20", "--draws", "1",
             "--eval-every", "6", "--device", "cuda"]
     run = lambda out, *a: cli.cli(train.main, "train.py", ["--out", str(tmp_path / out), *tiny, *a])
     with np.errstate(over="ignore"):
@@ -290,7 +290,7 @@ def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch
     for bad in (["--backend", "numpy"], ["--hidden", "300"], ["--fourier", "100"]):
         assert run("d", *bad) == 2
         one_error_line(capsys)
-    hb = ["--data", "heartbeat", "--T", "6", "--hidden", "3", "--batch-size", "16", "--heldout", "40",
+    hb = ["--data", "heartbeat", "--T", "6", "--hidden", "3", "--batch-size", "8", "--heldout", "16",
           "--eval-every", "5", "--device", "cuda"]
     with np.errstate(over="ignore"):
         assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "5"]) == 0

@@ -90,7 +90,7 @@ def test_missing_truncated_and_corrupt_checkpoints(trained, tmp_path, capsys):
 
 def test_checkpoint_of_another_T_or_dataset_is_refused(trained, tmp_path, capsys):
     assert run_train(tmp_path, "--steps", "5", "--T", "10") == 0
-    assert run_train(tmp_path, "--steps", "10", "--resume") == 2       # default T = 80
+    assert run_train(tmp_path, "--steps", "10", "--resume") == 2       # conftest.FAST's T = 40
     assert "T" in one_error_line(capsys)
     assert run_sample(trained, "--data", "heartbeat", "--out", tmp_path / "s.npy") == 2
     one_error_line(capsys)
