@@ -283,7 +283,7 @@ DEADLEAVES = Dataset(
     cfg=lambda a: dict(DEADLEAVES.model, T=a.T, beta1=a.beta1, D=a.patch ** 2, conv_layers=a.conv_layers,
                        channels=a.channels, scales=a.scales, leaves_size=a.leaves_size, r_min=a.r_min,
                        r_max=a.r_max, margin=a.margin),
-    train={"steps": 35_000, "lr": 1e-3, "lr_decay_steps": 35_000, "eval_every": 5000, "quick_eval": 100,
+    train={"steps": 35_000, "lr": 2e-3, "lr_decay_steps": 35_000, "eval_every": 5000, "quick_eval": 100,
            "heldout": 500, "draws": 1, "backend": "numba", "batch_size": 64,
            "patch": data.LEAVES["patch"], "train_patches": 20_000, "leaves_size": data.LEAVES["size"],
            "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"], "margin": data.LEAVES["margin"]},
