@@ -12,6 +12,7 @@ import glob
 import math
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -148,6 +149,34 @@ def team_size():
     OpenBLAS can be held to one thread, else 1 (another BLAS keeps its own threads; the step's numbers are
     the same either way). (Tuned on 2 cores.)"""
     return 2 if _OPENBLAS is not None and _cores() >= 2 else 1
+
+
+class ThreadTuner:
+    """How many threads a training step gets, measured rather than assumed: beside a process that keeps one
+    core busy, two threads can run a step slower than one. Every PERIOD steps opens with 2·WINDOW timed
+    steps, alternately on all `most` threads and on one (so that both meet the same neighbours); the rest of
+    the period uses whichever had the lower median. The step's numbers never depend on the count (the chunks
+    are added in order), so this changes speed only."""
+    PERIOD, WINDOW = 2000, 100
+
+    def __init__(self, most, measure=True):
+        self.most, self.measure, self.best, self.k, self.times = most, measure, most, 0, {}
+
+    def threads(self):
+        """The count for the next step."""
+        phase = self.k % self.PERIOD
+        if not self.measure or self.most == 1 or phase >= 2 * self.WINDOW:
+            return self.best
+        return self.most if phase % 2 == 0 else 1
+
+    def record(self, threads, seconds):
+        """The step just run with `threads` took `seconds`."""
+        if self.measure and self.most > 1 and self.k % self.PERIOD < 2 * self.WINDOW:
+            self.times.setdefault(threads, []).append(seconds)
+            if self.k % self.PERIOD == 2 * self.WINDOW - 1:
+                self.best = min(self.times, key=lambda c: (float(np.median(self.times[c])), -c))
+                self.times = {}
+        self.k += 1
 
 
 def train_chunks(n):
@@ -322,6 +351,7 @@ class Trainer:
         self.basis_rep = np.ascontiguousarray(np.tile(self.tab.basis, C))    # (J, C (T + 1)): folds and adds
         self.acc = np.zeros((T + 1, ck.N_ACC))
         self.threads = max(1, min(team_size() if threads is None else threads, len(self.parts)))
+        self.tuner = ThreadTuner(self.threads, measure=threads is None)      # a count given is kept
         rows = min(ROWS_TRAIN, max(hi - lo for lo, hi in self.slices))
         self.scratch = [_Scratch(self.tab, rows) for _ in range(self.threads)]
         self.g_beta, self.g_ab = np.zeros(T + 1), np.zeros(T + 1)
@@ -367,7 +397,9 @@ class Trainer:
 
     def step(self, x0, eps, t, lr):
         """One Adam step; returns the loss, or raises FloatingPointError leaving the parameters as they were."""
+        self.threads, start = self.tuner.threads(), time.perf_counter()
         loss = self.loss_and_grads(x0, eps, t)
+        self.tuner.record(self.threads, time.perf_counter() - start)
         lr = self.theta.dtype.type(lr)
         if not (math.isfinite(loss) and ck.adam(self.theta, self.grad, self.m_flat, self.v_flat, lr,
                                                  *self.hyper, self.n + 1)):

@@ -320,3 +320,20 @@ def test_trainer_params_are_views_of_one_flat_vector():
     for name, v in tr.params.items():
         assert v.shape == ref[name].shape and np.shares_memory(v, tr.theta)
     assert tr.theta.size == sum(v.size for v in ref.values())
+
+
+def test_thread_tuner_measures_both_counts_and_keeps_the_faster(monkeypatch):
+    """Each period opens with 2·WINDOW steps alternately on all threads and on one; the rest uses the faster
+    by median (more threads on a tie); a count given to the Trainer is kept and never measured."""
+    monkeypatch.setattr(cpu_train.ThreadTuner, "PERIOD", 10)
+    monkeypatch.setattr(cpu_train.ThreadTuner, "WINDOW", 3)
+    for cost, best in (({2: 1.0, 1: 1.5}, 2), ({2: 1.0, 1: 0.8}, 1), ({2: 1.0, 1: 1.0}, 2)):
+        tuner, used = cpu_train.ThreadTuner(2), []
+        for step in range(20):
+            k = tuner.threads()
+            used.append(k)
+            tuner.record(k, cost[k] * (5.0 if step % 10 == 0 else 1.0))      # one slow outlier per window
+        assert used == ([2, 1] * 3 + [best] * 4) * 2
+    assert all(cpu_train.ThreadTuner(1).threads() == 1 for _ in range(5))
+    tr = cpu_train.Trainer(gaussian.Gaussian(config(4)), 1000, threads=2)
+    assert not tr.tuner.measure and tr.tuner.threads() == tr.threads
