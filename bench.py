@@ -72,7 +72,8 @@ def step_fn(backend, consts, params, x_train, batch, rng, Trainer, lr):
             _, grads = gaussian.loss_and_grads(p, consts, x0, eps, t)
             opt.step(p, grads, lr)
         return step, None
-    trainer = Trainer(consts, batch)
+    import cpu_train
+    trainer = Trainer(consts, batch, threads=cpu_train.team_size())   # fixed: no ThreadTuner windows in the timing
     trainer.load(params)
 
     def step():
