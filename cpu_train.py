@@ -160,18 +160,18 @@ class ThreadTuner:
     PERIOD, WINDOW = 2000, 100
 
     def __init__(self, most, measure=True):
-        self.most, self.measure, self.best, self.k, self.times = most, measure, most, 0, {}
+        self.most, self.measure, self.best, self.k, self.times = most, measure and most > 1, most, 0, {}
 
     def threads(self):
         """The count for the next step."""
         phase = self.k % self.PERIOD
-        if not self.measure or self.most == 1 or phase >= 2 * self.WINDOW:
+        if not self.measure or phase >= 2 * self.WINDOW:
             return self.best
         return self.most if phase % 2 == 0 else 1
 
     def record(self, threads, seconds):
         """The step just run with `threads` took `seconds`."""
-        if self.measure and self.most > 1 and self.k % self.PERIOD < 2 * self.WINDOW:
+        if self.measure and self.k % self.PERIOD < 2 * self.WINDOW:
             self.times.setdefault(threads, []).append(seconds)
             if self.k % self.PERIOD == 2 * self.WINDOW - 1:
                 self.best = min(self.times, key=lambda c: (float(np.median(self.times[c])), -c))
