@@ -8,17 +8,17 @@ train_step_* time the comparison model, whatever train.py's defaults are: 2 → 
 (inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40 (the
 paper's; train.py's default is 80), Adam; one step = drawing the minibatch, forward, backward and the Adam update.
 
-mnist_* time the MNIST network (net_image.DenseImageNet) at the official code's widths, as the PyTorch
-comparison in README has them (3 dense layers of 500, 2 features per pixel, a 20-wide per-pixel MLP, T = 1000;
-dpm's default is 128 wide) on random images: mnist_train_step_b128 and _b512 (ms; with
-images/s), mnist_train_step_gflops_b128 and _b512, and mnist_sample_64 (ms per reverse step of 64 images).
-numba: cpu_image.py (float32); numpy: the twin (gaussian.py on net_image.py, adam.py) in float32, as train.py
-runs it. They take --repeat / 6 steps each (at least 3).
+mnist_* time train.py's MNIST network (datasets.MNIST.model: 2 convolution layers of 16 channels beside a dense
+pathway of 3 layers of 128 with 2 features per pixel, a 20-wide per-pixel MLP, T = 1000), as the PyTorch
+comparison in README has it, on random images: mnist_train_step_b128 and _b512 (ms; with images/s),
+mnist_train_step_gflops_b128 and _b512 (image_step_flops), and mnist_sample_64 (ms per reverse step of 64
+images). numba: cpu_image.py and cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py and
+net_image.py, adam.py) in float32, as train.py runs it. They take --repeat / 6 steps each (at least 3).
 
 deadleaves_* time the dead-leaves network (net_conv.ConvImageNet) at its defaults (DEADLEAVES below: 4
 multi-scale layers of 32 channels at 3 scales on 16 × 16 patches, a 32-wide per-pixel MLP, T = 1000) on
 random unit-variance patches: deadleaves_train_step_b64 (ms; with patches/s), deadleaves_train_step_gflops_b64
-(the direct convolution's FLOPs, deadleaves_step_flops, whatever the algorithm), and deadleaves_sample_64 (ms
+(the direct convolution's FLOPs, image_step_flops, whatever the algorithm), and deadleaves_sample_64 (ms
 per reverse step of 64 patches). numba: cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py,
 adam.py) in float32. They take --repeat / 10 steps each (at least 3; the twin's at most 5).
 """
@@ -198,14 +198,21 @@ def bench_cuda(a):
     return 0
 
 
-def mnist_step_flops(cfg, n):
-    """Floating-point operations of one MNIST training step's matrix products, 2 per multiply-add: the forward's
-    dense layers and per-pixel MLP (its readout folded over the bumps, 2 × P per pixel), and twice that for
-    the backward; the elementwise work (tanh, the KL, Adam) is not counted."""
-    D, H, L, F, P = cfg["D"], cfg["H"], cfg["dense_layers"], cfg["pixel_features"], cfg["P"]
-    dense = D * H + (L - 1) * H * H + H * D * F if L else D * D * F
+def image_step_flops(cfg, n):
+    """Floating-point operations of one image training step's products, 2 per multiply-add: the forward's
+    direct 3 × 3 convolutions (9 Cin C per output pixel and scale, whatever the algorithm), dense layers and
+    per-pixel MLP (its readout folded over the bumps, 2 × P per pixel), and twice that for the backward;
+    pooling, the elementwise work (tanh, the KL) and Adam are not counted."""
+    D, P, L, H, F = cfg["D"], cfg["P"], cfg.get("dense_layers", 0), cfg.get("H", 0), cfg.get("pixel_features", 0)
+    convs, C, N = cfg.get("conv_layers", 0), cfg.get("channels", 0), cfg.get("scales", 1)
+    conv = sum(D // 4 ** s * 9 * (1 if k == 0 else C) * C for k in range(convs) for s in range(N))
+    if convs:                                    # net_conv: the dense pathway only where dense_layers > 0
+        dense = D * H + (L - 1) * H * H + H * D * F if L else 0
+        F = C + (F if L else 0)
+    else:                                        # net_image: dense_layers = 0 maps the image straight to f
+        dense = D * H + (L - 1) * H * H + H * D * F if L else D * D * F
     pixel = D * ((1 + F) * P + P * P + 2 * P)
-    return 2 * n * 3 * (dense + pixel)
+    return 2 * n * 3 * (conv + dense + pixel)
 
 
 def mnist_bench(backend, a, want, emit):
@@ -213,10 +220,9 @@ def mnist_bench(backend, a, want, emit):
     if not any(want(name) for name in CPU_NAMES if name.startswith("mnist_")):
         return
     import cpu_image
-    import net_image
-    cfg = dict(datasets.MNIST.model, H=500)      # the official code's widths, as the PyTorch comparison has
+    cfg = datasets.MNIST.model                   # train.py's MNIST network
     rng = np.random.default_rng(0)
-    consts = gaussian.Gaussian(cfg, net_image.DenseImageNet)
+    consts = gaussian.Gaussian(cfg, datasets.image_net(cfg))
     params = consts.init(rng)
     params["W3"] += (0.05 * rng.standard_normal(params["W3"].shape)).astype(params["W3"].dtype)
     x_train = rng.standard_normal((2048, cfg["D"]))
@@ -233,12 +239,12 @@ def mnist_bench(backend, a, want, emit):
                        **info))
         if want(gname):
             peak, how = peak_gflops()
-            flops = mnist_step_flops(cfg, bs)
+            flops = image_step_flops(cfg, bs)
             emit(stats(gname, flops / (ms * 1e-3) / 1e9, "GFLOP/s", backend=backend, flop_per_step=flops,
                        peak_gflops=peak, peak_is=how))
     if want("mnist_sample_64"):
         scfg = dict(cfg, T=50)            # a reverse step costs the same whatever T is; T = 50 keeps a call short
-        sconsts = gaussian.Gaussian(scfg, net_image.DenseImageNet)
+        sconsts = gaussian.Gaussian(scfg, datasets.image_net(cfg))
         sm = cpu_image.sample if backend == "numba" else gaussian.sample
         s = timed(lambda: sm(params, sconsts, 64, np.random.default_rng(0)), 3, 1)
         emit(stats("mnist_sample_64", s / (scfg["T"] - 1) * 1e3, "ms", backend=backend, images=64,
@@ -248,22 +254,12 @@ def mnist_bench(backend, a, want, emit):
 DEADLEAVES = datasets.DEADLEAVES.model      # train.py's dead-leaves network
 
 
-def deadleaves_step_flops(cfg, n):
-    """Floating-point operations of one dead-leaves training step, 2 per multiply-add of the direct
-    convolutions (9 Cin C per output pixel and scale) and of the per-pixel MLP (its readout folded, 2 × P per
-    pixel), the backward twice the forward; pooling, tanh, the KL and Adam are not counted. 41.0 MFLOP per
-    patch at the defaults (the PyTorch comparison's 41.7 counted a little more)."""
-    D, C, N, L, P = cfg["D"], cfg["channels"], cfg["scales"], cfg["conv_layers"], cfg["P"]
-    conv = sum(D // 4 ** s * 9 * (1 if k == 0 else C) * C for k in range(L) for s in range(N))
-    pixel = D * ((1 + C) * P + P * P + 2 * P)
-    return 2 * n * 3 * (conv + pixel)
-
-
 def deadleaves_bench(backend, a, want, emit):
     """The deadleaves_* rows (see the module docstring)."""
     if not any(want(name) for name in CPU_NAMES if name.startswith("deadleaves_")):
         return
     import cpu_conv
+    import cpu_image
     import net_conv
     cfg, bs = DEADLEAVES, 64
     rng = np.random.default_rng(0)
@@ -274,7 +270,7 @@ def deadleaves_bench(backend, a, want, emit):
     repeat = max(3, a.repeat // 10) if backend == "numba" else min(5, max(3, a.repeat // 10))
     name, gname = f"deadleaves_train_step_b{bs}", f"deadleaves_train_step_gflops_b{bs}"
     if want(name) or want(gname):
-        step, trainer = step_fn(backend, consts, params, x_train, bs, rng, cpu_conv.Trainer, 1e-4)
+        step, trainer = step_fn(backend, consts, params, x_train, bs, rng, cpu_image.Trainer, 1e-4)
         info = {} if trainer is None else dict(chunks=len(cpu_conv.conv_chunks(bs)), threads=trainer.net.threads)
         ms = timed(step, repeat, 3 if backend == "numba" else 1) * 1e3
         if want(name):
@@ -282,13 +278,13 @@ def deadleaves_bench(backend, a, want, emit):
                        **info))
         if want(gname):
             peak, how = peak_gflops()
-            flops = deadleaves_step_flops(cfg, bs)
+            flops = image_step_flops(cfg, bs)
             emit(stats(gname, flops / (ms * 1e-3) / 1e9, "GFLOP/s", backend=backend, flop_per_step=flops,
                        peak_gflops=peak, peak_is=how))
     if want("deadleaves_sample_64"):
         scfg = dict(cfg, T=20 if backend == "numba" else 5)    # a reverse step costs the same whatever T is
         sconsts = gaussian.Gaussian(scfg, net_conv.ConvImageNet)
-        sm = cpu_conv.sample if backend == "numba" else gaussian.sample
+        sm = cpu_image.sample if backend == "numba" else gaussian.sample
         s = timed(lambda: sm(params, sconsts, 64, np.random.default_rng(0)), 3, 1)
         emit(stats("deadleaves_sample_64", s / (scfg["T"] - 1) * 1e3, "ms", backend=backend, patches=64,
                    what=f"one reverse step of 64 patches (sample with T = {scfg['T']}, per step)"))

@@ -149,7 +149,7 @@ def load_run(path, expect_data=None):
     try:
         if not isinstance(meta.get("cfg"), dict):
             raise ValueError("cfg is not an object")
-        cfg = dict(ds.model, **meta["cfg"])
+        cfg = {**ds.model, **ds.before, **meta["cfg"]}
         ds.check_cfg(cfg)
         noise = ds.check_noise(meta.get("noise"))
         consts = ds.Consts(cfg)

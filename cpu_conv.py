@@ -1,7 +1,8 @@
-"""The dead-leaves network (net_conv.ConvImageNet) on the CPU tier: its multi-scale convolutions as Winograd
-F(2×2, 3×3) transforms in Numba kernels around float32 BLAS products, the per-pixel MLP, the KL, the
-trainer, evaluate and sample of cpu_image.py (FastPixelNet, Trainer), both cores through tasks that two Python
-threads share. datasets.py can use it as cpu_image: `cpu=cpu_conv`.
+"""The convolutional image network (net_conv.ConvImageNet) on the CPU tier: its multi-scale convolutions as
+Winograd F(2×2, 3×3) transforms in Numba kernels around float32 BLAS products; the per-pixel MLP, the dense
+pathway (if any), the KL, the trainer, evaluate and sample are cpu_image.py's (FastPixelNet,
+FastDenseImageNet, Trainer: importing this module registers FastConvNet in cpu_image.FAST for this network),
+both cores through tasks that two Python threads share.
 
 Twins and test oracles (tests/test_cpu_conv.py): net_conv.py's pieces (pool, conv3x3, up and their
 adjoints) and net_conv.ConvImageNet for the network, gaussian.py and adam.py for the rest, as for cpu_image.
@@ -530,11 +531,18 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
             "Q": {c: scale_buffers(n, S, N, c, dt) for c in {1, C}},                                 # by Cin
             "gh": [z(n, S, S, C) for _ in range(2)],
             "gU": [[z(nc, 16, cin(k), C) for s in range(N)] for k in range(1, L + 1)],
-            "gc": z(nc, L, C)}
+            "gc": z(nc, L, C),
+            **({"conv_gf": z(n, self.D * C), "dense": self.dense.feature_scratch(n, dt) | {
+                "gf": z(n, self.D * self.dense.F)}} if self.dense else {})}
+
+    def __init__(self, cfg, threads=None):
+        super().__init__(cfg, threads)
+        if self.dense:
+            self.dense = cpu_image.FastDenseImageNet(cfg, self.threads)
 
     def features_forward(self, p, x):
-        """x (n, D) in the network dtype → d = (x, h_1 .. h_L (n, S, S, C), the tiles), f = h_L as (n, D·C):
-        the layers of each image chunk in one task."""
+        """x (n, D) in the network dtype → d = (x, h_1 .. h_L (n, S, S, C), the tiles, the dense pathway's cache
+        or None), f (n, D·F): the layers of each image chunk in one task, then the dense pathway's layers."""
         dt = p["W1"].dtype
         n, S, N, L = len(x), self.S, self.N, self.L
         s = self.scratch(n, dt)
@@ -547,15 +555,28 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
                 conv_layer(h[k - 1], Us[k - 1], p[f"c{k}"], h[k], s["V"][k - 1], s["M"], lo, hi, exact, s["A"])
 
         self.run([partial(chunk, lo, hi) for lo, hi in conv_chunks(n)])
-        return (x, h, Us), h[L].reshape(n, self.D * self.C)
+        if not self.dense:
+            return (x, h, Us, None), h[L].reshape(n, self.D * self.C)
+        self.dense.threads = self.threads
+        dd, fd = self.dense.features_forward(self.dense_params(p), x)
+        f = np.concatenate([h[L].reshape(n, self.D, self.C), fd.reshape(n, self.D, -1)], axis=2)
+        return (x, h, Us, dd), f.reshape(n, self.D * self.F)
 
     def features_backward(self, p, d, s, gx, grads):
-        """From s["gf"] (∂ before h_L's tanh) down the layers, image chunk by image chunk (each with its own ∂U,
-        ∂c): the filters' and biases' gradients into grads; ∂x added to gx."""
-        x, h, Us = d
+        """From s["gf"] (∂ before f's tanh): the dense pathway's part (if any) through its layers, then the
+        convolutions' part down the layers, image chunk by image chunk (each with its own ∂U, ∂c): the filters'
+        and biases' gradients into grads; ∂x added to gx."""
+        x, h, Us, dd = d
         n, S, C, N, L = len(x), self.S, self.C, self.N, self.L
+        gf = s["gf"]
+        if self.dense:
+            gf = gf.reshape(n, self.D, self.F)
+            s["dense"]["gf"][...] = gf[:, :, C:].reshape(n, -1)
+            gf = s["conv_gf"]
+            gf[...] = s["gf"].reshape(n, self.D, self.F)[:, :, :C].reshape(n, -1)
+            self.dense.features_backward(self.dense_params(p), dd, s["dense"], gx, self.dense_params(grads))
         UTs = [[np.ascontiguousarray(U.transpose(0, 2, 1)) for U in row] for row in Us]
-        gf = s["gf"].reshape(n, S, S, C)
+        gf = gf.reshape(n, S, S, C)
         gx4 = gx.reshape(n, S, S, 1)
 
         def chunk(c, lo, hi):
@@ -576,21 +597,4 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
                 grads[f"K{k}s{q}"][...] = wino_to_filters(s["gU"][k - 1][q].sum(axis=0))
 
 
-def fast_consts(consts):
-    """A gaussian.Gaussian with consts' cfg whose network is FastConvNet (consts itself if it is one)."""
-    return cpu_image.fast_consts(consts, FastConvNet)
-
-
-class Trainer(cpu_image.Trainer):
-    """cpu_image.Trainer (gaussian.loss_and_grads then adam.Adam's update) on FastConvNet."""
-    Fast = FastConvNet
-
-
-def evaluate(params, consts, x0, rng, n_draws=4):
-    """gaussian.evaluate on FastConvNet: per-point K − L_null (nats) and the mean KL_t; the same RNG draws."""
-    return cpu_image.evaluate(params, consts, x0, rng, n_draws, Fast=FastConvNet)
-
-
-def sample(params, consts, n, rng, keep=()):
-    """gaussian.sample on FastConvNet (Eq. 5, then Eq. 44), with the same RNG draws."""
-    return cpu_image.sample(params, consts, n, rng, keep, Fast=FastConvNet)
+cpu_image.FAST[net_conv.ConvImageNet] = FastConvNet

@@ -1,6 +1,7 @@
-"""The MNIST network (net_image.DenseImageNet) on the CPU tier: Numba kernels for the per-pixel MLP and the
-Gaussian KL, NumPy's float32 BLAS for the dense pathway, both cores through tasks that two Python threads
-share, and the trainer, evaluate and sample of train.py's numba backend for MNIST.
+"""The image networks on the CPU tier: Numba kernels for the per-pixel MLP and the Gaussian KL, NumPy's float32
+BLAS for the dense pathway (net_image.DenseImageNet), both cores through tasks that two Python threads share,
+and the trainer, evaluate and sample of train.py's numba backend for images (for net_conv.ConvImageNet with
+cpu_conv.FastConvNet's convolutions: fast_class).
 
 Twins and test oracles (tests/test_cpu_image.py): net_image.DenseImageNet for the network, gaussian.py
 (loss_and_grads, evaluate, sample) and adam.py for the rest. The network runs in the parameters' dtype
@@ -574,7 +575,7 @@ class FastDenseImageNet(FastPixelNet, net_image.DenseImageNet):
 
     def features_forward(self, p, x):
         """x (n, D) in the network dtype → d = [x, d_1 .. d_L], f (n, D·F): each layer cut into column ranges."""
-        dt = p["W1"].dtype
+        dt = x.dtype
         exact, n, L = dt == np.float64, len(x), self.L
         d = [x] + [np.empty((n, self.H), dt) for _ in range(L)]
         f = np.empty((n, self.D * self.F), dt)
@@ -616,17 +617,31 @@ class FastDenseImageNet(FastPixelNet, net_image.DenseImageNet):
             z = o
 
 
-def fast_consts(consts, Fast=FastDenseImageNet):
-    """A gaussian.Gaussian with consts' cfg whose network is Fast (consts itself if it is one)."""
-    if isinstance(consts.net, Fast):
+FAST = {net_image.DenseImageNet: FastDenseImageNet}   # twin network class → its Numba class (cpu_conv adds its own)
+
+
+def fast_class(net):
+    """The Numba network (a FastPixelNet) for a twin network or a Numba one: FastDenseImageNet for
+    net_image.DenseImageNet, cpu_conv.FastConvNet for net_conv.ConvImageNet (registered when cpu_conv is
+    imported, as datasets.py does)."""
+    if isinstance(net, FastPixelNet):
+        return type(net)
+    if type(net) not in FAST:
+        raise TypeError(f"no Numba network for {type(net).__name__} (import its module, e.g. cpu_conv)")
+    return FAST[type(net)]
+
+
+def fast_consts(consts):
+    """A gaussian.Gaussian with consts' cfg whose network is the Numba one (consts itself if it is one)."""
+    if isinstance(consts.net, FastPixelNet):
         return consts
-    return gaussian.Gaussian(consts.cfg, Fast)
+    return gaussian.Gaussian(consts.cfg, fast_class(consts.net))
 
 
 class Trainer:
-    """A training step of train.py's numba backend for MNIST: the loss and gradient of gaussian.loss_and_grads
-    (its maths, on the network class Fast (FastDenseImageNet here), each piece cut into tasks for the threads)
-    followed by adam.Adam's update.
+    """A training step of train.py's numba backend for the image networks: the loss and gradient of
+    gaussian.loss_and_grads (its maths, on the Numba twin of consts' network (fast_class), each piece cut into
+    tasks for the threads) followed by adam.Adam's update.
 
     params, m, v: name → array (gaussian.Gaussian.init's names): the network's are views of flat vectors in
     dtype (so that Adam is one kernel over them), "c" (the schedule, J numbers) float64 as in the NumPy
@@ -639,10 +654,10 @@ class Trainer:
     per t, as gaussian.loss_and_grads); Adam."""
 
     ADAM_CHUNK = 1 << 18      # entries of the flat vectors per Adam task
-    Fast = FastDenseImageNet  # the network class (a FastPixelNet); cpu_conv.Trainer: FastConvNet
 
     def __init__(self, consts, batch_size, dtype=np.float32, b1=0.9, b2=0.999, eps=1e-8, threads=None):
-        self.consts = gaussian.Gaussian(consts.cfg, lambda cfg: self.Fast(cfg, threads))  # its own net
+        Fast = fast_class(consts.net)
+        self.consts = gaussian.Gaussian(consts.cfg, lambda cfg: Fast(cfg, threads))  # its own net
         self.net, self.batch, self.dtype = self.consts.net, batch_size, np.dtype(dtype)
         self.b1, self.b2, self.eps = b1, b2, eps
         shapes = {k: v.shape for k, v in self.net.init(np.random.default_rng(0), dtype).items()}
@@ -754,11 +769,12 @@ class Trainer:
         return loss
 
 
-def evaluate(params, consts, x0, rng, n_draws=4, Fast=FastDenseImageNet):
-    """gaussian.evaluate on Fast: per-point K − L_null (nats) and the mean KL_t; the same RNG draws."""
-    return gaussian.evaluate(params, fast_consts(consts, Fast), x0, rng, n_draws)
+def evaluate(params, consts, x0, rng, n_draws=4):
+    """gaussian.evaluate on the Numba network: per-point K − L_null (nats) and the mean KL_t; the same RNG
+    draws."""
+    return gaussian.evaluate(params, fast_consts(consts), x0, rng, n_draws)
 
 
-def sample(params, consts, n, rng, keep=(), Fast=FastDenseImageNet):
-    """gaussian.sample on Fast (Eq. 5, then Eq. 44), with the same RNG draws."""
-    return gaussian.sample(params, fast_consts(consts, Fast), n, rng, keep)
+def sample(params, consts, n, rng, keep=()):
+    """gaussian.sample on the Numba network (Eq. 5, then Eq. 44), with the same RNG draws."""
+    return gaussian.sample(params, fast_consts(consts), n, rng, keep)

@@ -9,7 +9,7 @@ import numpy as np
 
 import binomial
 import data
-import cpu_conv
+import cpu_conv      # registers the convolutional network's Numba path with cpu_image
 import cpu_image
 import cpu_train
 import figures
@@ -36,14 +36,15 @@ def cuda_train():
 # train.py's flags that set a model setting, and the setting's key in `model`: a flag's default is the model's
 # own value, so that each default is written once (in `model`)
 FLAG_KEYS = {"T": "T", "hidden": "H", "beta1": "beta1", "fourier": "M", "fourier_scale": "fourier_scale",
-             "pixel_features": "pixel_features", "conv_layers": "conv_layers", "channels": "channels",
-             "scales": "scales"}
+             "pixel_features": "pixel_features", "dense_layers": "dense_layers", "conv_layers": "conv_layers",
+             "channels": "channels", "scales": "scales"}
 
 
 class Dataset:
     """One row of the table; every field is named where it is set below."""
 
     def __init__(self, **fields):
+        self.before = {}            # settings a checkpoint lacks because it predates them: their old values
         self.__dict__.update(fields)
         self.train = dict(self.train, **{flag: self.model[key] for flag, key in FLAG_KEYS.items() if key in self.model})
 
@@ -210,24 +211,57 @@ HEARTBEAT = Dataset(
     report=lambda x, r1, text, noise, rng, cfg: _heartbeat_report(x, r1, text, noise, rng),
 )
 
+def image_net(cfg):
+    """The image network a cfg asks for: net_conv.ConvImageNet where it has convolution layers (with its dense
+    pathway where dense_layers > 0), else net_image.DenseImageNet (the dense pathway alone)."""
+    return net_conv.ConvImageNet if cfg["conv_layers"] else net_image.DenseImageNet
+
+
+def image_width(cfg):
+    """The most numbers per image that an image network's buffers hold (train.py's memory check)."""
+    dense = cfg["H"] if cfg["dense_layers"] else 0
+    conv = cfg["channels"] * (cfg["conv_layers"] + 1) if cfg["conv_layers"] else 0
+    return max(dense, cfg["D"] * max(conv + 4 * cfg["pixel_features"], cfg["P"]))
+
+
+def _image_cfg(model, a):
+    """The model settings of an image data set from train.py's flags."""
+    return dict(model, T=a.T, beta1=a.beta1, H=a.hidden, dense_layers=a.dense_layers,
+                pixel_features=a.pixel_features, conv_layers=a.conv_layers, channels=a.channels, scales=a.scales)
+
+
+def _mnist_check(cfg):
+    """What the rules cannot say of an MNIST cfg: some pathway to give the per-pixel MLP its features, and
+    scales that divide the 28 × 28 image."""
+    if not (cfg["conv_layers"] or cfg["dense_layers"]):
+        raise ValueError("the network needs convolution layers or dense layers (or both)")
+    if cfg["conv_layers"] and 28 % 2 ** (cfg["scales"] - 1):
+        raise ValueError(f"scales {cfg['scales']}: the image side, 28, must divide by 2^(scales - 1)")
+
+
 MNIST = Dataset(
     name="mnist",
-    kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, net_image.DenseImageNet),
+    kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, image_net(cfg)),
     # App. D.2.1's network (net_image.py): H units in each of dense_layers dense layers, pixel_features features
-    # per pixel, a per-pixel MLP P wide; scale and shift are the training set's (images.pixel_scaling)
+    # per pixel, a per-pixel MLP P wide; beside it, as the official code had, conv_layers convolution layers of
+    # `channels` channels at `scales` scales (net_conv.py; 0: the dense pathway alone, the paper's Fig. D.1
+    # caption); scale and shift are the training set's (images.pixel_scaling)
     model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 20,
+           "conv_layers": 2, "channels": 16, "scales": 1,
            "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
-    cfg=lambda a: dict(MNIST.model, T=a.T, H=a.hidden, beta1=a.beta1, pixel_features=a.pixel_features),
+    cfg=lambda a: _image_cfg(MNIST.model, a), check=_mnist_check,
+    before={"conv_layers": 0},             # checkpoints from before the convolutions: the dense pathway alone
     train={"steps": 20_000, "lr": 1e-3, "lr_decay_steps": 20_000, "eval_every": 5000, "quick_eval": 100,
            "heldout": 1000, "draws": 1, "backend": "numba", "batch_size": 128,
            "data_dir": os.path.join("data", "mnist")},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 4096), "D": (int, 784, 784),
            "dense_layers": (int, 0, 8), "pixel_features": (int, 1, 16), "P": (int, 1, 256),
+           "conv_layers": (int, 0, 8), "channels": (int, 1, 256), "scales": (int, 1, 3),
            "beta1": (float, 0, 1), "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6)},
     backends=("numba", "numpy"),
     train_set=lambda a: images.mnist_train(a.data_dir),
     heldout_set=lambda n, noise, cfg, data_dir: images.mnist_heldout(data_dir, n, cfg, HELDOUT_SEED),
-    width=lambda cfg: max(cfg["H"], cfg["D"] * max(cfg["P"], cfg["pixel_features"])), final_samples=100,
+    width=image_width, final_samples=100,
     cpu=cpu_image, log_weights=None, cuda_trainer=None, cuda_sample=None,
     table2=images.table2,                  # evaluate.py's Parzen estimate (Table 2); None: Eq. 9 instead
     parse_condition=images.parse_condition, conditioned=gaussian.sample_conditioned,
@@ -274,29 +308,31 @@ def _leaves_check(cfg):
 DEADLEAVES = Dataset(
     name="deadleaves",
     kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, net_conv.ConvImageNet),
-    # the network of net_conv.py: conv_layers multi-scale layers of `channels` channels at `scales` scales, a
+    # the network of net_conv.py: conv_layers multi-scale layers of `channels` channels at `scales` scales,
+    # beside them dense_layers dense layers of H (none by default) giving pixel_features features per pixel, a
     # per-pixel MLP P wide; the generator's settings (data.deadleaves), kept so the held-out set can be made again
     model={"T": 1000, "J": 10, "D": 256, "conv_layers": 4, "channels": 32, "scales": 3, "P": 32,
+           "dense_layers": 0, "H": 128, "pixel_features": 2,
            "beta1": 1e-6, "beta_T": 0.5, "scale": 1.0, "shift": 0.0,
            "leaves_size": data.LEAVES["size"], "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"],
            "margin": data.LEAVES["margin"]},
-    cfg=lambda a: dict(DEADLEAVES.model, T=a.T, beta1=a.beta1, D=a.patch ** 2, conv_layers=a.conv_layers,
-                       channels=a.channels, scales=a.scales, leaves_size=a.leaves_size, r_min=a.r_min,
+    cfg=lambda a: dict(_image_cfg(DEADLEAVES.model, a), D=a.patch ** 2, leaves_size=a.leaves_size, r_min=a.r_min,
                        r_max=a.r_max, margin=a.margin),
     train={"steps": 35_000, "lr": 2e-3, "lr_decay_steps": 35_000, "eval_every": 5000, "quick_eval": 100,
            "heldout": 500, "draws": 1, "backend": "numba", "batch_size": 64,
            "patch": data.LEAVES["patch"], "train_patches": 20_000, "leaves_size": data.LEAVES["size"],
            "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"], "margin": data.LEAVES["margin"]},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "D": (int, 4, 4096), "conv_layers": (int, 1, 8),
-           "channels": (int, 1, 256), "scales": (int, 1, 6), "P": (int, 1, 256), "beta1": (float, 0, 1),
+           "channels": (int, 1, 256), "scales": (int, 1, 6), "P": (int, 1, 256), "dense_layers": (int, 0, 8),
+           "H": (int, 1, 4096), "pixel_features": (int, 1, 16), "beta1": (float, 0, 1),
            "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6),
            "leaves_size": (int, 2, 4096), "r_min": (float, 0, 1e6), "r_max": (float, 0, 1e6),
            "margin": (int, 0, 4096)},
     backends=("numba", "numpy"),
     train_set=images.deadleaves_train,
     heldout_set=lambda n, noise, cfg, data_dir: images.deadleaves_heldout(n, cfg, HELDOUT_SEED),
-    width=lambda cfg: cfg["D"] * max(cfg["channels"] * (cfg["conv_layers"] + 1), cfg["P"]), final_samples=100,
-    cpu=cpu_conv, log_weights=None, cuda_trainer=None, cuda_sample=None, table2=None, check=_leaves_check,
+    width=image_width, final_samples=100,
+    cpu=cpu_image, log_weights=None, cuda_trainer=None, cuda_sample=None, table2=None, check=_leaves_check,
     parse_condition=images.parse_condition, conditioned=gaussian.sample_conditioned,
     smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
     output=lambda x, cfg: (images.to_levels(x, cfg).astype(np.float32), None), csv=False,  # 0..255 units
@@ -309,7 +345,7 @@ DEADLEAVES = Dataset(
                                                  **images.per_pixel_metrics(m, consts.cfg)),
     summary=images.summary, report=_leaves_report,
     figure=lambda params, consts, drawn, rng: images.figure(
-        params, consts, drawn, rng, cpu_conv.sample,
+        params, consts, drawn, rng, cpu_image.sample,
         beside=data.deadleaves(100, HELDOUT_SEED, **images.leaves_settings(consts.cfg))),
 )
 

@@ -12,6 +12,13 @@ official code differ (README, "Dead leaves"): tanh after the sum over scales (th
 nonlinearity on each scale before the sum and divides by N), one bias per channel (tied; the Blocks layers of
 2015 had one per channel and position), tanh rather than softplus or leaky ReLU. The last layer's C channels
 are the per-pixel features f: F = C.
+
+Beside the convolutions, optionally (dense_layers > 0), net_image.DenseImageNet's dense pathway: the whole image
+→ dense_layers layers of H → pixel_features more features per pixel, so that each pixel also sees the whole
+image (App. D.2.1: "multi-scale convolution beside a dense pathway"; the official code's MLP_conv_dense). The
+two are concatenated per pixel, f = [h_L | dense features]: F = C + pixel_features. Its biases are named d1 ..
+(c1 .. are the convolutions'); the official code also divided each pathway by √(its feature count), which the
+first per-pixel layer's weights can learn.
 """
 import numpy as np
 
@@ -76,10 +83,17 @@ class ConvImageNet(net_image.DenseImageNet):
         self.S = int(round(self.D ** 0.5))
         if self.S * self.S != self.D or self.S % 2 ** (self.N - 1):
             raise ValueError(f"D = {self.D} must be a square whose side divides by 2^(scales − 1) = {2 ** (self.N - 1)}")
-        self.F = self.C
         self.basis = dpm.temporal_basis(self.T, self.J)
         self.PARAM_NAMES = tuple(f"K{k}s{s}" for k in range(1, self.L + 1) for s in range(self.N)) + tuple(
             f"c{k}" for k in range(1, self.L + 1)) + ("W1", "b1", "W2", "b2", "W3", "b3")
+        self.dense = None
+        if cfg.get("dense_layers", 0):
+            self.dense = net_image.DenseImageNet(cfg)
+            # the dense pathway's names here ← its own (net_image's): the biases c1 .. become d1 ..
+            self.dense_names = {(f"d{k[1:]}" if k[0] == "c" and k[1:].isdigit() else k): k
+                                for k in self.dense.PARAM_NAMES[:-6]}
+            self.PARAM_NAMES += tuple(self.dense_names)
+        self.F = self.C + (self.dense.F if self.dense else 0)
 
     def init(self, rng, dtype=np.float32):
         """Filters N(0, 1/(9 Cin N)) (unit-variance sums for unit-variance inputs), zero biases; the per-pixel MLP
@@ -92,24 +106,46 @@ class ConvImageNet(net_image.DenseImageNet):
                 p[f"K{k}s{s}"] = (rng.standard_normal((3, 3, cin, C)) / np.sqrt(9 * cin * N)).astype(dtype)
         for k in range(1, self.L + 1):
             p[f"c{k}"] = np.zeros(C, dtype)
-        lim1, lim2 = np.sqrt(6.0 / (1 + C + P)), np.sqrt(6.0 / (2 * P))
-        p["W1"], p["b1"] = rng.uniform(-lim1, lim1, (1 + C, P)).astype(dtype), np.zeros(P, dtype)
+        lim1, lim2 = np.sqrt(6.0 / (1 + self.F + P)), np.sqrt(6.0 / (2 * P))
+        p["W1"], p["b1"] = rng.uniform(-lim1, lim1, (1 + self.F, P)).astype(dtype), np.zeros(P, dtype)
         p["W2"], p["b2"] = rng.uniform(-lim2, lim2, (P, P)).astype(dtype), np.zeros(P, dtype)
         p["W3"], p["b3"] = np.zeros((J, 2, P), dtype), np.zeros((J, 2), dtype)
+        if self.dense:
+            q = self.dense.init(rng, dtype)
+            p.update({mine: q[theirs] for mine, theirs in self.dense_names.items()})
         return p
 
+    def dense_params(self, p):
+        """The dense pathway's parameters (or gradients) under net_image's names."""
+        return {theirs: p[mine] for mine, theirs in self.dense_names.items()}
+
     def features_forward(self, p, x):
-        """x (n, D) → h = [x as (n, S, S, 1), h_1 .. h_L], f = h_L as (n, D·C)."""
-        h = [x.reshape(len(x), self.S, self.S, 1)]
+        """x (n, D) → (h = [x as (n, S, S, 1), h_1 .. h_L], the dense pathway's cache or None), f = [h_L | the dense
+        features] per pixel, (n, D·F)."""
+        n, D = len(x), self.D
+        h = [x.reshape(n, self.S, self.S, 1)]
         for k in range(1, self.L + 1):
             z = p[f"c{k}"] + sum(up(conv3x3(pool(h[-1], 2 ** s), p[f"K{k}s{s}"]), 2 ** s) for s in range(self.N))
             h.append(np.tanh(z))
-        return h, h[-1].reshape(len(x), self.D * self.C)
+        if not self.dense:
+            return (h, None), h[-1].reshape(n, D * self.C)
+        d, fd = self.dense.features_forward(self.dense_params(p), x)
+        f = np.concatenate([h[-1].reshape(n, D, self.C), fd.reshape(n, D, -1)], axis=2)
+        return (h, (d, fd)), f.reshape(n, D * self.F)
 
-    def features_backward(self, p, h, f, g_z, grads):
-        """∂L/∂(h_L before its tanh) (n, D·C) → the filters' and biases' gradients (into grads) and ∂L/∂x."""
-        n, S = len(f), self.S
-        g_z = g_z.reshape(n, S, S, self.C)
+    def features_backward(self, p, cache, f, g_z, grads):
+        """∂L/∂(f before its tanh) (n, D·F) → the filters', biases' and dense pathway's gradients (into grads)
+        and ∂L/∂x."""
+        (h, dense), n, S = cache, len(f), self.S
+        g_x = 0.0
+        if self.dense:
+            g_z = g_z.reshape(n, self.D, self.F)
+            d, fd = dense
+            g_dense = {}
+            g_x = self.dense.features_backward(self.dense_params(p), d, fd, g_z[:, :, self.C:].reshape(n, -1),
+                                               g_dense)
+            grads.update({mine: g_dense[theirs] for mine, theirs in self.dense_names.items()})
+        g_z = g_z.reshape(n, S, S, self.F)[..., :self.C]
         for k in range(self.L, 0, -1):
             grads[f"c{k}"] = g_z.sum(axis=(0, 1, 2))
             g_h = 0.0
@@ -118,4 +154,4 @@ class ConvImageNet(net_image.DenseImageNet):
                 g_a, grads[f"K{k}s{s}"] = conv3x3_backward(pool(h[k - 1], m), p[f"K{k}s{s}"], up_adjoint(g_z, m))
                 g_h = g_h + pool_adjoint(g_a, m)
             g_z = g_h * (1.0 - h[k - 1] * h[k - 1]) if k > 1 else g_h
-        return g_z.reshape(n, self.D)
+        return g_z.reshape(n, self.D) + g_x

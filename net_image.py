@@ -1,6 +1,7 @@
-"""The MNIST network of App. D.2.1 (no multi-scale convolution, Fig. D.1 caption): a dense pathway that sees
-the whole image and gives a few features per pixel, then a per-pixel MLP (1×1 layers) whose 2J outputs go
-through the temporal bumps (Eq. 63, the official code's temporal_readout). Forward and backward by hand,
+"""The paper's MNIST network of App. D.2.1 (no multi-scale convolution, Fig. D.1 caption): a dense pathway that
+sees the whole image and gives a few features per pixel, then a per-pixel MLP (1×1 layers) whose 2J outputs go
+through the temporal bumps (Eq. 63, the official code's temporal_readout). train.py's MNIST network with
+--conv-layers 0; net_conv.ConvImageNet puts convolutions beside this dense pathway and shares the per-pixel MLP. Forward and backward by hand,
 in the parameters' dtype (float32 to train, float64 for the finite-difference tests).
 
 dense    d_0 = x⁽ᵗ⁾ (n, D);  d_k = tanh(d_{k−1} V_k + c_k), k = 1..L;  f = tanh(d_L V_f + c_f) → (n, D, F)

@@ -26,7 +26,7 @@ from adam import Adam
 from cli import UsageError, positive
 
 MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir", "pixel_features", "patch",
-               "train_patches", "leaves_size", "r_min", "r_max", "margin", "conv_layers", "channels", "scales")
+               "train_patches", "leaves_size", "r_min", "r_max", "margin", "dense_layers", "conv_layers", "channels", "scales")
 
 
 def parse(argv):
@@ -39,12 +39,14 @@ def parse(argv):
                    help="the learning rate falls tenfold every this many steps, floor lr/1000")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--T", type=positive(int, 10**6), help="diffusion steps")
-    p.add_argument("--hidden", type=positive(int, 2048), help="hidden units per layer")
+    p.add_argument("--hidden", type=positive(int, 2048), help="hidden units per layer (images: of the dense pathway)")
     p.add_argument("--noise", type=float, help="swissroll: the roll's noise σ, before standardising")
     p.add_argument("--beta1", type=positive(float), help="the fixed first-step variance β₁ (§2.4.1)")
     p.add_argument("--data-dir", help="mnist: the folder of the four IDX files (default data/mnist)")
     p.add_argument("--pixel-features", type=positive(int, 16),
-                   help="mnist: features per pixel from the dense pathway to the per-pixel MLP")
+                   help="mnist, deadleaves: features per pixel from the dense pathway to the per-pixel MLP")
+    p.add_argument("--dense-layers", type=int, help="mnist, deadleaves: layers of the dense pathway that sees the "
+                                                    "whole image (0: none)")
     p.add_argument("--patch", type=positive(int, 64), help="deadleaves: the side of the square training patches")
     p.add_argument("--train-patches", type=positive(int, 10**6), help="deadleaves: training patches generated")
     p.add_argument("--leaves-size", type=positive(int, 4096),
@@ -52,9 +54,10 @@ def parse(argv):
     p.add_argument("--r-min", type=positive(float), help="deadleaves: the smallest disc radius, pixels")
     p.add_argument("--r-max", type=positive(float), help="deadleaves: the largest disc radius, pixels")
     p.add_argument("--margin", type=int, help="deadleaves: disc centres fall up to this many pixels outside the image")
-    p.add_argument("--conv-layers", type=positive(int, 8), help="deadleaves: multi-scale convolution layers")
-    p.add_argument("--channels", type=positive(int, 256), help="deadleaves: channels per convolution layer")
-    p.add_argument("--scales", type=positive(int, 6), help="deadleaves: scales 1, 2, 4, ... per layer")
+    p.add_argument("--conv-layers", type=int, help="mnist, deadleaves: multi-scale convolution layers (mnist: 0 "
+                                                   "for the dense pathway alone)")
+    p.add_argument("--channels", type=positive(int, 256), help="mnist, deadleaves: channels per convolution layer")
+    p.add_argument("--scales", type=positive(int, 6), help="mnist, deadleaves: scales 1, 2, 4, ... per layer")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")

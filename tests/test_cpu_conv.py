@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import cpu_conv
+import cpu_image
 import gaussian
 import net_conv
 from adam import Adam
@@ -16,6 +17,7 @@ from adam import Adam
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
 CFG = {"T": 8, "J": 3, "D": 64, "conv_layers": 2, "channels": 6, "scales": 2, "P": 3, "beta1": 1e-3,
        "beta_T": 0.5}
+DENSE = {"dense_layers": 2, "H": 5, "pixel_features": 2}     # a dense pathway beside the convolutions
 
 
 def rel_err(a, b):
@@ -64,9 +66,10 @@ def test_layer_kernels_match_net_conv(dtype, S, N, cin):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_forward_backward_match_the_twin(dtype):
+@pytest.mark.parametrize("dense", [{}, DENSE])
+def test_forward_backward_match_the_twin(dtype, dense):
     """out, every parameter's gradient and ∂x; the same numbers with one thread or two."""
-    cfg = dict(CFG, scales=3)                         # 8 × 8: scales of 8, 4, 2 pixels
+    cfg = dict(CFG, scales=3, **dense)                # 8 × 8: scales of 8, 4, 2 pixels
     rng = np.random.default_rng(0)
     p = {k: v for k, v in perturbed(cfg, rng, dtype).items() if k != "c"}
     n = 19                                            # image chunks of 7, 6, 6 with CONV_ROWS 8
@@ -97,16 +100,18 @@ def batches(cfg, rng, n, k):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_trainer_matches_gaussian_and_adam(dtype):
+@pytest.mark.parametrize("dense", [{}, DENSE])
+def test_trainer_matches_gaussian_and_adam(dtype, dense):
     """loss_and_grads against gaussian.loss_and_grads on the twin, then steps against adam.Adam; two threads
     give the same numbers as one."""
     rng = np.random.default_rng(1)
-    p = perturbed(CFG, rng, dtype)
-    consts = gaussian.Gaussian(CFG, net_conv.ConvImageNet)
-    bs = batches(CFG, rng, 9, 2)
+    cfg = dict(CFG, **dense)
+    p = perturbed(cfg, rng, dtype)
+    consts = gaussian.Gaussian(cfg, net_conv.ConvImageNet)
+    bs = batches(cfg, rng, 9, 2)
     x0, eps, t = bs[0]
     loss, grads = gaussian.loss_and_grads({k: v.copy() for k, v in p.items()}, consts, x0, eps, t)
-    trs = [cpu_conv.Trainer(consts, 9, dtype=dtype, threads=k) for k in (1, 2)]
+    trs = [cpu_image.Trainer(consts, 9, dtype=dtype, threads=k) for k in (1, 2)]
     for tr in trs:
         tr.load(p)
         assert abs(tr.loss_and_grads(x0, eps, t) - loss) < TOL[dtype] * 10 * abs(loss)
@@ -131,10 +136,10 @@ def test_evaluate_and_sample_match_gaussian_on_the_twin():
     p = perturbed(CFG, rng, np.float64)
     twin = gaussian.Gaussian(CFG, net_conv.ConvImageNet)
     x0 = rng.standard_normal((3, CFG["D"]))
-    per, kl_t = cpu_conv.evaluate(p, twin, x0, np.random.default_rng(9), n_draws=1)
+    per, kl_t = cpu_image.evaluate(p, twin, x0, np.random.default_rng(9), n_draws=1)
     per_ref, kl_t_ref = gaussian.evaluate(p, twin, x0, np.random.default_rng(9), n_draws=1)
     assert rel_err(per, per_ref) < 1e-11 and rel_err(kl_t, kl_t_ref) < 1e-11
-    x, kept = cpu_conv.sample(p, twin, 3, np.random.default_rng(8), keep=(CFG["T"], 1))
+    x, kept = cpu_image.sample(p, twin, 3, np.random.default_rng(8), keep=(CFG["T"], 1))
     x_ref, kept_ref = gaussian.sample(p, twin, 3, np.random.default_rng(8), keep=(CFG["T"], 1))
     assert kept.keys() == kept_ref.keys() and rel_err(x, x_ref) < 1e-11
-    assert isinstance(cpu_conv.fast_consts(twin).net, cpu_conv.FastConvNet)
+    assert isinstance(cpu_image.fast_consts(twin).net, cpu_conv.FastConvNet)

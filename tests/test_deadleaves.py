@@ -78,9 +78,11 @@ def perturbed(consts, rng, scale=0.3):
     return {k: v + scale * rng.standard_normal(v.shape) for k, v in p.items()}
 
 
-def test_loss_and_input_gradients_match_central_differences():
-    """Every filter, bias and pixel weight, the schedule's c (through Eq. 14's bound), and ∂out/∂x⁽ᵗ⁾, float64."""
-    consts = gaussian.Gaussian(TINY, net_conv.ConvImageNet)
+@pytest.mark.parametrize("dense", [{}, {"dense_layers": 1, "H": 3, "pixel_features": 2}])
+def test_loss_and_input_gradients_match_central_differences(dense):
+    """Every filter, bias and pixel weight (and the dense pathway's beside the convolutions), the schedule's c
+    (through Eq. 14's bound), and ∂out/∂x⁽ᵗ⁾, float64."""
+    consts = gaussian.Gaussian(dict(TINY, **dense), net_conv.ConvImageNet)
     rng = np.random.default_rng(5)
     p = perturbed(consts, rng)
     x0, eps, t = rng.standard_normal((3, 16)), rng.standard_normal((3, 16)), rng.integers(2, 7, 3)
@@ -151,7 +153,7 @@ def test_train_sample_figure_and_inpaint(leaves_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, words", [(["--patch", "10", "--scales", "3"], "divides by"),
-                                          (["--r-min", "40"], "r_min"), (["--hidden", "8"], "does not apply")])
+                                          (["--r-min", "40"], "r_min"), (["--fourier", "4"], "does not apply")])
 def test_bad_settings_one_line(tmp_path, capsys, flags, words):
     from conftest import one_error_line, run_train
     assert run_train(tmp_path, "--data", "deadleaves", *flags, "--steps", "1", out="r") == 2

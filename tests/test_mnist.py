@@ -124,21 +124,25 @@ def mnist_dir(tmp_path_factory):
     return d
 
 
-SMALL = ["--data", "mnist", "--T", "20", "--hidden", "24", "--batch-size", "32", "--heldout", "60"]
+SMALL = ["--data", "mnist", "--T", "20", "--hidden", "24", "--channels", "4", "--batch-size", "32", "--heldout", "60"]
+PAPER_NET = ["--conv-layers", "0"]           # the dense pathway alone (the paper's Fig. D.1 caption)
 
 
 @pytest.fixture(scope="module")
 def mnist_runs(mnist_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("mnist_runs")
-    for steps in (1, 300):
-        assert run_train(d, *SMALL, "--data-dir", str(mnist_dir), "--steps", str(steps), "--eval-every", "1000",
-                         out=f"s{steps}") == 0
+    for name, more in (("", []), ("dense", PAPER_NET)):
+        for steps in (1, 300):
+            assert run_train(d, *SMALL, *more, "--data-dir", str(mnist_dir), "--steps", str(steps),
+                             "--eval-every", "1000", out=f"{name}s{steps}") == 0
     return d
 
 
-def test_training_raises_the_heldout_bound(mnist_runs):
-    before = json.load(open(mnist_runs / "s1" / "metrics.json"))
-    after = json.load(open(mnist_runs / "s300" / "metrics.json"))
+@pytest.mark.parametrize("net", ["", "dense"])
+def test_training_raises_the_heldout_bound(mnist_runs, net):
+    """The default network (convolutions beside the dense pathway) and the paper's (--conv-layers 0)."""
+    before = json.load(open(mnist_runs / f"{net}s1" / "metrics.json"))
+    after = json.load(open(mnist_runs / f"{net}s300" / "metrics.json"))
     gain = after["K_minus_L_null_bits_per_pixel"] - before["K_minus_L_null_bits_per_pixel"]
     assert gain > 10 * math.hypot(after["K_minus_L_null_stderr_bits_per_pixel"],
                                   before["K_minus_L_null_stderr_bits_per_pixel"])
@@ -229,3 +233,18 @@ def test_table2_from_sample_files(mnist_runs, mnist_dir, tmp_path, capsys):
     assert "expected" in one_error_line(capsys)
     assert cli.cli(evaluate.main, "evaluate.py", [str(run)]) == 2
     assert "--parzen" in one_error_line(capsys)
+
+
+def test_checkpoint_from_before_the_convolutions_loads_as_the_dense_network(mnist_runs, tmp_path):
+    """A checkpoint whose settings predate conv_layers (the paper's network was then the only one) is read as
+    --conv-layers 0, not given the new default's convolutions."""
+    import ckpt
+    import net_conv
+    meta, arrays = ckpt.load(str(mnist_runs / "denses300" / "checkpoint.npz"))
+    assert meta["cfg"].pop("conv_layers") == 0
+    old = tmp_path / "checkpoint.npz"
+    ckpt.save(str(old), {k: v for k, v in meta.items() if k != "version"}, arrays)
+    _, params, consts, _ = ckpt.load_run(str(old), "mnist")
+    assert type(consts.net) is net_image.DenseImageNet and consts.cfg["conv_layers"] == 0
+    _, _, consts, _ = ckpt.load_run(str(mnist_runs / "s300"), "mnist")
+    assert type(consts.net) is net_conv.ConvImageNet
