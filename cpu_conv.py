@@ -569,11 +569,11 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
         x, h, Us, dd = d
         n, S, C, N, L = len(x), self.S, self.C, self.N, self.L
         gf = s["gf"]
-        if self.dense:
-            gf = gf.reshape(n, self.D, self.F)
-            s["dense"]["gf"][...] = gf[:, :, C:].reshape(n, -1)
+        if self.dense:                                 # f = [h_L | dense features]: each pathway's part of ∂
+            both = gf.reshape(n, self.D, self.F)
+            s["dense"]["gf"][...] = both[:, :, C:].reshape(n, -1)
             gf = s["conv_gf"]
-            gf[...] = s["gf"].reshape(n, self.D, self.F)[:, :, :C].reshape(n, -1)
+            gf[...] = both[:, :, :C].reshape(n, -1)
             self.dense.features_backward(self.dense_params(p), dd, s["dense"], gx, self.dense_params(grads))
         UTs = [[np.ascontiguousarray(U.transpose(0, 2, 1)) for U in row] for row in Us]
         gf = gf.reshape(n, S, S, C)

@@ -211,6 +211,7 @@ HEARTBEAT = Dataset(
     report=lambda x, r1, text, noise, rng, cfg: _heartbeat_report(x, r1, text, noise, rng),
 )
 
+
 def image_net(cfg):
     """The image network a cfg asks for: net_conv.ConvImageNet where it has convolution layers (with its dense
     pathway where dense_layers > 0), else net_image.DenseImageNet (the dense pathway alone)."""
