@@ -511,6 +511,11 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
     """net_conv.ConvImageNet with its multi-scale layers as Winograd kernels and BLAS products (this module's
     docstring) and the per-pixel MLP of cpu_image.FastPixelNet. Same interface, same results."""
 
+    def __init__(self, cfg, threads=None):
+        super().__init__(cfg, threads)
+        if self.dense:
+            self.dense = cpu_image.FastDenseImageNet(cfg, self.threads)
+
     def _tiles(self, s):
         return ((self.S // 2 ** s + 1) // 2) ** 2
 
@@ -532,13 +537,8 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
             "gh": [z(n, S, S, C) for _ in range(2)],
             "gU": [[z(nc, 16, cin(k), C) for s in range(N)] for k in range(1, L + 1)],
             "gc": z(nc, L, C),
-            **({"conv_gf": z(n, self.D * C), "dense": self.dense.feature_scratch(n, dt) | {
-                "gf": z(n, self.D * self.dense.F)}} if self.dense else {})}
-
-    def __init__(self, cfg, threads=None):
-        super().__init__(cfg, threads)
-        if self.dense:
-            self.dense = cpu_image.FastDenseImageNet(cfg, self.threads)
+            **({"f": z(n, self.D * self.F), "conv_gf": z(n, self.D * C),
+                "dense": self.dense.feature_scratch(n, dt) | {"gf": z(n, self.D * self.dense.F)}} if self.dense else {})}
 
     def features_forward(self, p, x):
         """x (n, D) in the network dtype → d = (x, h_1 .. h_L (n, S, S, C), the tiles, the dense pathway's cache
@@ -559,8 +559,10 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
             return (x, h, Us, None), h[L].reshape(n, self.D * self.C)
         self.dense.threads = self.threads
         dd, fd = self.dense.features_forward(self.dense_params(p), x)
-        f = np.concatenate([h[L].reshape(n, self.D, self.C), fd.reshape(n, self.D, -1)], axis=2)
-        return (x, h, Us, dd), f.reshape(n, self.D * self.F)
+        f = s["f"]                                     # [h_L | dense features] per pixel, in place
+        np.concatenate([h[L].reshape(n, self.D, self.C), fd.reshape(n, self.D, -1)], axis=2,
+                       out=f.reshape(n, self.D, self.F))
+        return (x, h, Us, dd), f
 
     def features_backward(self, p, d, s, gx, grads):
         """From s["gf"] (∂ before f's tanh): the dense pathway's part (if any) through its layers, then the

@@ -222,7 +222,7 @@ def image_width(cfg):
     """The most numbers per image that an image network's buffers hold (train.py's memory check)."""
     dense = cfg["H"] if cfg["dense_layers"] else 0
     conv = cfg["channels"] * (cfg["conv_layers"] + 1) if cfg["conv_layers"] else 0
-    return max(dense, cfg["D"] * max(conv + 4 * cfg["pixel_features"], cfg["P"]))
+    return max(dense, cfg["D"] * max(conv + cfg["pixel_features"], cfg["P"]))
 
 
 def _image_cfg(model, a):
