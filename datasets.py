@@ -240,6 +240,15 @@ def _mnist_check(cfg):
         raise ValueError(f"scales {cfg['scales']}: the image side, 28, must divide by 2^(scales - 1)")
 
 
+def _mnist_report(x, condition, text, noise, rng, cfg):
+    """images.report, then how many samples are whole strokes and how many are specked (images.strokes)."""
+    drawn = images.report(x, condition, text, noise, rng, cfg)
+    s = images.strokes(images.as_uint8(x, cfg), math.isqrt(cfg["D"]))
+    print(f"in one piece (8-connected pixels at level 128 or more): {s['one_piece']:.1%} of samples "
+          f"({s['mean_pieces']:.2f} pieces on average); with a speck of 1-2 such pixels: {s['specked']:.1%}")
+    return drawn
+
+
 MNIST = Dataset(
     name="mnist",
     kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, image_net(cfg)),
@@ -248,11 +257,11 @@ MNIST = Dataset(
     # `channels` channels at `scales` scales (net_conv.py; 0: the dense pathway alone, the paper's Fig. D.1
     # caption); scale and shift are the training set's (images.pixel_scaling)
     model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 20,
-           "conv_layers": 2, "channels": 16, "scales": 1,
-           "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
+           "conv_layers": 2, "channels": 8, "scales": 1,
+           "beta1": 1e-5, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
     cfg=lambda a: _image_cfg(MNIST.model, a), check=_mnist_check,
     before={"conv_layers": 0},             # checkpoints from before the convolutions: the dense pathway alone
-    train={"steps": 20_000, "lr": 1e-3, "lr_decay_steps": 20_000, "eval_every": 5000, "quick_eval": 100,
+    train={"steps": 30_000, "lr": 1e-3, "lr_decay_steps": 20_000, "eval_every": 5000, "quick_eval": 100,
            "heldout": 1000, "draws": 1, "backend": "numba", "batch_size": 128,
            "data_dir": os.path.join("data", "mnist")},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 4096), "D": (int, 784, 784),
@@ -270,12 +279,12 @@ MNIST = Dataset(
     output=lambda x, cfg: (images.to_levels(x, cfg).astype(np.float32), None), csv=False,  # 0..255 units
     limit_bits=lambda cfg, noise: None,
     ceiling_bits=lambda cfg, noise: images.ceiling_bits(cfg),
-    quality=lambda x, x_heldout, noise, cfg: images.quality(x, cfg),
+    quality=lambda x, x_heldout, noise, cfg: images.mnist_quality(x, x_heldout, cfg),
     entropy=gaussian.entropy_check, entropy_points=100,
     entropy_names=("lower bound H(β̃_t)", "upper bound H(β_t)"),
     extra_metrics=lambda params, consts, m: dict(_schedule_metrics(*consts.schedule(params), consts.cfg["beta1"]),
                                                  **images.per_pixel_metrics(m, consts.cfg)),
-    summary=images.summary, report=images.report,
+    summary=images.summary, report=_mnist_report,
     figure=lambda params, consts, drawn, rng: images.figure(params, consts, drawn, rng, cpu_image.sample),
 )
 

@@ -44,7 +44,7 @@ def swissroll(params, consts, x_data, rng, n=1000):
     grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
     drift = {}
     for t in (T, h, 2):
-        mu, _, _ = gaussian.reverse(params, consts, grid, np.full(len(grid), t), beta)
+        mu, _ = gaussian.reverse(params, consts, grid, np.full(len(grid), t), beta)
         d = mu - grid
         drift[t] = d * (0.25 / max(np.abs(d).max(), 1e-12))   # one scale per panel, as the paper does
     rows = [[("q(x⁽⁰⁾)", q[0]), (f"q(x⁽{h}⁾)", q[h]), (f"q(x⁽{T}⁾)", q[T])],

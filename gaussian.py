@@ -38,12 +38,22 @@ class Gaussian:
         return dpm.log_null(x0)
 
 
+def rows_per_call(D):
+    """Rows per network call when the rows are independent (evaluation, sampling): the image networks' buffers
+    grow with the rows, so a call holds about 2**18 numbers of x whatever n is."""
+    return min(8192, max(1, 2**18 // D))
+
+
 def reverse(params, consts, x, t, beta):
-    """μ and Σ of p(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾) (Eq. 5) for each row of x at steps t (n,), plus the network's output and cache."""
-    out, cache = consts.net.forward(params, x, t)
-    D = consts.D
-    mu, Sigma = dpm.reverse_mu_sigma(x, out[:, :D], out[:, D:], beta[t][:, None], consts.T)
-    return mu, Sigma, (out, cache)
+    """μ and Σ of p(x⁽ᵗ⁻¹⁾|x⁽ᵗ⁾) (Eq. 5) for each row of x at steps t (n,), the network called on blocks of
+    rows_per_call rows."""
+    D, step = consts.D, rows_per_call(consts.D)
+    mu, Sigma = np.empty(x.shape), np.empty(x.shape)
+    for s in range(0, len(x), step):
+        out, _ = consts.net.forward(params, x[s:s + step], t[s:s + step])
+        mu[s:s + step], Sigma[s:s + step] = dpm.reverse_mu_sigma(x[s:s + step], out[:, :D], out[:, D:],
+                                                                 beta[t[s:s + step]][:, None], consts.T)
+    return mu, Sigma
 
 
 def draw_batch(rng, x_train, n, T):
@@ -89,7 +99,7 @@ def evaluate(params, consts, x0, rng, n_draws=4, batch=None):
     Returns per-point K − L_null (nats, (n,)) and the mean KL_t for each t (nats, (T + 1,); 0 at t = 0, 1).
     """
     T, D = consts.T, consts.D
-    batch = batch or min(8192, max(1, 2**18 // D))        # rows per network call: images need far fewer
+    batch = batch or rows_per_call(D)
     beta, ab = consts.schedule(params)
     kl_sum = np.zeros(len(x0))
     kl_t = np.zeros(T + 1)
@@ -129,7 +139,7 @@ def log_weights(params, consts, x0, rng, n_traj):
             if t == 1:
                 mu, Sigma = fixed_first_step(x_new, beta[1])
             else:
-                mu, Sigma, _ = reverse(params, consts, x_new, np.full(n, t), beta)
+                mu, Sigma = reverse(params, consts, x_new, np.full(n, t), beta)
             out[:, j] += dpm.gaussian_logpdf(x, mu, Sigma)
             x = x_new
         out[:, j] += dpm.gaussian_logpdf(x, 0.0, 1.0)   # π = N(0, I)
@@ -145,7 +155,7 @@ def reverse_entropy(params, consts, x0, rng):
     H[1] = dpm.gaussian_entropy(beta[1], D)
     for t in range(2, T + 1):
         xt = dpm.q_sample(x0, ab[t], rng.standard_normal(x0.shape))
-        _, Sigma, _ = reverse(params, consts, xt, np.full(n, t), beta)
+        _, Sigma = reverse(params, consts, xt, np.full(n, t), beta)
         H[t] = np.mean(0.5 * D * (1.0 + math.log(2.0 * math.pi)) + 0.5 * np.sum(np.log(Sigma), axis=1))
     return H
 
@@ -172,7 +182,7 @@ def sample(params, consts, n, rng, keep=()):
     for t in range(consts.T, 1, -1):
         if t in keep:
             kept[t] = x.copy()
-        mu, Sigma, _ = reverse(params, consts, x, np.full(n, t), beta)
+        mu, Sigma = reverse(params, consts, x, np.full(n, t), beta)
         x = mu + np.sqrt(Sigma) * rng.standard_normal(x.shape)
     if 1 in keep:
         kept[1] = x.copy()
@@ -232,7 +242,7 @@ def sample_conditioned(params, consts, n, rng, condition):
         if t == 1:
             mu, Sigma = fixed_first_step(x, beta[1])
         else:
-            mu, Sigma, _ = reverse(params, consts, x, np.full(n, t), beta)
+            mu, Sigma = reverse(params, consts, x, np.full(n, t), beta)
         x = shift(mu, Sigma) + np.sqrt(Sigma) * rng.standard_normal(x.shape)
         if kind == "clamp":
             x[:, idx] = val

@@ -45,7 +45,7 @@ def gaussian(params, consts, n, rng, condition, particles):
         if t == 1:
             mu, Sigma = gaussian_model.fixed_first_step(x, beta[1])
         else:
-            mu, Sigma, _ = gaussian_model.reverse(params, consts, x, np.full(particles, t), beta)
+            mu, Sigma = gaussian_model.reverse(params, consts, x, np.full(particles, t), beta)
         x_new = mu + np.sqrt(Sigma) * rng.standard_normal(x.shape)
         if condition[0] == "gauss":
             shifted = dpm.gaussian_r_mean(mu, Sigma, m, s)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import data
+import images
 import figures
 
 
@@ -155,3 +156,40 @@ def test_image_grid_places_tiles_row_major():
     assert figures.image_grid(images[:1], 1, pad=0).shape == (h, w)
     rgb = figures.image_grid(np.zeros((2, 3, 3, 3), np.uint8), 2, pad=1, background=7)
     assert rgb.shape == (5, 9, 3) and rgb[0, 0, 0] == 7 and rgb[1, 1, 0] == 0
+
+
+def test_pieces_counts_8_connected_strokes():
+    """images.pieces on drawn answers: a long winding stroke is one piece however far its ends are apart,
+    a diagonal step joins, a gap of one pixel splits, specks under 3 pixels and faint pixels do not count."""
+    side = 12
+    canvas = lambda: np.zeros((side, side), np.uint8)
+    snake = canvas()
+    for r in range(0, side, 2):                      # a boustrophedon: its ends are ~70 steps apart
+        snake[r, :] = 255
+        snake[r + 1, side - 1 if r % 4 == 0 else 0] = 255
+    diagonal = canvas()
+    for k in range(8):
+        diagonal[k, k] = 200                         # touching only at corners
+    split = canvas()
+    split[3, 0:5] = 255
+    split[3, 6:11] = 255                             # one pixel apart
+    specks = canvas()
+    specks[1, 1:3] = 255                             # 2 pixels: too small
+    specks[8, 2:9] = 255
+    specks[5, 0:8] = 127                             # below the ink level
+    empty = canvas()
+    got = images.pieces(np.stack([snake, diagonal, split, specks, empty]).reshape(5, -1), side)
+    assert got.tolist() == [1, 1, 2, 1, 0]
+
+
+def test_strokes_shares():
+    """images.strokes: one image whole, one in two pieces with a speck, one whole with a speck."""
+    side = 8
+    a = np.zeros((3, side, side), np.uint8)
+    a[0, 2, 1:7] = 255
+    a[1, 1, 0:3] = 255
+    a[1, 5, 0:3] = 255
+    a[1, 7, 7] = 255
+    a[2, 3, 0:6] = 255
+    a[2, 6, 6:8] = 255
+    assert images.strokes(a.reshape(3, -1), side) == {"one_piece": 2 / 3, "specked": 2 / 3, "mean_pieces": 4 / 3}

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
+import dpm
 import gaussian
 import images
 import net_image
@@ -60,6 +61,22 @@ def test_input_gradient_matches_central_differences():
         down.flat[i] -= 1e-6
         fd = np.sum(w * (consts.net.forward(p, up, t)[0] - consts.net.forward(p, down, t)[0])) / 2e-6
         assert abs(fd - g_x.flat[i]) <= 1e-6 * (1 + abs(fd))
+
+
+def test_reverse_in_blocks_of_rows_equals_one_call(monkeypatch):
+    """gaussian.reverse calls the network on blocks of rows (so that sampling 10,000 images does not hold the
+    network's buffers for all of them): the same μ and Σ as one call over every row, mixed t included."""
+    consts = gaussian.Gaussian(TINY, net_image.DenseImageNet)
+    rng = np.random.default_rng(4)
+    p = perturbed(consts, rng)
+    x, t = rng.standard_normal((11, 5)), rng.integers(2, 7, 11)
+    beta, _ = consts.schedule(p)
+    out, _ = consts.net.forward(p, x, t)
+    mu, Sigma = dpm.reverse_mu_sigma(x, out[:, :5], out[:, 5:], beta[t][:, None], TINY["T"])
+    monkeypatch.setattr(gaussian, "rows_per_call", lambda D: 4)
+    mu4, Sigma4 = gaussian.reverse(p, consts, x, t, beta)
+    np.testing.assert_array_equal(mu4, mu)
+    np.testing.assert_array_equal(Sigma4, Sigma)
 
 
 def test_untrained_network_is_the_forward_kernel():
@@ -148,6 +165,9 @@ def test_training_raises_the_heldout_bound(mnist_runs, net):
                                   before["K_minus_L_null_stderr_bits_per_pixel"])
     assert after["bits_per_dim"] == pytest.approx(-after["K_bits_per_pixel"] + math.log2(256 / after["scale"]))
     assert after["K_bits_per_pixel"] < after["ceiling_minus_L_null_bits_per_pixel"] + after["L_null_bits"] / 784
+    q = after["sample_quality"]
+    assert q["data_strokes"] == {"one_piece": 1.0, "specked": 0.0, "mean_pieces": 1.0}   # each image is one bar
+    assert 0.0 <= q["strokes"]["one_piece"] <= 1.0
 
 
 def decode_png(blob):
@@ -166,9 +186,10 @@ def decode_png(blob):
     return np.frombuffer(raw, np.uint8).reshape(h, w + 1)[:, 1:]
 
 
-def test_samples_in_pixel_units_and_figure(mnist_runs, tmp_path):
+def test_samples_in_pixel_units_and_figure(mnist_runs, tmp_path, capsys):
     run = mnist_runs / "s300"
     assert run_sample(run, "-n", "4", "--out", tmp_path / "s.npy", "--figure", tmp_path / "f.png") == 0
+    assert "% of samples" in capsys.readouterr().out.split("in one piece")[1]
     x = np.load(tmp_path / "s.npy")
     assert x.shape == (4, 784) and x.dtype == np.float32
     assert -50 < x.mean() < 300
