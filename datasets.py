@@ -258,10 +258,10 @@ MNIST = Dataset(
     # caption); scale and shift are the training set's (images.pixel_scaling)
     model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 20,
            "conv_layers": 2, "channels": 8, "scales": 1,
-           "beta1": 1e-5, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
+           "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
     cfg=lambda a: _image_cfg(MNIST.model, a), check=_mnist_check,
     before={"conv_layers": 0},             # checkpoints from before the convolutions: the dense pathway alone
-    train={"steps": 30_000, "lr": 1e-3, "lr_decay_steps": 20_000, "eval_every": 5000, "quick_eval": 100,
+    train={"steps": 20_000, "lr": 1e-3, "lr_decay_steps": 20_000, "eval_every": 5000, "quick_eval": 100,
            "heldout": 1000, "draws": 1, "backend": "numba", "batch_size": 128,
            "data_dir": os.path.join("data", "mnist")},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 4096), "D": (int, 784, 784),
