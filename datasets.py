@@ -257,7 +257,7 @@ MNIST = Dataset(
     # `channels` channels at `scales` scales (net_conv.py; 0: the dense pathway alone, the paper's Fig. D.1
     # caption); scale and shift are the training set's (images.pixel_scaling)
     model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 20,
-           "conv_layers": 2, "channels": 8, "scales": 1,
+           "conv_layers": 2, "channels": 16, "scales": 1,
            "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
     cfg=lambda a: _image_cfg(MNIST.model, a), check=_mnist_check,
     before={"conv_layers": 0},             # checkpoints from before the convolutions: the dense pathway alone
