@@ -111,10 +111,9 @@ def flat_runs(levels, side):
     return {"1-2": share(1, 2), "3-7": share(3, 7), "8+": share(8, side)}
 
 
-def pieces(levels, side, ink=128, least=3):
-    """How many pieces each 8-bit image (n, side²) is in: 8-connected groups of pixels at level ≥ ink, counting
-    those of at least `least` pixels. A handwritten digit is one stroke or joined strokes (98.6% of the
-    subset's held-out digits are one piece); samples broken into fragments are several."""
+def groups(levels, side, ink=128):
+    """The 8-connected groups of pixels at level ≥ ink in each 8-bit image (n, side²): per image, the pixel
+    count of each label (index 0 and unused labels: 0)."""
     on = np.asarray(levels).reshape(-1, side, side) >= ink
     label = np.where(on, np.arange(1, side * side + 1, dtype=np.int32).reshape(side, side), 0)
     todo = np.arange(len(on))
@@ -129,7 +128,14 @@ def pieces(levels, side, ink=128, least=3):
         changed = np.any(most != lab, axis=(1, 2))
         label[todo] = most
         todo = todo[changed]
-    return np.array([np.count_nonzero(np.bincount(v.ravel())[1:] >= least) for v in label], dtype=np.int64)
+    return [np.bincount(v.ravel(), minlength=side * side + 1)[1:] for v in label]
+
+
+def pieces(levels, side, ink=128, least=3):
+    """How many pieces each 8-bit image (n, side²) is in: groups() of at least `least` pixels. A handwritten
+    digit is one stroke or joined strokes (98.6% of the subset's held-out digits are one piece); samples
+    broken into fragments are several."""
+    return np.array([np.count_nonzero(c >= least) for c in groups(levels, side, ink)], dtype=np.int64)
 
 
 def ceiling_bits(cfg):
@@ -167,7 +173,9 @@ def quality(x, cfg):
 def strokes(levels, side):
     """Whole strokes and speckle in 8-bit digits (n, side²): the share in one piece (pieces()) and the share
     with a speck (a group of 1–2 pixels at level ≥ 128 apart from the rest)."""
-    big, every = pieces(levels, side), pieces(levels, side, least=1)
+    sizes = groups(levels, side)                 # labelled once for both counts
+    big = np.array([np.count_nonzero(c >= 3) for c in sizes])
+    every = np.array([np.count_nonzero(c) for c in sizes])
     return {"one_piece": float(np.mean(big == 1)), "specked": float(np.mean(every > big)),
             "mean_pieces": float(np.mean(big))}
 
