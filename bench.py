@@ -9,7 +9,7 @@ train_step_* time the comparison model, whatever train.py's defaults are: 2 → 
 paper's; train.py's default is 80), Adam; one step = drawing the minibatch, forward, backward and the Adam update.
 
 mnist_* time train.py's MNIST network (datasets.MNIST.model: 2 convolution layers of 16 channels beside a dense
-pathway of 3 layers of 128 with 2 features per pixel, a 20-wide per-pixel MLP, T = 1000), as the PyTorch
+pathway of 3 layers of 128 with 2 features per pixel, a 40-wide per-pixel MLP, T = 1000), as the PyTorch
 comparison in README has it, on random images: mnist_train_step_b128 and _b512 (ms; with images/s),
 mnist_train_step_gflops_b128 and _b512 (image_step_flops), and mnist_sample_64 (ms per reverse step of 64
 images). numba: cpu_image.py and cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py and

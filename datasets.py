@@ -37,7 +37,7 @@ def cuda_train():
 # own value, so that each default is written once (in `model`)
 FLAG_KEYS = {"T": "T", "hidden": "H", "beta1": "beta1", "fourier": "M", "fourier_scale": "fourier_scale",
              "pixel_features": "pixel_features", "dense_layers": "dense_layers", "conv_layers": "conv_layers",
-             "channels": "channels", "scales": "scales"}
+             "channels": "channels", "scales": "scales", "pixel_hidden": "P"}
 
 
 class Dataset:
@@ -228,7 +228,8 @@ def image_width(cfg):
 def _image_cfg(model, a):
     """The model settings of an image data set from train.py's flags."""
     return dict(model, T=a.T, beta1=a.beta1, H=a.hidden, dense_layers=a.dense_layers,
-                pixel_features=a.pixel_features, conv_layers=a.conv_layers, channels=a.channels, scales=a.scales)
+                pixel_features=a.pixel_features, conv_layers=a.conv_layers, channels=a.channels, scales=a.scales,
+                P=a.pixel_hidden)
 
 
 def _mnist_check(cfg):
@@ -253,10 +254,11 @@ MNIST = Dataset(
     name="mnist",
     kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, image_net(cfg)),
     # App. D.2.1's network (net_image.py): H units in each of dense_layers dense layers, pixel_features features
-    # per pixel, a per-pixel MLP P wide; beside it, as the official code had, conv_layers convolution layers of
-    # `channels` channels at `scales` scales (net_conv.py; 0: the dense pathway alone, the paper's Fig. D.1
-    # caption); scale and shift are the training set's (images.pixel_scaling)
-    model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 20,
+    # per pixel, a per-pixel MLP P wide (40, twice the official code's 20: README "What mattered"); beside it, as
+    # the official code had, conv_layers convolution layers of `channels` channels at `scales` scales (net_conv.py;
+    # 0: the dense pathway alone, the paper's Fig. D.1 caption); scale and shift are the training set's
+    # (images.pixel_scaling)
+    model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 40,
            "conv_layers": 2, "channels": 16, "scales": 1,
            "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
     cfg=lambda a: _image_cfg(MNIST.model, a), check=_mnist_check,

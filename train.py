@@ -26,7 +26,8 @@ from adam import Adam
 from cli import UsageError, positive
 
 MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir", "pixel_features", "patch",
-               "train_patches", "leaves_size", "r_min", "r_max", "margin", "dense_layers", "conv_layers", "channels", "scales")
+               "train_patches", "leaves_size", "r_min", "r_max", "margin", "dense_layers", "conv_layers", "channels", "scales",
+               "pixel_hidden")
 
 
 def parse(argv):
@@ -45,6 +46,8 @@ def parse(argv):
     p.add_argument("--data-dir", help="mnist: the folder of the four IDX files (default data/mnist)")
     p.add_argument("--pixel-features", type=positive(int, 16),
                    help="mnist, deadleaves: features per pixel from the dense pathway to the per-pixel MLP")
+    p.add_argument("--pixel-hidden", type=positive(int, 256),
+                   help="mnist, deadleaves: hidden units in each of the per-pixel MLP's two layers")
     p.add_argument("--dense-layers", type=int, help="mnist, deadleaves: layers of the dense pathway that sees the "
                                                     "whole image (0: none)")
     p.add_argument("--patch", type=positive(int, 64), help="deadleaves: the side of the square training patches")

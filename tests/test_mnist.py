@@ -141,7 +141,8 @@ def mnist_dir(tmp_path_factory):
     return d
 
 
-SMALL = ["--data", "mnist", "--T", "20", "--hidden", "24", "--channels", "4", "--batch-size", "32", "--heldout", "60"]
+SMALL = ["--data", "mnist", "--T", "20", "--hidden", "24", "--channels", "4", "--pixel-hidden", "8", "--batch-size", "32",
+         "--heldout", "60"]
 PAPER_NET = ["--conv-layers", "0"]           # the dense pathway alone (the paper's Fig. D.1 caption)
 
 
@@ -268,4 +269,4 @@ def test_checkpoint_from_before_the_convolutions_loads_as_the_dense_network(mnis
     _, params, consts, _ = ckpt.load_run(str(old), "mnist")
     assert type(consts.net) is net_image.DenseImageNet and consts.cfg["conv_layers"] == 0
     _, _, consts, _ = ckpt.load_run(str(mnist_runs / "s300"), "mnist")
-    assert type(consts.net) is net_conv.ConvImageNet
+    assert type(consts.net) is net_conv.ConvImageNet and consts.cfg["P"] == 8 and consts.net.P == 8  # --pixel-hidden

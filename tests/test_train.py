@@ -58,6 +58,7 @@ def test_resume_is_bit_identical(tmp_path):
 @pytest.mark.parametrize("args", [
     ["--data", "mnist"], ["--steps", "0"], ["--steps", "-5"], ["--steps", "ten"], ["--batch-size", "0"],
     ["--batch-size", "1.5"], ["--lr", "-1"], ["--lr", "abc"], ["--lr", "nan"], ["--bogus"],
+    ["--pixel-hidden", "8"], ["--data", "mnist", "--pixel-hidden", "0"],
 ])
 def test_bad_training_flags(tmp_path, capsys, args):
     assert run_train(tmp_path, *args) == 2
