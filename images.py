@@ -131,11 +131,18 @@ def groups(levels, side, ink=128):
     return [np.bincount(v.ravel(), minlength=side * side + 1)[1:] for v in label]
 
 
-def pieces(levels, side, ink=128, least=3):
+PIECE = 3      # pixels a group needs to count as a piece; smaller groups are specks
+
+
+def _count_pieces(sizes, least):
+    return np.array([np.count_nonzero(c >= least) for c in sizes], dtype=np.int64)
+
+
+def pieces(levels, side, ink=128, least=PIECE):
     """How many pieces each 8-bit image (n, side²) is in: groups() of at least `least` pixels. A handwritten
     digit is one stroke or joined strokes (98.6% of the subset's held-out digits are one piece); samples
     broken into fragments are several."""
-    return np.array([np.count_nonzero(c >= least) for c in groups(levels, side, ink)], dtype=np.int64)
+    return _count_pieces(groups(levels, side, ink), least)
 
 
 def ceiling_bits(cfg):
@@ -172,10 +179,9 @@ def quality(x, cfg):
 
 def strokes(levels, side):
     """Whole strokes and speckle in 8-bit digits (n, side²): the share in one piece (pieces()) and the share
-    with a speck (a group of 1–2 pixels at level ≥ 128 apart from the rest)."""
+    with a speck (a group of under PIECE pixels at level ≥ 128 apart from the rest)."""
     sizes = groups(levels, side)                 # labelled once for both counts
-    big = np.array([np.count_nonzero(c >= 3) for c in sizes])
-    every = np.array([np.count_nonzero(c) for c in sizes])
+    big, every = _count_pieces(sizes, PIECE), _count_pieces(sizes, 1)
     return {"one_piece": float(np.mean(big == 1)), "specked": float(np.mean(every > big)),
             "mean_pieces": float(np.mean(big))}
 
