@@ -1,8 +1,9 @@
 """The convolutional image network (net_conv.ConvImageNet) on the CPU tier: its multi-scale convolutions as
-Winograd F(2×2, 3×3) transforms in Numba kernels around float32 BLAS products; the per-pixel MLP, the dense
-pathway (if any), the KL, the trainer, evaluate and sample are cpu_image.py's (FastPixelNet,
-FastDenseImageNet, Trainer: importing this module registers FastConvNet in cpu_image.FAST for this network),
-both cores through tasks that two Python threads share.
+Winograd F(2×2, 3×3) transforms in Numba kernels around float32 BLAS products, except the first layer's (one
+input channel), which are direct loops; the per-pixel MLP, the dense pathway (if any), the KL, the trainer,
+evaluate and sample are cpu_image.py's (FastPixelNet, FastDenseImageNet, Trainer: importing this module
+registers FastConvNet in cpu_image.FAST for this network), both cores through tasks that two Python threads
+share.
 
 Twins and test oracles (tests/test_cpu_conv.py): net_conv.py's pieces (pool, conv3x3, up and their
 adjoints) and net_conv.ConvImageNet for the network, gaussian.py and adam.py for the rest, as for cpu_image.
@@ -25,7 +26,9 @@ products 20.3 ms, the Winograd products 9.7 ms (BLAS gets about the same GFLOP/s
     wino_gin   the adjoint of the input transform, ∂d = B ∂V Bᵀ, scattered onto the overlapping tiles, plus ¼
                of the coarser scales' sum over each 2 × 2 block (pool₂'s adjoint), times 1 − h² (∂ through
                the layer below's tanh) on the finest; twin: net_conv.pool_adjoint and conv3x3_backward's ∂a
-    thin_forward, thin_backward  the products where Cin = 1 (the first layer), as loops
+    thin_layer, thin_layer_backward  the first layer (Cin = 1) whole, pooling to ∂x, as direct loops: its
+               transforms would cost more than its convolution; twin: net_conv.pool, conv3x3, up and their
+               adjoints
 The scales run coarsest first forward (each adds the coarser sum, so z is written once) and finest first
 backward for ∂U (each makes the next scale's ∂Y), coarsest first for ∂a. The transforms take a whole tile
 row at a time: each image row split into its even and odd pixels, every step of F(2 × 2, 3 × 3) is a
@@ -383,37 +386,120 @@ def wino_gin(gV, coarse, out, h, lo, hi, first, act):
                         o[c] *= ONE - hh[c] * hh[c]
 
 
-# One input channel (the first layer): NumPy's matmul over an inner dimension of 1 ran at about 1 GFLOP/s
-# (4.6 ms of a batch-64 step for 5.5 MFLOP), so its products are these loops.
+# One input channel (the first layer, h_0 = x⁽ᵗ⁾): the Winograd transforms of 16 numbers per tile for one
+# product of Cin = 1 cost more than the convolution itself (MNIST, batch 128, one core: 7.7 ms forward, 7.8 ms
+# backward), so this layer is direct loops: 9 taps × C per output pixel, the pooling and the sums over the
+# scales per image (measured below in the README's bench rows: forward and backward about 3 ms each).
+
+@scalar
+def _pool_pad(x, i, m, Sm, pad):
+    """pad[1 + y, 1 + x] = the m × m mean of image i of x (n, S, S) over block (y, x) (net_conv.pool), pad's
+    border (rows and columns 0 and Sm + 1) zero: conv3x3's zero padding."""
+    inv = x.dtype.type(1.0 / (m * m))
+    for k in range(Sm + 2):
+        pad[0, k] = 0.0
+        pad[Sm + 1, k] = 0.0
+        pad[k, 0] = 0.0
+        pad[k, Sm + 1] = 0.0
+    for y in range(Sm):
+        for xx in range(Sm):
+            s = x[i, y * m, xx * m] - x[i, y * m, xx * m]
+            for u in range(m):
+                for v in range(m):
+                    s += x[i, y * m + u, xx * m + v]
+            pad[1 + y, 1 + xx] = s * inv
+
 
 @kernel
-def thin_forward(V, U, M, rl, rh):
-    """M[p, r] = V[p, r, 0] U[p, 0] for rows rl:rh and p < 16: V @ U where Cin = 1."""
-    for p in range(16):
-        u = U[p, 0]
-        for r in range(rl, rh):
-            v, o = V[p, r, 0], M[p, r]
-            for c in range(o.shape[0]):
-                o[c] = v * u[c]
+def thin_layer(x, K, c, z, lo, hi, exact):
+    """Images lo:hi of a layer with one input channel, x (n, S, S): z = tanh(c + Σ_s up_m(conv3x3(pool_m(x),
+    K[s]))) (n, S, S, C), m = 2^s, K (N, 9, C) the filters (3, 3, 1, C) of each scale with their taps in a row.
+    Per image, coarsest scale first, each scale's convolution plus the coarser sum under each pixel (up₂)
+    held at its own resolution; the finest through c and tanh into z."""
+    S = x.shape[1]
+    N, C = K.shape[0], K.shape[2]
+    pad = np.zeros((S + 2, S + 2), x.dtype)
+    sums = np.zeros((N, S, S, C), x.dtype)
+    v = np.zeros(C, x.dtype)
+    for i in range(lo, hi):
+        for s in range(N - 1, -1, -1):
+            Sm = S >> s
+            _pool_pad(x, i, 1 << s, Sm, pad)
+            k0, k1, k2, k3, k4, k5, k6, k7, k8 = (K[s, 0], K[s, 1], K[s, 2], K[s, 3], K[s, 4], K[s, 5], K[s, 6],
+                                                  K[s, 7], K[s, 8])
+            for y in range(Sm):
+                for xx in range(Sm):
+                    p0, p1, p2 = pad[y, xx], pad[y, xx + 1], pad[y, xx + 2]
+                    p3, p4, p5 = pad[y + 1, xx], pad[y + 1, xx + 1], pad[y + 1, xx + 2]
+                    p6, p7, p8 = pad[y + 2, xx], pad[y + 2, xx + 1], pad[y + 2, xx + 2]
+                    for ch in range(C):
+                        v[ch] = (p0 * k0[ch] + p1 * k1[ch] + p2 * k2[ch] + p3 * k3[ch] + p4 * k4[ch]
+                                 + p5 * k5[ch] + p6 * k6[ch] + p7 * k7[ch] + p8 * k8[ch])
+                    if s + 1 < N:
+                        _acc(v, sums[s + 1, y // 2, xx // 2])
+                    if s > 0:
+                        _copy(v, sums[s, y, xx])
+                    elif exact:
+                        o = z[i, y, xx]
+                        for ch in range(C):
+                            o[ch] = math.tanh(c[ch] + v[ch])
+                    else:
+                        o = z[i, y, xx]
+                        for ch in range(C):
+                            o[ch] = _tanh32(c[ch] + v[ch])
 
 
 @kernel
-def thin_backward(V, gM, U, gU, gV, rl, rh, with_gV):
-    """Rows rl:rh where Cin = 1: gU[p, 0] = Σ_r V[p, r, 0] gM[p, r] (set) and, where with_gV,
-    gV[p, r, 0] = gM[p, r] · U[p, 0] (U: (16, 1, C), the filters, not their transposes)."""
-    for p in range(16):
-        g, u = gU[p, 0], U[p, 0]
-        for c in range(g.shape[0]):
-            g[c] = 0.0
-        for r in range(rl, rh):
-            v, row = V[p, r, 0], gM[p, r]
-            for c in range(g.shape[0]):
-                g[c] += v * row[c]
-            if with_gV:
-                s = row[0] - row[0]
-                for c in range(row.shape[0]):
-                    s += row[c] * u[c]
-                gV[p, r, 0] = s
+def thin_layer_backward(x, K, g, gK, gx, lo, hi):
+    """Images lo:hi of thin_layer's backward from g = ∂L/∂(c + the sum) (n, S, S, C): gK (N, 9, C) = ∂L/∂K (set,
+    the sum over these images) and gx (n, S, S) += ∂L/∂x. Per image, finest scale first: each scale's ∂ (g, then
+    the 2 × 2 block sums of the finer one's: up's adjoint), its filters' ∂ and the ∂ of its padded pooled input
+    (conv3x3_backward); then ∂x = Σ_s pool_adjoint of the latter."""
+    S = x.shape[1]
+    N, C = K.shape[0], K.shape[2]
+    pad = np.zeros((S + 2, S + 2), x.dtype)
+    gp = np.zeros((S + 2, S + 2), x.dtype)
+    G = np.zeros((N, S, S, C), x.dtype)
+    Q = np.zeros((N, S, S), x.dtype)
+    for s in range(N):
+        for k in range(9):
+            _zero(gK[s, k])
+    for i in range(lo, hi):
+        for s in range(N):
+            m = 1 << s
+            Sm = S >> s
+            _pool_pad(x, i, m, Sm, pad)
+            for a in range(Sm + 2):
+                _zero(gp[a, :Sm + 2])
+            if s + 1 < N:
+                for a in range(Sm // 2):
+                    for b in range(Sm // 2):
+                        _zero(G[s + 1, a, b])
+            for y in range(Sm):
+                for xx in range(Sm):
+                    gv = g[i, y, xx] if s == 0 else G[s, y, xx]
+                    for u in range(3):
+                        for w in range(3):
+                            pv = pad[y + u, xx + w]
+                            kk, gk = K[s, 3 * u + w], gK[s, 3 * u + w]
+                            d = pv - pv
+                            for ch in range(C):
+                                gk[ch] += pv * gv[ch]
+                                d += gv[ch] * kk[ch]
+                            gp[y + u, xx + w] += d
+                    if s + 1 < N:
+                        _acc(G[s + 1, y // 2, xx // 2], gv)
+            inv = x.dtype.type(1.0 / (m * m))
+            for y in range(Sm):
+                for xx in range(Sm):
+                    Q[s, y, xx] = gp[1 + y, 1 + xx] * inv
+        for y in range(S):
+            for xx in range(S):
+                t = Q[0, y, xx]
+                for s in range(1, N):
+                    t += Q[s, y >> s, xx >> s]
+                gx[i, y, xx] += t
+
 
 # ---------------------------------------------------------------- the transforms of the filters (NumPy)
 
@@ -449,8 +535,9 @@ def _no_coarse(dt):
 
 
 def conv_layer(a, Ks, c, z, V, M, lo, hi, exact, A=None):
-    """Images lo:hi of one multi-scale layer: h = tanh(c + Σ_s up(conv3x3(pool(a, 2^s), Ks[s]), 2^s)) into z,
-    Ks[s] given as U (filters_to_wino); V[s], M[s] (tile_buffer, 16, ·) the scale's tiles and products; A
+    """Images lo:hi of one multi-scale layer (Cin > 1; thin_layer where Cin = 1): h = tanh(c + Σ_s
+    up(conv3x3(pool(a, 2^s), Ks[s]), 2^s)) into z, Ks[s] given as U (filters_to_wino); V[s], M[s] (tile_buffer,
+    16, ·) the scale's tiles and products; A
     (scale_buffers, C channels) the coarse scales' sums. Coarsest scale first, each scale's output plus the
     coarser sum (up₂) written once at its own resolution, the finest one into z through c and tanh."""
     N, n, S = len(Ks), a.shape[0], a.shape[1]
@@ -460,10 +547,7 @@ def conv_layer(a, Ks, c, z, V, M, lo, hi, exact, A=None):
         T2 = ((S // m + 1) // 2) ** 2
         rl, rh = lo * T2, hi * T2
         wino_in(a, m, V[s], lo, hi)
-        if a.shape[3] == 1:
-            thin_forward(V[s], Ks[s], M[s], rl, rh)
-        else:
-            np.matmul(V[s][:, rl:rh], Ks[s], out=M[s][:, rl:rh])
+        np.matmul(V[s][:, rl:rh], Ks[s], out=M[s][:, rl:rh])
         wino_out(M[s], c, A[s + 1] if s + 1 < N else _no_coarse(z.dtype), z if s == 0 else A[s], lo, hi, s == 0,
                  exact)
 
@@ -484,18 +568,22 @@ def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, first, act, G=Non
         rl, rh = lo * T2, hi * T2
         rows.append((rl, rh))
         wino_gout(g if s == 0 else G[s], gM[s], G[s + 1] if s + 1 < N else none, lo, hi)
-        if cin == 1:
-            thin_backward(V[s], gM[s], Ks_T[s].reshape(16, 1, C), gU[s], gV[s], rl, rh, ga is not None)
-        else:
-            np.matmul(V[s][:, rl:rh].transpose(0, 2, 1), gM[s][:, rl:rh], out=gU[s])
+        np.matmul(V[s][:, rl:rh].transpose(0, 2, 1), gM[s][:, rl:rh], out=gU[s])
     if ga is None:
         return
     for s in range(N - 1, -1, -1):
         rl, rh = rows[s]
-        if cin > 1:
-            np.matmul(gM[s][:, rl:rh], Ks_T[s], out=gV[s][:, rl:rh])
+        np.matmul(gM[s][:, rl:rh], Ks_T[s], out=gV[s][:, rl:rh])
         wino_gin(gV[s], Q[s + 1] if s + 1 < N else none, ga if s == 0 else Q[s], a, lo, hi,
                  first or s > 0, act and s == 0)
+
+
+def channel_sums(g, out):
+    """out (C) = Σ of g (n, S, S, C) over images and pixels (a bias's gradient): summed as rows of S·C numbers,
+    then the S pixels of the row (NumPy sums a (rows, C) array along axis 0 slowly for small C: a chunk of 8
+    MNIST images took 152 µs that way, 17 µs this way)."""
+    S, C = g.shape[2], g.shape[3]
+    np.sum(g.reshape(-1, S * C).sum(axis=0).reshape(S, C), axis=0, out=out)
 
 
 def tile_buffer(rows, c, dt):
@@ -520,22 +608,22 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
         return ((self.S // 2 ** s + 1) // 2) ** 2
 
     def feature_scratch(self, n, dt):
-        """The forward's cache (each layer's h and tiles V per scale), the products M and their gradients per
-        scale, two ∂ buffers (n, S, S, C) for the layers' ∂ in turn, and each image chunk's ∂U and ∂c."""
+        """The forward's cache (each layer's h, and the tiles V per scale of layers 2 .. L), the products M and
+        their gradients per scale, two ∂ buffers (n, S, S, C) for the layers' ∂ in turn, and each image chunk's
+        ∂K of layer 1 (thin_layer), ∂U of layers 2 .. L and ∂c."""
         S, C, N, L = self.S, self.C, self.N, self.L
         z = lambda *s: np.zeros(s, dt)
         nc = len(conv_chunks(n))
-        cin = lambda k: 1 if k == 1 else C
         return {
             "h": [z(n, S, S, C) for _ in range(L)],
-            "V": [[tile_buffer(n * self._tiles(s), cin(k), dt) for s in range(N)] for k in range(1, L + 1)],
+            "V": [[tile_buffer(n * self._tiles(s), C, dt) for s in range(N)] for k in range(2, L + 1)],
             "M": [tile_buffer(n * self._tiles(s), C, dt) for s in range(N)],
             "gM": [tile_buffer(n * self._tiles(s), C, dt) for s in range(N)],
-            "gV": {c: [tile_buffer(n * self._tiles(s), c, dt) for s in range(N)] for c in {1, C}},   # by Cin
-            "A": scale_buffers(n, S, N, C, dt), "G": scale_buffers(n, S, N, C, dt),
-            "Q": {c: scale_buffers(n, S, N, c, dt) for c in {1, C}},                                 # by Cin
+            "gV": [tile_buffer(n * self._tiles(s), C, dt) for s in range(N)],
+            "A": scale_buffers(n, S, N, C, dt), "G": scale_buffers(n, S, N, C, dt), "Q": scale_buffers(n, S, N, C, dt),
             "gh": [z(n, S, S, C) for _ in range(2)],
-            "gU": [[z(nc, 16, cin(k), C) for s in range(N)] for k in range(1, L + 1)],
+            "gK": z(nc, N, 9, C),
+            "gU": [[z(nc, 16, C, C) for s in range(N)] for k in range(2, L + 1)],
             "gc": z(nc, L, C),
             **({"f": z(n, self.D * self.F), "conv_gf": z(n, self.D * C),
                 "dense": self.dense.feature_scratch(n, dt) | {"gf": z(n, self.D * self.dense.F)}} if self.dense else {})}
@@ -547,28 +635,30 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
         n, S, N, L = len(x), self.S, self.N, self.L
         s = self.scratch(n, dt)
         exact = dt == np.float64
-        Us = [[filters_to_wino(p[f"K{k}s{q}"]) for q in range(N)] for k in range(1, L + 1)]
+        K1 = np.stack([p[f"K1s{q}"].reshape(9, self.C) for q in range(N)])
+        Us = [[filters_to_wino(p[f"K{k}s{q}"]) for q in range(N)] for k in range(2, L + 1)]
         h = [x.reshape(n, S, S, 1)] + s["h"]
 
         def chunk(lo, hi):
-            for k in range(1, L + 1):
-                conv_layer(h[k - 1], Us[k - 1], p[f"c{k}"], h[k], s["V"][k - 1], s["M"], lo, hi, exact, s["A"])
+            thin_layer(x.reshape(n, S, S), K1, p["c1"], h[1], lo, hi, exact)
+            for k in range(2, L + 1):
+                conv_layer(h[k - 1], Us[k - 2], p[f"c{k}"], h[k], s["V"][k - 2], s["M"], lo, hi, exact, s["A"])
 
         self.run([partial(chunk, lo, hi) for lo, hi in conv_chunks(n)])
         if not self.dense:
-            return (x, h, Us, None), h[L].reshape(n, self.D * self.C)
+            return (x, h, (K1, Us), None), h[L].reshape(n, self.D * self.C)
         self.dense.threads = self.threads
         dd, fd = self.dense.features_forward(self.dense_params(p), x)
         f = s["f"]                                     # [h_L | dense features] per pixel, in place
         np.concatenate([h[L].reshape(n, self.D, self.C), fd.reshape(n, self.D, -1)], axis=2,
                        out=f.reshape(n, self.D, self.F))
-        return (x, h, Us, dd), f
+        return (x, h, (K1, Us), dd), f
 
     def features_backward(self, p, d, s, gx, grads):
         """From s["gf"] (∂ before f's tanh): the dense pathway's part (if any) through its layers, then the
-        convolutions' part down the layers, image chunk by image chunk (each with its own ∂U, ∂c): the filters'
-        and biases' gradients into grads; ∂x added to gx."""
-        x, h, Us, dd = d
+        convolutions' part down the layers, image chunk by image chunk (each with its own ∂K, ∂U, ∂c): the
+        filters' and biases' gradients into grads; ∂x added to gx."""
+        x, h, (K1, Us), dd = d
         n, S, C, N, L = len(x), self.S, self.C, self.N, self.L
         gf = s["gf"]
         if self.dense:                                 # f = [h_L | dense features]: each pathway's part of ∂
@@ -579,24 +669,26 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
             self.dense.features_backward(self.dense_params(p), dd, s["dense"], gx, self.dense_params(grads))
         UTs = [[np.ascontiguousarray(U.transpose(0, 2, 1)) for U in row] for row in Us]
         gf = gf.reshape(n, S, S, C)
-        gx4 = gx.reshape(n, S, S, 1)
 
         def chunk(c, lo, hi):
             g = gf
-            for k in range(L, 0, -1):
-                np.sum(g[lo:hi].reshape(-1, C), axis=0, out=s["gc"][c, k - 1])
-                ga = s["gh"][k % 2] if k > 1 else gx4
-                conv_layer_backward(g, h[k - 1], UTs[k - 1], s["V"][k - 1], s["gM"], s["gV"][h[k - 1].shape[3]],
-                                    [gU[c] for gU in s["gU"][k - 1]], ga, lo, hi, k > 1, k > 1, s["G"],
-                                    s["Q"][h[k - 1].shape[3]])
+            for k in range(L, 1, -1):
+                channel_sums(g[lo:hi], s["gc"][c, k - 1])
+                ga = s["gh"][k % 2]
+                conv_layer_backward(g, h[k - 1], UTs[k - 2], s["V"][k - 2], s["gM"], s["gV"],
+                                    [gU[c] for gU in s["gU"][k - 2]], ga, lo, hi, True, True, s["G"], s["Q"])
                 g = ga
+            channel_sums(g[lo:hi], s["gc"][c, 0])
+            thin_layer_backward(x.reshape(n, S, S), K1, g, s["gK"][c], gx.reshape(n, S, S), lo, hi)
 
         self.run([partial(chunk, c, lo, hi) for c, (lo, hi) in enumerate(conv_chunks(n))])
         gc = s["gc"].sum(axis=0)                       # the chunks' sums, in chunk order
+        gK = s["gK"].sum(axis=0)
         for k in range(1, L + 1):
             grads[f"c{k}"][...] = gc[k - 1]
             for q in range(N):
-                grads[f"K{k}s{q}"][...] = wino_to_filters(s["gU"][k - 1][q].sum(axis=0))
+                grads[f"K{k}s{q}"][...] = (gK[q].reshape(3, 3, 1, C) if k == 1 else
+                                           wino_to_filters(s["gU"][k - 2][q].sum(axis=0)))
 
 
 cpu_image.FAST[net_conv.ConvImageNet] = FastConvNet

@@ -1,6 +1,7 @@
 """cpu_conv.py (the dead-leaves network's Numba path) against its NumPy twin (net_conv.py's pieces,
 net_conv.ConvImageNet, gaussian.py, adam.py) at small, awkward sizes: a last scale of one pixel (an odd side:
-half-empty Winograd tiles), batches cut into several image chunks, one input channel in the first layer.
+half-empty Winograd tiles), batches cut into several image chunks, the first layer's one input channel (direct
+loops) and the others' several (Winograd).
 
 More features per pixel (6) than the per-pixel MLP is wide (3): its blocks must size for both.
 float64 must agree with the twin to rounding (1e-12 relative), float32 (how train.py trains) to float32
@@ -30,12 +31,27 @@ def perturbed(cfg, rng, dtype, scale=0.3):
             for k, v in p.items()}
 
 
+def twin_layer(a, Ks, c):
+    N = len(Ks)
+    return np.tanh(c + sum(net_conv.up(net_conv.conv3x3(net_conv.pool(a, 2 ** s), Ks[s]), 2 ** s) for s in range(N)))
+
+
+def twin_layer_backward(a, Ks, g):
+    """(∂L/∂a, [∂L/∂K_s]) of the layer's sum before its tanh, from g."""
+    g_a, gKs = 0.0, []
+    for s in range(len(Ks)):
+        m = 2 ** s
+        ga_s, gK = net_conv.conv3x3_backward(net_conv.pool(a, m), Ks[s], net_conv.up_adjoint(g, m))
+        g_a = g_a + net_conv.pool_adjoint(ga_s, m)
+        gKs.append(gK)
+    return g_a, gKs
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("S, N, cin", [(8, 3, 1), (4, 3, 3)])   # (4, 3): the last scale is 1 × 1
+@pytest.mark.parametrize("S, N, cin", [(8, 3, 2), (4, 3, 3)])   # (4, 3): the last scale is 1 × 1
 def test_layer_kernels_match_net_conv(dtype, S, N, cin):
     """wino_in, the products, wino_out (one layer forward) and wino_gout, wino_gin, wino_to_filters (its
-    backward) against net_conv.pool, conv3x3, up and their adjoints, on image chunks 1:4 of 5; cin = 1: the
-    products as thin_forward, thin_backward."""
+    backward) against net_conv.pool, conv3x3, up and their adjoints, on image chunks 1:4 of 5."""
     rng = np.random.default_rng(S + cin)
     n, C, lo, hi = 5, 4, 1, 4
     a = np.tanh(rng.standard_normal((n, S, S, cin))).astype(dtype)
@@ -48,21 +64,42 @@ def test_layer_kernels_match_net_conv(dtype, S, N, cin):
     V = buf(cin)
     cpu_conv.conv_layer(a, [cpu_conv.filters_to_wino(K) for K in Ks], c, z, V, buf(C), lo, hi,
                         dtype == np.float64)
-    twin = np.tanh(c + sum(net_conv.up(net_conv.conv3x3(net_conv.pool(a, 2 ** s), Ks[s]), 2 ** s)
-                           for s in range(N)))
-    assert rel_err(z[lo:hi], twin[lo:hi]) < TOL[dtype]
+    assert rel_err(z[lo:hi], twin_layer(a, Ks, c)[lo:hi]) < TOL[dtype]
     assert not np.any(z[:lo]) and not np.any(z[hi:])
     gU = [np.zeros((16, cin, C), dtype) for _ in range(N)]
     ga = np.zeros((n, S, S, cin), dtype)
     UT = [np.ascontiguousarray(cpu_conv.filters_to_wino(K).transpose(0, 2, 1)) for K in Ks]
     cpu_conv.conv_layer_backward(g, a, UT, V, buf(C), buf(cin), gU, ga, lo, hi, True, True)
-    g_a = 0.0
+    g_a, gKs = twin_layer_backward(a[lo:hi], Ks, g[lo:hi])
     for s in range(N):
-        m = 2 ** s
-        ga_s, gK = net_conv.conv3x3_backward(net_conv.pool(a[lo:hi], m), Ks[s], net_conv.up_adjoint(g[lo:hi], m))
-        g_a = g_a + net_conv.pool_adjoint(ga_s, m)
-        assert rel_err(cpu_conv.wino_to_filters(gU[s]), gK) < TOL[dtype], s
+        assert rel_err(cpu_conv.wino_to_filters(gU[s]), gKs[s]) < TOL[dtype], s
     assert rel_err(ga[lo:hi], g_a * (1 - a[lo:hi] ** 2)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("S, N", [(8, 3), (4, 3), (6, 1), (12, 3)])   # (12, 3): an odd last side
+def test_thin_layer_matches_net_conv(dtype, S, N):
+    """thin_layer and thin_layer_backward (one input channel, direct loops) against the same twin, on images
+    1:4 of 5: the other images' outputs untouched, ∂K set (not added to), ∂x added to."""
+    rng = np.random.default_rng(S + N)
+    n, C, lo, hi = 5, 4, 1, 4
+    x = rng.standard_normal((n, S, S)).astype(dtype)
+    Ks = [rng.standard_normal((3, 3, 1, C)).astype(dtype) for _ in range(N)]
+    K = np.stack([k.reshape(9, C) for k in Ks])
+    c = rng.standard_normal(C).astype(dtype)
+    z = np.zeros((n, S, S, C), dtype)
+    cpu_conv.thin_layer(x, K, c, z, lo, hi, dtype == np.float64)
+    assert rel_err(z[lo:hi], twin_layer(x[..., None], Ks, c)[lo:hi]) < TOL[dtype]
+    assert not np.any(z[:lo]) and not np.any(z[hi:])
+    g = rng.standard_normal((n, S, S, C)).astype(dtype)
+    gK = np.full((N, 9, C), 7.0, dtype)
+    gx = np.ones((n, S, S), dtype)
+    cpu_conv.thin_layer_backward(x, K, g, gK, gx, lo, hi)
+    g_a, gKs = twin_layer_backward(x[lo:hi, ..., None], Ks, g[lo:hi])
+    for s in range(N):
+        assert rel_err(gK[s], gKs[s].reshape(9, C)) < TOL[dtype], s
+    assert rel_err(gx[lo:hi] - 1, g_a[..., 0]) < TOL[dtype]
+    assert np.all(gx[:lo] == 1) and np.all(gx[hi:] == 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
