@@ -552,10 +552,10 @@ def conv_layer(a, Ks, c, z, V, M, lo, hi, exact, A=None):
                  exact)
 
 
-def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, first, act, G=None, Q=None):
+def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, G=None, Q=None):
     """Images lo:hi of one layer's backward from g = ∂L/∂z: ∂U of each scale (16, Cin, C) into gU[s] (set),
-    and, where ga is not None, ∂L/∂a into ga (set where first, else added; ⊙ (1 − a²) where act: ∂ through
-    a's tanh). Ks_T[s]: Uᵀ (16, C, Cin). G, Q (scale_buffers of C and Cin channels): ∂ at each coarse scale
+    and into ga (set) the ∂ before the tanh of the layer below, ∂L/∂a ⊙ (1 − a²) (the first layer, whose input
+    is x, is thin_layer_backward's). Ks_T[s]: Uᵀ (16, C, Cin). G, Q (scale_buffers of C and Cin channels): ∂ at each coarse scale
     (the block sums of the finer one's, up's adjoint taken one factor 2 at a time) and the input ∂ summed
     over the scales at or above each (coarsest first, pool's adjoint one factor 2 at a time)."""
     N, n, S, C, cin = len(Ks_T), g.shape[0], g.shape[1], g.shape[3], a.shape[3]
@@ -569,13 +569,10 @@ def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, first, act, G=Non
         rows.append((rl, rh))
         wino_gout(g if s == 0 else G[s], gM[s], G[s + 1] if s + 1 < N else none, lo, hi)
         np.matmul(V[s][:, rl:rh].transpose(0, 2, 1), gM[s][:, rl:rh], out=gU[s])
-    if ga is None:
-        return
     for s in range(N - 1, -1, -1):
         rl, rh = rows[s]
         np.matmul(gM[s][:, rl:rh], Ks_T[s], out=gV[s][:, rl:rh])
-        wino_gin(gV[s], Q[s + 1] if s + 1 < N else none, ga if s == 0 else Q[s], a, lo, hi,
-                 first or s > 0, act and s == 0)
+        wino_gin(gV[s], Q[s + 1] if s + 1 < N else none, ga if s == 0 else Q[s], a, lo, hi, True, s == 0)
 
 
 def channel_sums(g, out):
@@ -676,7 +673,7 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
                 channel_sums(g[lo:hi], s["gc"][c, k - 1])
                 ga = s["gh"][k % 2]
                 conv_layer_backward(g, h[k - 1], UTs[k - 2], s["V"][k - 2], s["gM"], s["gV"],
-                                    [gU[c] for gU in s["gU"][k - 2]], ga, lo, hi, True, True, s["G"], s["Q"])
+                                    [gU[c] for gU in s["gU"][k - 2]], ga, lo, hi, s["G"], s["Q"])
                 g = ga
             channel_sums(g[lo:hi], s["gc"][c, 0])
             thin_layer_backward(x.reshape(n, S, S), K1, g, s["gK"][c], gx.reshape(n, S, S), lo, hi)

@@ -69,7 +69,7 @@ def test_layer_kernels_match_net_conv(dtype, S, N, cin):
     gU = [np.zeros((16, cin, C), dtype) for _ in range(N)]
     ga = np.zeros((n, S, S, cin), dtype)
     UT = [np.ascontiguousarray(cpu_conv.filters_to_wino(K).transpose(0, 2, 1)) for K in Ks]
-    cpu_conv.conv_layer_backward(g, a, UT, V, buf(C), buf(cin), gU, ga, lo, hi, True, True)
+    cpu_conv.conv_layer_backward(g, a, UT, V, buf(C), buf(cin), gU, ga, lo, hi)
     g_a, gKs = twin_layer_backward(a[lo:hi], Ks, g[lo:hi])
     for s in range(N):
         assert rel_err(cpu_conv.wino_to_filters(gU[s]), gKs[s]) < TOL[dtype], s
