@@ -329,11 +329,11 @@ def wino_gout(G, gM, coarse, lo, hi):
 
 
 @kernel
-def wino_gin(gV, coarse, out, h, lo, hi, first, act):
+def wino_gin(gV, coarse, out, h, lo, hi, act):
     """Images lo:hi at one scale (out (n, Sm, Sm, Cin)): each tile's ∂V[:, r] (16, Cin) → ∂d = B ∂V Bᵀ (4 × 4)
     added onto the zero-padded image; its inside, plus where coarse has images (n, Sm/2, Sm/2, Cin: the
-    coarser scales' sum) ¼ of the coarse pixel over each 2 × 2 block (pool₂'s adjoint), goes into out: set
-    where first, added otherwise; where act, out ⊙= 1 − h² after (∂ through h = tanh(·)). Columns first, a
+    coarser scales' sum) ¼ of the coarse pixel over each 2 × 2 block (pool₂'s adjoint), goes into out (set);
+    where act, out ⊙= 1 − h² after (∂ through h = tanh(·)). Columns first, a
     whole tile row at once (shifted runs of E | O, as wino_in), then the rows."""
     n, Sm, _, cin = out.shape
     T = (Sm + 1) // 2
@@ -370,16 +370,10 @@ def wino_gin(gV, coarse, out, h, lo, hi, first, act):
                 s, o = row[j0:j0 + cin], orow[x]
                 if has_coarse:
                     q = coarse[i, y // 2, x // 2]
-                    if first:
-                        for c in range(cin):
-                            o[c] = s[c] + quarter * q[c]
-                    else:
-                        for c in range(cin):
-                            o[c] += s[c] + quarter * q[c]
-                elif first:
-                    _copy(s, o)
+                    for c in range(cin):
+                        o[c] = s[c] + quarter * q[c]
                 else:
-                    _acc(o, s)
+                    _copy(s, o)
                 if act:
                     hh = hrow[x]
                     for c in range(cin):
@@ -572,7 +566,7 @@ def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, G=None, Q=None):
     for s in range(N - 1, -1, -1):
         rl, rh = rows[s]
         np.matmul(gM[s][:, rl:rh], Ks_T[s], out=gV[s][:, rl:rh])
-        wino_gin(gV[s], Q[s + 1] if s + 1 < N else none, ga if s == 0 else Q[s], a, lo, hi, True, s == 0)
+        wino_gin(gV[s], Q[s + 1] if s + 1 < N else none, ga if s == 0 else Q[s], a, lo, hi, s == 0)
 
 
 def channel_sums(g, out):
