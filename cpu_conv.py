@@ -333,8 +333,8 @@ def wino_gin(gV, coarse, out, h, lo, hi, act):
     """Images lo:hi at one scale (out (n, Sm, Sm, Cin)): each tile's ∂V[:, r] (16, Cin) → ∂d = B ∂V Bᵀ (4 × 4)
     added onto the zero-padded image; its inside, plus where coarse has images (n, Sm/2, Sm/2, Cin: the
     coarser scales' sum) ¼ of the coarse pixel over each 2 × 2 block (pool₂'s adjoint), goes into out (set);
-    where act, out ⊙= 1 − h² after (∂ through h = tanh(·)). Columns first, a
-    whole tile row at once (shifted runs of E | O, as wino_in), then the rows."""
+    where act, out ⊙= 1 − h² after (∂ through h = tanh(·)). Columns first, a whole tile row at once (shifted
+    runs of E | O, as wino_in), then the rows."""
     n, Sm, _, cin = out.shape
     T = (Sm + 1) // 2
     W = (T + 1) * cin
@@ -548,10 +548,11 @@ def conv_layer(a, Ks, c, z, V, M, lo, hi, exact, A=None):
 
 def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, G=None, Q=None):
     """Images lo:hi of one layer's backward from g = ∂L/∂z: ∂U of each scale (16, Cin, C) into gU[s] (set),
-    and into ga (set) the ∂ before the tanh of the layer below, ∂L/∂a ⊙ (1 − a²) (the first layer, whose input
-    is x, is thin_layer_backward's). Ks_T[s]: Uᵀ (16, C, Cin). G, Q (scale_buffers of C and Cin channels): ∂ at each coarse scale
-    (the block sums of the finer one's, up's adjoint taken one factor 2 at a time) and the input ∂ summed
-    over the scales at or above each (coarsest first, pool's adjoint one factor 2 at a time)."""
+    and into ga (set) the ∂ before the tanh of the layer below, ∂L/∂a ⊙ (1 − a²) (the first layer, whose
+    input is x, is thin_layer_backward's). Ks_T[s]: Uᵀ (16, C, Cin). G, Q (scale_buffers of C and Cin
+    channels): ∂ at each coarse scale (the block sums of the finer one's, up's adjoint taken one factor 2 at a
+    time) and the input ∂ summed over the scales at or above each (coarsest first, pool's adjoint one factor
+    2 at a time)."""
     N, n, S, C, cin = len(Ks_T), g.shape[0], g.shape[1], g.shape[3], a.shape[3]
     G = scale_buffers(n, S, N, C, g.dtype) if G is None else G
     Q = scale_buffers(n, S, N, cin, g.dtype) if Q is None else Q
