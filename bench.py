@@ -2,7 +2,7 @@
 
     python bench.py                    # the Numba path (cpu_train.py)
     python bench.py --backend numpy    # the plain NumPy reference (model.py, mlp.py), for the speedup
-    python bench.py --device cuda      # the numba.cuda kernels on a GPU: training, sampling, evaluation
+    python bench.py --device cuda      # the numba.cuda kernels on a GPU: training, sampling, evaluation, images
 
 train_step_* time the comparison model, whatever train.py's defaults are: 2 → 128 → 128 tanh MLP
 (inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40 (the
@@ -139,16 +139,22 @@ def cuda_peak_gflops(dev):
     return sms * lanes * 2 * khz / 1e6, f"{sms} SMs x {lanes} FP32 lanes x 2 x {khz / 1e6:.2f} GHz"
 
 
-# What bench.py --device cuda times (the tests shrink it to run the code in the simulator).
+# What bench.py --device cuda times (the tests shrink it to run the code in the simulator). images: (name, model,
+# training batches, sampled images); image_repeat and image_warmup: steps timed and untimed per training row;
+# image_T: the T of the sampling rows (a reverse step costs the same whatever T is).
 CUDA_SIZES = {"cfg": datasets.SWISSROLL.model, "train": (512, 65_536), "repeat": (300, 100), "sample": 1_000_000,
-              "eval": 20_000, "timed": 5, "hb_cfg": None, "hb_train": 512, "hb_sample": 10_000}
+              "eval": 20_000, "timed": 5, "hb_cfg": None, "hb_train": 512, "hb_sample": 10_000,
+              "images": (("mnist", datasets.MNIST.model, (128, 512), 1000),
+                         ("deadleaves", datasets.DEADLEAVES.model, (64, 256), 1000)),
+              "image_repeat": 50, "image_warmup": 3, "image_T": 20}
 
 
 def bench_cuda(a):
     """On the GPU, train.py's default Swiss-roll model: train_step_b512 and train_step_b65536 (ms; the
     step's GFLOP/s at 65,536 beside the GPU's FP32 peak), sample_1000000 (seconds, and point-steps per
     second) and eval_K_20000; the heartbeat's default model: heartbeat_train_step_b512 and
-    heartbeat_sample_10000 (2000 steps). Each after warm-up calls that compile the kernels."""
+    heartbeat_sample_10000 (2000 steps); the MNIST and dead-leaves networks (cuda_image_bench). Each after
+    warm-up calls that compile the kernels."""
     import cpu_train
     import cuda_sample
     import cuda_train
@@ -195,7 +201,35 @@ def bench_cuda(a):
     n = z["hb_sample"]
     s = timed(lambda: cuda_sample.sample_heartbeat(hp, hk, n, seed=1), z["timed"], 1)
     emit(stats(f"heartbeat_sample_{n}", s, "s", device="cuda", gpu=gpu, steps=hk.T))
+    for name, cfg, batches, n in z["images"]:
+        cuda_image_bench(name, cfg, batches, n, z, peak, lambda d: emit(dict(d, device="cuda", gpu=gpu)))
     return 0
+
+
+def cuda_image_bench(name, cfg, batches, n, z, peak, emit):
+    """The image models on the GPU (cuda_image_train.py): {name}_train_step_b{batch} (ms; images/s) and
+    {name}_train_step_gflops_b{batch} (image_step_flops: the products' FLOPs, beside the GPU's FP32 peak), and
+    {name}_sample_{n} (ms per reverse step of n images, sampling with T = z["image_T"])."""
+    import cuda_image_train
+    import images
+    consts = gaussian.Gaussian(cfg, datasets.image_net(cfg))
+    rng = np.random.default_rng(0)
+    params = consts.init(rng)
+    params["W3"] += (0.05 * rng.standard_normal(params["W3"].shape)).astype(params["W3"].dtype)
+    x_train = images.Pixels(rng.integers(0, 256, (2048, cfg["D"])).astype(np.uint8))
+    for bs in batches:
+        trainer = cuda_image_train.ImageTrainer(consts, bs, x_train, seed=1)
+        trainer.load(params)
+        ms = timed(lambda: trainer.step(1e-4), z["image_repeat"], z["image_warmup"]) * 1e3   # step() waits for its loss
+        emit(stats(f"{name}_train_step_b{bs}", ms, "ms", images_per_s=round(bs / float(np.median(ms)) * 1e3, 1)))
+        flops = image_step_flops(cfg, bs)
+        emit(stats(f"{name}_train_step_gflops_b{bs}", flops / (ms * 1e-3) / 1e9, "GFLOP/s", flop_per_step=flops,
+                   peak_gflops=peak[0], peak_is=peak[1]))
+    sconsts = gaussian.Gaussian(dict(cfg, T=z["image_T"]), datasets.image_net(cfg))
+    s = timed(lambda: cuda_image_train.sample(params, sconsts, n, seed=1), 2, 1)
+    emit(stats(f"{name}_sample_{n}", s / (z["image_T"] - 1) * 1e3, "ms", images=n,
+               what=f"one reverse step of {n} images (sample with T = {z['image_T']}, per step)",
+               image_steps_per_s=round(n * (z["image_T"] - 1) / float(np.median(s)), 1)))
 
 
 def image_step_flops(cfg, n):

@@ -76,16 +76,16 @@ def _zero(a):
 
 class _DeviceOptimiser:
     """What both GPU trainers share: parameters, gradients and Adam's moments as flat device vectors with
-    name → view (the names and shapes of the model's init), the batch's RNG streams, and the Adam step."""
+    name → view (the names and shapes of the model's init), the RNG streams (one per batch row, or `streams`), and the Adam step."""
 
-    def __init__(self, shapes, dtype, n, seed, hyper):
+    def __init__(self, shapes, dtype, n, seed, hyper, streams=None):
         self.names, self.shapes, self.dtype = tuple(shapes), dict(shapes), dtype
         size = sum(math.prod(s) for s in shapes.values())
         self.flats = {store: cuda.to_device(np.zeros(size, dtype)) for store in ("theta", "grad", "m", "v")}
         self.params, self.grads = self._split(self.flats["theta"]), self._split(self.flats["grad"])
         self.hyper, self.n, self.batch = hyper, 0, n
         self.flag = cuda.device_array(1, np.int32)
-        self.states = create_xoroshiro128p_states(n, seed=seed % 2**63)
+        self.states = create_xoroshiro128p_states(streams or n, seed=seed % 2**63)
 
     def _split(self, flat):
         out, o = {}, 0

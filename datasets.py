@@ -33,6 +33,12 @@ def cuda_train():
     return cuda_train
 
 
+def cuda_images():
+    """The image models' GPU trainer and sampler, imported only when --device cuda asks for them."""
+    import cuda_image_train
+    return cuda_image_train
+
+
 # train.py's flags that set a model setting, and the setting's key in `model`: a flag's default is the model's
 # own value, so that each default is written once (in `model`)
 FLAG_KEYS = {"T": "T", "hidden": "H", "beta1": "beta1", "fourier": "M", "fourier_scale": "fourier_scale",
@@ -274,7 +280,8 @@ MNIST = Dataset(
     train_set=lambda a: images.mnist_train(a.data_dir),
     heldout_set=lambda n, noise, cfg, data_dir: images.mnist_heldout(data_dir, n, cfg, HELDOUT_SEED),
     width=image_width, final_samples=100,
-    cpu=cpu_image, log_weights=None, cuda_trainer=None, cuda_sample=None,
+    cpu=cpu_image, log_weights=None, cuda_trainer=lambda: cuda_images().ImageTrainer,
+    cuda_sample=lambda: cuda_images().sample,
     table2=images.table2,                  # evaluate.py's Parzen estimate (Table 2); None: Eq. 9 instead
     parse_condition=images.parse_condition, conditioned=gaussian.sample_conditioned,
     smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
@@ -344,7 +351,8 @@ DEADLEAVES = Dataset(
     train_set=images.deadleaves_train,
     heldout_set=lambda n, noise, cfg, data_dir: images.deadleaves_heldout(n, cfg, HELDOUT_SEED),
     width=image_width, final_samples=100,
-    cpu=cpu_image, log_weights=None, cuda_trainer=None, cuda_sample=None, table2=None, check=_leaves_check,
+    cpu=cpu_image, log_weights=None, cuda_trainer=lambda: cuda_images().ImageTrainer,
+    cuda_sample=lambda: cuda_images().sample, table2=None, check=_leaves_check,
     parse_condition=images.parse_condition, conditioned=gaussian.sample_conditioned,
     smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
     output=lambda x, cfg: (images.to_levels(x, cfg).astype(np.float32), None), csv=False,  # 0..255 units

@@ -111,6 +111,8 @@ def check_cuda(args, ds):
         raise UsageError(f"--device cuda replaces the {args.backend} backend: leave out --backend")
     if not cuda.available():
         raise UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
+    if ds.cpu is datasets.cpu_image:           # the image networks' products are tiled: any width
+        return
     width = 2 + 2 * (args.fourier or 0)
     if args.hidden > cuda.MAX_H or width > cuda.MAX_IN:
         raise UsageError(f"--device cuda holds at most {cuda.MAX_H} hidden units and "

@@ -1,5 +1,5 @@
 """Run by tests/test_cuda.py in a child process without the CUDA simulator: compile every kernel of
-cuda_sample.py, cuda_train.py and cuda_image.py to PTX for compute capability 8.0, which needs no GPU but does need the CUDA toolkit
+cuda_sample.py, cuda_train.py, cuda_image.py and cuda_image_train.py to PTX for compute capability 8.0, which needs no GPU but does need the CUDA toolkit
 packages (requirements-gpu.txt). Prints one line per kernel, or "SKIP: why" where the toolkit is missing."""
 import os
 import sys
@@ -18,11 +18,13 @@ import numba.cuda.dispatcher as dispatcher  # noqa: E402
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(8, 0))
 
 import cuda_image  # noqa: E402
+import cuda_image_train  # noqa: E402
 import cuda_sample  # noqa: E402
 import cuda_train  # noqa: E402
 
 f32 = lambda *s: np.zeros(s, np.float32)
 f64 = lambda *s: np.zeros(s)
+i64 = lambda *s: np.zeros(s, np.int64)
 states = np.zeros(4, xoroshiro128p_dtype)
 net = (f64(7, 9), 1.0, f32(2, 3), f32(8, 8), f32(7, 8), f32(8, 8), f32(8), f32(7, 4, 8), f32(7, 4))
 hb_net = (f64(20, 6), f64(6), f64(6, 6), f64(6), f64(6, 6), f64(6), f64(6, 20), f64(20))
@@ -69,10 +71,33 @@ EXAMPLES = {
     "_sum_splits": (f32(2, 27, 5), f32(27, 5), True),
     "_block_sum": (f32(2, 4, 4, 3), 2, np.float32(0.25), f32(2, 2, 2, 3), False),
     "_block_spread": (f32(2, 2, 2, 3), 2, np.float32(1.0), f32(2, 4, 4, 3), True),
+    # image training and sampling (cuda_image_train.py): n = 2 images of D = 16 pixels, P = 5, u 1 + 3 + 2 wide
+    # (C = 3, Fd = 2), T = 6, J = 4
+    "_draw_rows": (states, 30, 6, i64(2), i64(2)),
+    "_draw_pixels": (states, np.zeros((30, 16), np.uint8), i64(2), 1 / 256, 0.0, f64(2, 16), f64(2, 16)),
+    "_normals": (states, f64(32)),
+    "_noised": (f64(2, 16), f64(2, 16), i64(2), f64(7, 9), f64(2, 16), f32(2, 16)),
+    "_fill_rows": (f32(32, 5), f32(5)),
+    "_tanh": (f32(160),),
+    "_dtanh": (f32(160), f32(160)),
+    "_pixel_input": (f32(2, 16), f32(32, 3), f32(2, 32), 3, 2, f32(32, 6)),
+    "_pixel_input_back": (f32(32, 6), f32(32, 3), f32(2, 32), 3, 2, f32(2, 16), f32(32, 3), f32(2, 32)),
+    "_readout_rows": (f32(4, 7), i64(2), f32(4, 2, 5), f32(4, 2), f32(2, 2, 5), f32(2, 2)),
+    "_kl_rows": (f32(32, 5), f32(2, 2, 5), f32(2, 2), f64(2, 16), f64(2, 16), i64(2), f64(7, 9), 0.4, 2.5,
+                 f32(32, 2), f64(2, 16), f64(2, 9)),
+    "_readout_back": (f32(32, 2), f32(32, 5), f32(2, 2, 5), 16, f32(32, 5)),
+    "_weff_grad": (f32(32, 2), f32(32, 5), f32(2, 2, 5), f32(2, 2)),
+    "_fold_readout": (f32(4, 7), i64(2), f32(2, 2, 5), f32(2, 2), f32(4, 2, 5), f32(4, 2)),
+    "_ab_rows": (f64(2, 16), f64(2, 16), i64(2), f64(7, 9), f64(2, 16), f32(2, 16), f64(2, 9)),
+    "_per_t": (f64(2, 9), i64(2), f64(7, 7), f64(3)),
+    "_reverse_rows": (f32(32, 5), f32(2, 2, 5), f32(2, 2), f64(2, 16), i64(2), f64(7, 9), 0.4, f64(2, 16),
+                      f64(2, 16), f32(2, 16)),
+    "_copy_f32": (f64(32), f32(32)),
 }
 
 if __name__ == "__main__":
-    kernels = {name: v for module in (cuda_sample, cuda_train, cuda_image) for name, v in vars(module).items()
+    kernels = {name: v for module in (cuda_sample, cuda_train, cuda_image, cuda_image_train)
+               for name, v in vars(module).items()
                if isinstance(v, type(cuda_sample._draw)) and not v.targetoptions.get("device")}
     missing = set(kernels) - set(EXAMPLES)
     if missing:
