@@ -146,15 +146,16 @@ CUDA_SIZES = {"cfg": datasets.SWISSROLL.model, "train": (512, 65_536), "repeat":
               "eval": 20_000, "timed": 5, "hb_cfg": None, "hb_train": 512, "hb_sample": 10_000,
               "images": (("mnist", datasets.MNIST.model, (128, 512), 1000),
                          ("deadleaves", datasets.DEADLEAVES.model, (64, 256), 1000)),
-              "image_repeat": 50, "image_warmup": 3, "image_T": 20}
+              "image_repeat": 50, "image_warmup": 3, "image_T": 20, "gemm": 4096,
+              "conv": (256, 16, 32)}
 
 
 def bench_cuda(a):
     """On the GPU, train.py's default Swiss-roll model: train_step_b512 and train_step_b65536 (ms; the
     step's GFLOP/s at 65,536 beside the GPU's FP32 peak), sample_1000000 (seconds, and point-steps per
     second) and eval_K_20000; the heartbeat's default model: heartbeat_train_step_b512 and
-    heartbeat_sample_10000 (2000 steps); the MNIST and dead-leaves networks (cuda_image_bench). Each after
-    warm-up calls that compile the kernels."""
+    heartbeat_sample_10000 (2000 steps); the image networks' products alone (cuda_product_bench) and the MNIST
+    and dead-leaves networks (cuda_image_bench). Each after warm-up calls that compile the kernels."""
     import cpu_train
     import cuda_sample
     import cuda_train
@@ -201,9 +202,36 @@ def bench_cuda(a):
     n = z["hb_sample"]
     s = timed(lambda: cuda_sample.sample_heartbeat(hp, hk, n, seed=1), z["timed"], 1)
     emit(stats(f"heartbeat_sample_{n}", s, "s", device="cuda", gpu=gpu, steps=hk.T))
+    on_gpu = lambda d: emit(dict(d, device="cuda", gpu=gpu))
+    cuda_product_bench(z, peak, on_gpu)
     for name, cfg, batches, n in z["images"]:
-        cuda_image_bench(name, cfg, batches, n, z, peak, lambda d: emit(dict(d, device="cuda", gpu=gpu)))
+        cuda_image_bench(name, cfg, batches, n, z, peak, on_gpu)
     return 0
+
+
+def cuda_product_bench(z, peak, emit):
+    """cuda_image.py's products alone, beside the GPU's FP32 peak: gemm_{nn,tn,nt}_{m} (GFLOP/s of an m × m × m
+    product in each layout) and conv3x3_{fwd,gin,gw}_b{n} (one 3 × 3 convolution of the dead-leaves network and
+    its two gradients: z["conv"] = (n, S, C), C → C channels on n S × S patches; 256, 16, 32 by default)."""
+    import cuda_image as ci
+    from numba import cuda
+    rng = np.random.default_rng(0)
+    m = z["gemm"]
+    A, B = (cuda.to_device(rng.standard_normal((m, m)).astype(np.float32)) for _ in range(2))
+    C = cuda.device_array((m, m), np.float32)
+    info = dict(peak_gflops=peak[0], peak_is=peak[1])
+    for layout, ta, tb in (("nn", False, False), ("tn", True, False), ("nt", False, True)):
+        s = timed(lambda: (ci.matmul(A, B, out=C, trans_a=ta, trans_b=tb), cuda.synchronize()), z["timed"], 1)
+        emit(stats(f"gemm_{layout}_{m}", 2 * m ** 3 / s / 1e9, "GFLOP/s", **info))
+    n, S, Ch = z["conv"]
+    a, g = (cuda.to_device(rng.standard_normal((n, S, S, Ch)).astype(np.float32)) for _ in range(2))
+    K = cuda.to_device(rng.standard_normal((3, 3, Ch, Ch)).astype(np.float32))
+    za, gK = cuda.device_array((n, S, S, Ch), np.float32), cuda.device_array((3, 3, Ch, Ch), np.float32)
+    flops = 2 * n * S * S * 9 * Ch * Ch
+    for what, fn in (("fwd", lambda: ci.conv3x3(a, K, out=za)), ("gin", lambda: ci.conv3x3_grad_input(K, g, out=za)),
+                     ("gw", lambda: ci.conv3x3_grad_weight(a, g, out=gK))):
+        s = timed(lambda: (fn(), cuda.synchronize()), z["timed"], 1)
+        emit(stats(f"conv3x3_{what}_b{n}", flops / s / 1e9, "GFLOP/s", **info))
 
 
 def cuda_image_bench(name, cfg, batches, n, z, peak, emit):

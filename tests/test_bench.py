@@ -41,14 +41,16 @@ def test_bench_on_cuda_runs_its_code_in_the_simulator_and_refuses_without_a_gpu(
                                               "images": (("deadleaves", dict(datasets.DEADLEAVES.model, T=4, D=16,
                                                                              channels=2, conv_layers=1, scales=2, P=3),
                                                           (2,), 3),),
-                                              "image_repeat": 1, "image_warmup": 0, "image_T": 3})
+                                              "image_repeat": 1, "image_warmup": 0, "image_T": 3, "gemm": 5,
+                                              "conv": (1, 4, 2)})
     import numpy as np
     with np.errstate(over="ignore"):
         assert bench.main(["--device", "cuda"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d["name"] for d in lines] == ["train_step_b5", "train_step_b9", "train_step_gflops_b9", "sample_12",
                                           "sample_point_steps_per_s", "eval_K_10", "heartbeat_train_step_b6",
-                                          "heartbeat_sample_7", "deadleaves_train_step_b2",
+                                          "heartbeat_sample_7", "gemm_nn_5", "gemm_tn_5", "gemm_nt_5",
+                                          "conv3x3_fwd_b1", "conv3x3_gin_b1", "conv3x3_gw_b1", "deadleaves_train_step_b2",
                                           "deadleaves_train_step_gflops_b2", "deadleaves_sample_3"]
     assert all({"name", "median", "p10", "p90", "unit", "gpu"} <= d.keys() for d in lines)
     monkeypatch.setattr(cuda_sample, "available", lambda: False)
