@@ -545,12 +545,13 @@ def sample_rows(consts):
     return max(1, 2**27 // (consts.D * (2 * (1 + net.F) + 4 * net.P + 2 + conv)))
 
 
-def sample(params, consts, n, seed=0, keep=()):
+def sample(params, consts, n, seed=0):
     """Ancestral sampling of an image model on the GPU (Eq. 5, then the fixed step of Eq. 44; twin
-    gaussian.sample): x⁽ᵀ⁾ ~ N(0, I), every step on the device, sample_rows images at a time. Returns (n, D)
-    float64 in the scaled units of K (and, with keep, {t: x⁽ᵗ⁾} as gaussian.sample's)."""
+    gaussian.sample): x⁽ᵀ⁾ ~ N(0, I), every step on the device, sample_rows images at a time. The network in
+    float32, the schedule from c in float64 (as on the CPU). Returns (n, D) float64 in the scaled units of K."""
     T, D = consts.T, consts.D
-    p = {name: cuda.to_device(np.ascontiguousarray(v, np.float32)) for name, v in params.items()}
+    p = {name: cuda.to_device(np.ascontiguousarray(v, np.float64 if name == "c" else np.float32))
+         for name, v in params.items()}
     basis64, logit_base, beta, ab, coef = _tables(consts)
     _schedule[1, 1](p["c"], basis64, logit_base, consts.cfg["beta1"], beta, ab, coef)
     beta1 = float(beta.copy_to_host()[1])
@@ -560,27 +561,20 @@ def sample(params, consts, n, seed=0, keep=()):
     grid = blocks(states.shape[0])
     x, x_new, noise = (cuda.device_array((rows, D)) for _ in range(3))
     t_dev = cuda.device_array(rows, np.int64)
-    out, kept = np.empty((n, D)), {k: np.empty((n, D)) for k in keep}
+    out = np.empty((n, D))
     for lo in range(0, n, rows):
         _normals[grid, TPB](states, x.reshape(x.size))
         _run(_copy_f32, x.size, x.reshape(x.size), net.x_net.reshape(net.x_net.size))
         for t in range(T, 1, -1):
-            if t in keep:
-                kept[t][lo:lo + rows] = x.copy_to_host()[:n - lo]
             t_dev.copy_to_device(np.full(rows, t, np.int64))
             net.forward(p, t_dev)
             _normals[grid, TPB](states, noise.reshape(noise.size))
             _run(_reverse_rows, x.size, net.h2, net.Weff, net.beff, x, t_dev, coef, 1.0 / math.sqrt(T), noise,
                  x_new, net.x_net)
             x, x_new = x_new, x
-        if 1 in keep:
-            kept[1][lo:lo + rows] = x.copy_to_host()[:n - lo]
         _normals[grid, TPB](states, noise.reshape(noise.size))
         _fixed_step[blocks(rows), TPB](x, beta1, noise, x_new)
         out[lo:lo + rows] = x_new.copy_to_host()[:n - lo]
-    if keep:
-        kept[0] = out
-        return out, kept
     return out
 
 
