@@ -2,8 +2,9 @@
 without its dense pathway): train.py --data mnist|deadleaves --device cuda and sample.py --device cuda. The
 products (dense layers, the per-pixel MLP's 1 × 1 layers, the 3 × 3 convolutions, pooling and upsampling) are
 cuda_image.py's tiled kernels; what is between them is here, one thread per entry (or one block per image where
-an image's sum is needed), each with its NumPy twin (tests/test_cuda_image.py, in numba's CUDA simulator where
-no GPU exists):
+an image's sum is needed), each with its NumPy twin. The training kernels are tested together, a whole step's
+loss and gradients against gaussian.loss_and_grads, the sampling step against gaussian.reverse and the draws by
+their distributions (tests/test_cuda_image_train.py, in numba's CUDA simulator where no GPU exists):
 
   _draw_rows, _draw_pixels   gaussian.draw_batch with images.Pixels.draw: an image index and t per row, the
                              8-bit levels dequantised afresh (images.dequantise) and the frozen noise ε
@@ -16,7 +17,8 @@ no GPU exists):
   _readout_back, _weff_grad, _fold_readout   the readout's backward (net_image.pixel_backward)
   _ab_rows, _per_t           ∂x⁽ᵗ⁾ chained to ᾱ_t per image, then every per-image sum gathered per t for
                              cuda_train._schedule_back (gaussian.loss_and_grads's bincounts)
-  _normals, _reverse_rows    sampling: N(0, 1) draws and one reverse step of Eq. 5 (gaussian.sample)
+  _normals, _reverse_rows    sampling: N(0, 1) draws and one reverse step of Eq. 5 (gaussian.sample);
+  _copy_f32                  x⁽ᵀ⁾ in the network's float32
 
 The per-coordinate maths is cpu_kernels.py's (q_sample_coord, reverse_coord, kl_coord, kl_coord_back,
 d_xt_d_ab_coord, reverse_sample_coord), the schedule's forward and backward its schedule and schedule_back,
@@ -31,7 +33,7 @@ not depend on the scheduling and a resumed run retraces an uninterrupted one. A 
 import math
 
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda, float64
 from numba.cuda.random import create_xoroshiro128p_states, xoroshiro128p_normal_float64, xoroshiro128p_uniform_float64
 
 import cpu_kernels
