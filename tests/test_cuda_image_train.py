@@ -5,6 +5,7 @@ one reverse step against gaussian.reverse, the random draws by their distributio
 --device cuda on a tiny dead-leaves model. The simulator runs every thread as Python: 4 × 4 images, T ≤ 6."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import cuda_image_train as cit
 from cuda_sample import available
 
 pytestmark = pytest.mark.skipif(not available(), reason="no GPU and no CUDA simulator")
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 BASE = dict(T=6, J=3, beta1=1e-4, beta_T=0.5, scale=1.0, shift=0.0, P=5, H=4, pixel_features=2, D=16)
 NETS = {
@@ -156,3 +158,25 @@ def test_train_py_and_sample_py_on_cuda_for_an_image_model(tmp_path, capsys, mon
     x = np.load(tmp_path / "s.npy")
     assert x.shape == (5, 16) and np.all(np.isfinite(x)) and -100 < x.mean() < 355
     capsys.readouterr()
+
+
+@pytest.mark.skipif(SIM, reason="a real GPU only: the simulator would take hours at these sizes")
+@pytest.mark.parametrize("name", ["mnist", "deadleaves"])
+def test_real_gpu_step_of_the_default_networks_matches_loss_and_grads(name):
+    """train.py's default MNIST and dead-leaves networks at full size (784 and 256 pixels, T = 1000): one GPU step's
+    loss and gradients against the float64 NumPy reference, as the small networks above in the simulator, to 2e-5
+    of each gradient's largest entry (the CPU's float32 path at these sizes, cpu_image.Trainer: at most 1.3e-6)."""
+    import datasets
+    cfg = getattr(datasets, name.upper()).model
+    consts = gaussian.Gaussian(cfg, datasets.image_net(cfg))
+    rng = np.random.default_rng(4)
+    p = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in consts.init(rng).items()}
+    n, D = 4, consts.D
+    x0, eps, t = rng.standard_normal((n, D)), rng.standard_normal((n, D)), np.array([2, 40, 500, 1000])
+    loss, grads = gaussian.loss_and_grads({k: np.asarray(v, np.float64) for k, v in p.items()}, consts, x0, eps, t)
+    tr = cit.ImageTrainer(consts, n, pixels(rng, 10, D), seed=1)
+    tr.load(p)
+    assert abs(tr.loss_and_grads(x0, eps, t) - loss) < 1e-5 * max(1.0, abs(loss))
+    host = tr.host("grad")
+    for key, want in grads.items():
+        assert np.max(np.abs(host[key] - want)) < 2e-5 * np.max(np.abs(want)), key
