@@ -76,7 +76,8 @@ def _zero(a):
 
 class _DeviceOptimiser:
     """What both GPU trainers share: parameters, gradients and Adam's moments as flat device vectors with
-    name → view (the names and shapes of the model's init), the RNG streams (one per batch row, or `streams`), and the Adam step."""
+    name → view (the names and shapes of the model's init), the RNG streams (one per batch row, or `streams`),
+    and the Adam step."""
 
     def __init__(self, shapes, dtype, n, seed, hyper, streams=None):
         self.names, self.shapes, self.dtype = tuple(shapes), dict(shapes), dtype

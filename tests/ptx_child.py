@@ -1,6 +1,7 @@
 """Run by tests/test_cuda.py in a child process without the CUDA simulator: compile every kernel of
-cuda_sample.py, cuda_train.py, cuda_image.py and cuda_image_train.py to PTX for compute capability 8.0, which needs no GPU but does need the CUDA toolkit
-packages (requirements-gpu.txt). Prints one line per kernel, or "SKIP: why" where the toolkit is missing."""
+cuda_sample.py, cuda_train.py, cuda_image.py and cuda_image_train.py to PTX for compute capability 8.0, which
+needs no GPU but does need the CUDA toolkit packages (requirements-gpu.txt). Prints one line per kernel, or
+"SKIP: why" where the toolkit is missing."""
 import os
 import sys
 import types
