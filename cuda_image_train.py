@@ -43,7 +43,7 @@ import net_conv
 from cpu_kernels import G_AB, G_BETA_TILDE, G_C0, G_C1, G_LOGIT_BETA, G_SQRT_1M_BETA, G_SQRT_BETA, N_ACC
 from cuda_sample import (TPB, _fixed_step, _schedule, blocks, coef_at, d_xt_d_ab_coord, kl_coord, kl_coord_back,
                          q_sample_coord, reverse_coord, reverse_sample_coord)
-from cuda_train import _DeviceOptimiser, _schedule_back, _zero
+from cuda_train import Trainer, _DeviceOptimiser, _schedule_back, _zero
 
 ROW_THREADS = 64        # threads per block of the per-image kernels (_kl_rows, _ab_rows)
 S_KL, S_R2 = N_ACC, N_ACC + 1   # the per-image sums: acc's columns (G_SQRT_1M_BETA .. G_AB), then KL and ‖x⁽⁰⁾‖²
@@ -387,9 +387,9 @@ class DeviceImageNet:
             self.coarse = {s: z(n, S >> s, S >> s, C) for s in range(1, self.N)}
             self.coarse_in = {(s, cin): z(n, S >> s, S >> s, cin) for s in range(1, self.N) for cin in {1, C}}
             self.g_z, self.g_h = z(n, S, S, C), z(n, S, S, C)
-            self.hc = self.h[-1].reshape(n * D, C)
+            self.hc, self.g_zc = self.h[-1].reshape(n * D, C), self.g_z.reshape(n * D, C)   # per pixel
         else:
-            self.hc, self.g_z = z(1, 1), z(1, 1)
+            self.hc = self.g_zc = z(1, 1)
 
     def _layer(self, a, W, b, out):
         """out = a · W + b, then tanh (a dense or per-pixel layer)."""
@@ -440,9 +440,8 @@ class DeviceImageNet:
         _run(_dtanh, self.g_h1.size, self.g_h1.reshape(self.g_h1.size), self.h1.reshape(self.h1.size))
         self._layer_back(self.u, self.g_h1, "W1", "b1", grads)
         ci.matmul(self.g_h1, p["W1"], trans_b=True, out=self.g_u)
-        _run(_pixel_input_back, n * D, self.g_u, self.hc, self.fd, C, self.Fd, self.gx,
-             self.g_z.reshape(self.g_z.size // max(C, 1), max(C, 1)), self.g_zd)
-        g_z, g_h = self.g_z, (self.g_h if self.L else None)
+        _run(_pixel_input_back, n * D, self.g_u, self.hc, self.fd, C, self.Fd, self.gx, self.g_zc, self.g_zd)
+        g_z, g_h = (self.g_z, self.g_h) if self.L else (None, None)
         for k in range(self.L, 0, -1):                 # net_conv.ConvImageNet.features_backward
             a = self.h[k - 1]
             ci.matmul(self.ones[:n * D], g_z.reshape(n * D, C), trans_a=True, out=grads[f"c{k}"].reshape(1, C))
@@ -525,10 +524,7 @@ class ImageTrainer(_DeviceOptimiser):
                              g["c"])
         return float(self.scal.copy_to_host()[2])
 
-    def loss_and_grads(self, x0, eps, t):
-        """gaussian.loss_and_grads for a given minibatch (host arrays): the loss; the gradient in self.grads."""
-        self._upload((self.x0, x0), (self.eps, eps), (self.t, t))
-        return self._loss_and_grads()
+    loss_and_grads = Trainer.loss_and_grads     # a given minibatch (host arrays), as the toy model's trainer
 
     def step(self, lr):
         """One training step on a minibatch drawn on the device, then Adam; returns the loss, or raises
