@@ -236,7 +236,7 @@ def wino_out(M, bias, coarse, out, lo, hi, final, exact):
     """Images lo:hi at one scale (out (n, Sm, Sm, C)): each tile's M[:, r] (16, C) → its 2 × 2 outputs
     Y = Aᵀ M A, plus, where coarse has images (n, Sm/2, Sm/2, C: the sum of the coarser scales), the coarse
     pixel under the tile (up₂: a tile's 2 × 2 outputs are exactly one pixel's block of the next scale);
-    final (the finest scale): out = tanh(bias + that), else out = that. A whole tile row at once, the 2 × 2
+    final (the finest scale): out = tanh(bias + that) (bias (n, C): each image's), else out = that. A whole tile row at once, the 2 × 2
     outputs then spread onto their pixels."""
     n, Sm, _, C = out.shape
     T = (Sm + 1) // 2
@@ -274,10 +274,10 @@ def wino_out(M, bias, coarse, out, lo, hi, final, exact):
                             _copy(yv, o)
                         elif exact:
                             for c in range(C):
-                                o[c] = math.tanh(bias[c] + yv[c])
+                                o[c] = math.tanh(bias[i, c] + yv[c])
                         else:
                             for c in range(C):
-                                o[c] = _tanh32(bias[c] + yv[c])
+                                o[c] = _tanh32(bias[i, c] + yv[c])
 
 
 @kernel
@@ -407,7 +407,8 @@ def _pool_pad(x, i, m, Sm, pad):
 @kernel
 def thin_layer(x, K, c, z, lo, hi, exact):
     """Images lo:hi of a layer with one input channel, x (n, S, S): z = tanh(c + Σ_s up_m(conv3x3(pool_m(x),
-    K[s]))) (n, S, S, C), m = 2^s, K (N, 9, C) the filters (3, 3, 1, C) of each scale with their taps in a row.
+    K[s]))) (n, S, S, C), m = 2^s, K (N, 9, C) the filters (3, 3, 1, C) of each scale with their taps in a row,
+    c (n, C) each image's bias.
     Per image, coarsest scale first, each scale's convolution plus the coarser sum under each pixel (up₂)
     held at its own resolution; the finest through c and tanh into z."""
     S = x.shape[1]
@@ -436,11 +437,25 @@ def thin_layer(x, K, c, z, lo, hi, exact):
                     elif exact:
                         o = z[i, y, xx]
                         for ch in range(C):
-                            o[ch] = math.tanh(c[ch] + v[ch])
+                            o[ch] = math.tanh(c[i, ch] + v[ch])
                     else:
                         o = z[i, y, xx]
                         for ch in range(C):
-                            o[ch] = _tanh32(c[ch] + v[ch])
+                            o[ch] = _tanh32(c[i, ch] + v[ch])
+
+
+@kernel
+def image_channel_sums(g, lo, hi, out):
+    """out[i] = Σ over the pixels of image i of g (n, S, S, C), i in lo:hi: ∂L/∂ each image's bias (a layer's
+    c, and through g(t) its E)."""
+    n, S, _, C = g.shape
+    for i in range(lo, hi):
+        o = out[i]
+        _zero(o)
+        for y in range(S):
+            row = g[i, y]
+            for x in range(S):
+                _acc(o, row[x])
 
 
 @kernel
@@ -530,7 +545,8 @@ def _no_coarse(dt):
 
 def conv_layer(a, Ks, c, z, V, M, lo, hi, exact, A=None):
     """Images lo:hi of one multi-scale layer (Cin > 1; thin_layer where Cin = 1): h = tanh(c + Σ_s
-    up(conv3x3(pool(a, 2^s), Ks[s]), 2^s)) into z, Ks[s] given as U (filters_to_wino); V[s], M[s] (tile_buffer,
+    up(conv3x3(pool(a, 2^s), Ks[s]), 2^s)) into z, c (n, C) each image's bias, Ks[s] given as U
+    (filters_to_wino); V[s], M[s] (tile_buffer,
     16, ·) the scale's tiles and products; A
     (scale_buffers, C channels) the coarse scales' sums. Coarsest scale first, each scale's output plus the
     coarser sum (up₂) written once at its own resolution, the finest one into z through c and tanh."""
@@ -570,14 +586,6 @@ def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, G=None, Q=None):
         wino_gin(gV[s], Q[s + 1] if s + 1 < N else none, ga if s == 0 else Q[s], a, lo, hi, s == 0)
 
 
-def channel_sums(g, out):
-    """out (C) = Σ of g (n, S, S, C) over images and pixels (a bias's gradient): summed as rows of S·C numbers,
-    then the S pixels of the row (NumPy sums a (rows, C) array along axis 0 slowly for small C: a chunk of 8
-    MNIST images took 152 µs that way, 17 µs this way)."""
-    S, C = g.shape[2], g.shape[3]
-    np.sum(g.reshape(-1, S * C).sum(axis=0).reshape(S, C), axis=0, out=out)
-
-
 def tile_buffer(rows, c, dt):
     """A C-contiguous (16, rows + pad, c) array of zeros for the tiles of one scale (the kernels use rows
     0 .. rows − 1 of each position), each position's rows padded by 64 bytes or more: with rows · c a power
@@ -601,8 +609,8 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
 
     def feature_scratch(self, n, dt):
         """The forward's cache (each layer's h, and the tiles V per scale of layers 2 .. L), the products M and
-        their gradients per scale, two ∂ buffers (n, S, S, C) for the layers' ∂ in turn, and each image chunk's
-        ∂K of layer 1 (thin_layer), ∂U of layers 2 .. L and ∂c."""
+        their gradients per scale, two ∂ buffers (n, S, S, C) for the layers' ∂ in turn, each image chunk's ∂K
+        of layer 1 (thin_layer) and ∂U of layers 2 .. L, and each image's ∂ of each layer's bias."""
         S, C, N, L = self.S, self.C, self.N, self.L
         z = lambda *s: np.zeros(s, dt)
         nc = len(conv_chunks(n))
@@ -616,13 +624,14 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
             "gh": [z(n, S, S, C) for _ in range(2)],
             "gK": z(nc, N, 9, C),
             "gU": [[z(nc, 16, C, C) for s in range(N)] for k in range(2, L + 1)],
-            "gc": z(nc, L, C),
+            "gc": z(L, n, C),
             **({"f": z(n, self.D * self.F), "conv_gf": z(n, self.D * C),
                 "dense": self.dense.feature_scratch(n, dt) | {"gf": z(n, self.D * self.dense.F)}} if self.dense else {})}
 
-    def features_forward(self, p, x):
-        """x (n, D) in the network dtype → d = (x, h_1 .. h_L (n, S, S, C), the tiles, the dense pathway's cache
-        or None), f (n, D·F): the layers of each image chunk in one task, then the dense pathway's layers."""
+    def features_forward(self, p, x, g):
+        """x (n, D) in the network dtype, g (n, J) the bumps at each row's t → d = (x, h_1 .. h_L (n, S, S, C), the
+        filters, the dense pathway's cache or None, g), f (n, D·F): the layers of each image chunk in one task,
+        then the dense pathway's layers."""
         dt = p["W1"].dtype
         n, S, N, L = len(x), self.S, self.N, self.L
         s = self.scratch(n, dt)
@@ -630,27 +639,28 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
         K1 = np.stack([p[f"K1s{q}"].reshape(9, self.C) for q in range(N)])
         Us = [[filters_to_wino(p[f"K{k}s{q}"]) for q in range(N)] for k in range(2, L + 1)]
         h = [x.reshape(n, S, S, 1)] + s["h"]
+        c = [np.ascontiguousarray(self.conv_bias(p, k, g), dt) for k in range(1, L + 1)]     # (n, C) each
 
         def chunk(lo, hi):
-            thin_layer(x.reshape(n, S, S), K1, p["c1"], h[1], lo, hi, exact)
+            thin_layer(x.reshape(n, S, S), K1, c[0], h[1], lo, hi, exact)
             for k in range(2, L + 1):
-                conv_layer(h[k - 1], Us[k - 2], p[f"c{k}"], h[k], s["V"][k - 2], s["M"], lo, hi, exact, s["A"])
+                conv_layer(h[k - 1], Us[k - 2], c[k - 1], h[k], s["V"][k - 2], s["M"], lo, hi, exact, s["A"])
 
         self.run([partial(chunk, lo, hi) for lo, hi in conv_chunks(n)])
         if not self.dense:
-            return (x, h, (K1, Us), None), h[L].reshape(n, self.D * self.C)
+            return (x, h, (K1, Us), None, g), h[L].reshape(n, self.D * self.C)
         self.dense.threads = self.threads
         dd, fd = self.dense.features_forward(self.dense_params(p), x)
         f = s["f"]                                     # [h_L | dense features] per pixel, in place
         np.concatenate([h[L].reshape(n, self.D, self.C), fd.reshape(n, self.D, -1)], axis=2,
                        out=f.reshape(n, self.D, self.F))
-        return (x, h, (K1, Us), dd), f
+        return (x, h, (K1, Us), dd, g), f
 
     def features_backward(self, p, d, s, gx, grads):
         """From s["gf"] (∂ before f's tanh): the dense pathway's part (if any) through its layers, then the
-        convolutions' part down the layers, image chunk by image chunk (each with its own ∂K, ∂U, ∂c): the
-        filters' and biases' gradients into grads; ∂x added to gx."""
-        x, h, (K1, Us), dd = d
+        convolutions' part down the layers, image chunk by image chunk (each with its own ∂K, ∂U, and ∂ of each
+        image's biases): the filters' and biases' gradients into grads; ∂x added to gx."""
+        x, h, (K1, Us), dd, g_t = d
         n, S, C, N, L = len(x), self.S, self.C, self.N, self.L
         gf = s["gf"]
         if self.dense:                                 # f = [h_L | dense features]: each pathway's part of ∂
@@ -665,19 +675,20 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
         def chunk(c, lo, hi):
             g = gf
             for k in range(L, 1, -1):
-                channel_sums(g[lo:hi], s["gc"][c, k - 1])
+                image_channel_sums(g, lo, hi, s["gc"][k - 1])
                 ga = s["gh"][k % 2]
                 conv_layer_backward(g, h[k - 1], UTs[k - 2], s["V"][k - 2], s["gM"], s["gV"],
                                     [gU[c] for gU in s["gU"][k - 2]], ga, lo, hi, s["G"], s["Q"])
                 g = ga
-            channel_sums(g[lo:hi], s["gc"][c, 0])
+            image_channel_sums(g, lo, hi, s["gc"][0])
             thin_layer_backward(x.reshape(n, S, S), K1, g, s["gK"][c], gx.reshape(n, S, S), lo, hi)
 
         self.run([partial(chunk, c, lo, hi) for c, (lo, hi) in enumerate(conv_chunks(n))])
-        gc = s["gc"].sum(axis=0)                       # the chunks' sums, in chunk order
-        gK = s["gK"].sum(axis=0)
+        gK = s["gK"].sum(axis=0)                       # the chunks' sums, in chunk order
         for k in range(1, L + 1):
-            grads[f"c{k}"][...] = gc[k - 1]
+            np.sum(s["gc"][k - 1], axis=0, out=grads[f"c{k}"])    # the images' sums, in image order
+            if self.time_bias:
+                np.matmul(g_t.T, s["gc"][k - 1], out=grads[f"E{k}"])
             for q in range(N):
                 grads[f"K{k}s{q}"][...] = (gK[q].reshape(3, 3, 1, C) if k == 1 else
                                            wino_to_filters(s["gU"][k - 2][q].sum(axis=0)))

@@ -512,9 +512,9 @@ class FastPixelNet:
         """The feature pathway's buffers for a batch of n (name → array), kept in scratch."""
         return {}
 
-    def features_forward(self, p, x):
-        """x (n, D) in the network dtype → (d, f): d the pathway's cache with d[0] = x, f (n, D·F) after its
-        tanh. Called with BLAS held to one thread."""
+    def features_forward(self, p, x, g):
+        """x (n, D) in the network dtype, g (n, J) the bumps at each row's t → (d, f): d the pathway's cache with
+        d[0] = x, f (n, D·F) after its tanh. Called with BLAS held to one thread."""
         raise NotImplementedError
 
     def features_backward(self, p, d, s, gx, grads):
@@ -542,7 +542,7 @@ class FastPixelNet:
         g = np.ascontiguousarray(self.basis[:, t].T, dt)                   # (n, J)
         out = np.empty((n, 2 * self.D))
         with _BlasHeld():
-            d, f = self.features_forward(p, np.ascontiguousarray(x, dt))
+            d, f = self.features_forward(p, np.ascontiguousarray(x, dt), g)
             self.run([partial(lambda lo, hi: pixel_forward_k(d[0][lo:hi], f[lo:hi], g[lo:hi], *pp, exact,
                                                              out[lo:hi]), lo, hi) for lo, hi in chunks(n)])
         return out, (d, f, g, None)
@@ -573,8 +573,9 @@ class FastDenseImageNet(FastPixelNet, net_image.DenseImageNet):
         """The dense part of ∂x and each dense layer's ∂ before its tanh."""
         return {"gx": np.zeros((n, self.D), dt), "gd": [np.zeros((n, self.H), dt) for _ in range(self.L)]}
 
-    def features_forward(self, p, x):
-        """x (n, D) in the network dtype → d = [x, d_1 .. d_L], f (n, D·F): each layer cut into column ranges."""
+    def features_forward(self, p, x, g=None):
+        """x (n, D) in the network dtype → d = [x, d_1 .. d_L], f (n, D·F): each layer cut into column ranges
+        (not told t: g is unused, as in the twin)."""
         dt = x.dtype
         exact, n, L = dt == np.float64, len(x), self.L
         d = [x] + [np.empty((n, self.H), dt) for _ in range(L)]
@@ -723,7 +724,7 @@ class Trainer:
 
         with _BlasHeld():
             noised_k(x0, eps, rc, b["xt"], b["x_net"])
-            d, f = net.features_forward(p, b["x_net"])
+            d, f = net.features_forward(p, b["x_net"], g)
             net.run([partial(rows, c, lo, hi) for c, (lo, hi) in enumerate(chunks(n))])
             net.features_backward(p, d, s, b["gx"], grads)
             net.run([partial(lambda lo, hi: ab_rows_k(x0[lo:hi], eps[lo:hi], rc[lo:hi], b["g_xt"][lo:hi],

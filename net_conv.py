@@ -6,6 +6,11 @@ Images are channels-last, (n, S, S, C), S = √D. One multi-scale layer k, scale
 
     z = c_k + Σ_s up_{2^s}( conv3x3( pool_{2^s}(h_{k−1}), K_{k,s} ) ),    h_k = tanh(z),    h_0 = x⁽ᵗ⁾
 
+With time_bias (train.py --time-bias 1; not the paper's: there, and in the official code, t enters only
+through the readout), each layer's bias also depends on t through the readout's bumps (Eq. 63):
+c_k + Σ_j g_j(t) E_{k,j} per image, so that the convolutions can act differently at each noise level (as
+every block of Ho et al. 2020's network is told t).
+
 pool_m is an m × m mean pool, up_m its nearest-neighbour upsampling, conv3x3 a 3 × 3 correlation with zero
 padding ("same": the official code's "full" convolution then a one-pixel crop). Where the paper and the
 official code differ (README, "Dead leaves"): tanh after the sum over scales (the paper; the code puts its
@@ -84,8 +89,10 @@ class ConvImageNet(net_image.DenseImageNet):
         if self.S * self.S != self.D or self.S % 2 ** (self.N - 1):
             raise ValueError(f"D = {self.D} must be a square whose side divides by 2^(scales − 1) = {2 ** (self.N - 1)}")
         self.basis = dpm.temporal_basis(self.T, self.J)
+        self.time_bias = bool(cfg.get("time_bias", 0))
         self.PARAM_NAMES = tuple(f"K{k}s{s}" for k in range(1, self.L + 1) for s in range(self.N)) + tuple(
-            f"c{k}" for k in range(1, self.L + 1)) + ("W1", "b1", "W2", "b2", "W3", "b3")
+            f"c{k}" for k in range(1, self.L + 1)) + ("W1", "b1", "W2", "b2", "W3", "b3") + (
+            tuple(f"E{k}" for k in range(1, self.L + 1)) if self.time_bias else ())
         self.dense = None
         if cfg.get("dense_layers", 0):
             self.dense = net_image.DenseImageNet(cfg)
@@ -96,7 +103,7 @@ class ConvImageNet(net_image.DenseImageNet):
         self.F = self.C + (self.dense.F if self.dense else 0)
 
     def init(self, rng, dtype=np.float32):
-        """Filters N(0, 1/(9 Cin N)) (unit-variance sums for unit-variance inputs), zero biases; the per-pixel MLP
+        """Filters N(0, 1/(9 Cin N)) (unit-variance sums for unit-variance inputs), zero biases (E too); the per-pixel MLP
         Glorot-uniform with a zero readout, as net_image's, so the untrained model is the forward kernel."""
         C, N, P, J = self.C, self.N, self.P, self.J
         p = {}
@@ -110,6 +117,8 @@ class ConvImageNet(net_image.DenseImageNet):
         p["W1"], p["b1"] = rng.uniform(-lim1, lim1, (1 + self.F, P)).astype(dtype), np.zeros(P, dtype)
         p["W2"], p["b2"] = rng.uniform(-lim2, lim2, (P, P)).astype(dtype), np.zeros(P, dtype)
         p["W3"], p["b3"] = np.zeros((J, 2, P), dtype), np.zeros((J, 2), dtype)
+        for k in range(1, self.L + 1) if self.time_bias else ():
+            p[f"E{k}"] = np.zeros((J, C), dtype)
         if self.dense:
             q = self.dense.init(rng, dtype)
             p.update({mine: q[theirs] for mine, theirs in self.dense_names.items()})
@@ -119,24 +128,31 @@ class ConvImageNet(net_image.DenseImageNet):
         """The dense pathway's parameters (or gradients) under net_image's names."""
         return {theirs: p[mine] for mine, theirs in self.dense_names.items()}
 
-    def features_forward(self, p, x):
-        """x (n, D) → (h = [x as (n, S, S, 1), h_1 .. h_L], the dense pathway's cache or None), f = [h_L | the dense
-        features] per pixel, (n, D·F)."""
+    def conv_bias(self, p, k, g):
+        """Layer k's bias for each image, (n, C): c_k, plus g(t) E_k where time_bias (g (n, J): the bumps at
+        each image's t)."""
+        c = p[f"c{k}"]
+        return c + g @ p[f"E{k}"] if self.time_bias else np.broadcast_to(c, (len(g), len(c)))
+
+    def features_forward(self, p, x, g):
+        """x (n, D), g (n, J) → (h = [x as (n, S, S, 1), h_1 .. h_L], the dense pathway's cache or None, g), f =
+        [h_L | the dense features] per pixel, (n, D·F)."""
         n, D = len(x), self.D
         h = [x.reshape(n, self.S, self.S, 1)]
         for k in range(1, self.L + 1):
-            z = p[f"c{k}"] + sum(up(conv3x3(pool(h[-1], 2 ** s), p[f"K{k}s{s}"]), 2 ** s) for s in range(self.N))
+            z = self.conv_bias(p, k, g)[:, None, None, :] + sum(
+                up(conv3x3(pool(h[-1], 2 ** s), p[f"K{k}s{s}"]), 2 ** s) for s in range(self.N))
             h.append(np.tanh(z))
         if not self.dense:
-            return (h, None), h[-1].reshape(n, D * self.C)
-        d, fd = self.dense.features_forward(self.dense_params(p), x)
+            return (h, None, g), h[-1].reshape(n, D * self.C)
+        d, fd = self.dense.features_forward(self.dense_params(p), x, g)
         f = np.concatenate([h[-1].reshape(n, D, self.C), fd.reshape(n, D, -1)], axis=2)
-        return (h, (d, fd)), f.reshape(n, D * self.F)
+        return (h, (d, fd), g), f.reshape(n, D * self.F)
 
     def features_backward(self, p, cache, f, g_z, grads):
         """∂L/∂(f before its tanh) (n, D·F) → the filters', biases' and dense pathway's gradients (into grads)
         and ∂L/∂x."""
-        (h, dense), n, S = cache, len(f), self.S
+        (h, dense, g), n, S = cache, len(f), self.S
         g_x = 0.0
         if self.dense:
             g_z = g_z.reshape(n, self.D, self.F)
@@ -147,7 +163,10 @@ class ConvImageNet(net_image.DenseImageNet):
             grads.update({mine: g_dense[theirs] for mine, theirs in self.dense_names.items()})
         g_z = g_z.reshape(n, S, S, self.F)[..., :self.C]
         for k in range(self.L, 0, -1):
-            grads[f"c{k}"] = g_z.sum(axis=(0, 1, 2))
+            per_image = g_z.sum(axis=(1, 2))          # ∂L/∂(layer k's bias of each image), (n, C)
+            grads[f"c{k}"] = per_image.sum(axis=0)
+            if self.time_bias:
+                grads[f"E{k}"] = g.T @ per_image
             g_h = 0.0
             for s in range(self.N):
                 m = 2 ** s

@@ -46,7 +46,7 @@ class DenseImageNet:
         dt = p["W1"].dtype
         g = self.basis[:, t].T.astype(dt)                                  # (n, J)
         x = np.asarray(x, dt)
-        d, f = self.features_forward(p, x)
+        d, f = self.features_forward(p, x, g)
         Y, pixel_cache = self.pixel_forward(p, x, f, g)                  # (n, D, 2)
         out = np.concatenate([Y[:, :, 0], Y[:, :, 1]], axis=1).astype(np.float64)
         return out, (d, f, g, pixel_cache)
@@ -59,8 +59,9 @@ class DenseImageNet:
         grads, g_x, g_f = self.pixel_backward(p, pixel_cache, g, g_Y)
         return grads, g_x + self.features_backward(p, d, f, g_f * (1.0 - f * f), grads)
 
-    def features_forward(self, p, x):
-        """The dense pathway: x (n, D) → d = [x, d_1 .. d_L], f (n, D·F)."""
+    def features_forward(self, p, x, g=None):
+        """The dense pathway: x (n, D) → d = [x, d_1 .. d_L], f (n, D·F). It is not told t (g, the bumps at each
+        row's t, is for net_conv's layers)."""
         d = [x]
         for k in range(1, self.L + 1):
             d.append(np.tanh(d[-1] @ p[f"V{k}"] + p[f"c{k}"]))

@@ -19,6 +19,7 @@ TOL = {np.float64: 1e-12, np.float32: 1e-5}
 CFG = {"T": 8, "J": 3, "D": 64, "conv_layers": 2, "channels": 6, "scales": 2, "P": 3, "beta1": 1e-3,
        "beta_T": 0.5}
 DENSE = {"dense_layers": 2, "H": 5, "pixel_features": 2}     # a dense pathway beside the convolutions
+TIME = {"time_bias": 1}                                      # layer biases that depend on t
 
 
 def rel_err(a, b):
@@ -32,8 +33,9 @@ def perturbed(cfg, rng, dtype, scale=0.3):
 
 
 def twin_layer(a, Ks, c):
+    """c (n, C): each image's bias."""
     N = len(Ks)
-    return np.tanh(c + sum(net_conv.up(net_conv.conv3x3(net_conv.pool(a, 2 ** s), Ks[s]), 2 ** s) for s in range(N)))
+    return np.tanh(c[:, None, None, :] + sum(net_conv.up(net_conv.conv3x3(net_conv.pool(a, 2 ** s), Ks[s]), 2 ** s) for s in range(N)))
 
 
 def twin_layer_backward(a, Ks, g):
@@ -56,7 +58,7 @@ def test_layer_kernels_match_net_conv(dtype, S, N, cin):
     n, C, lo, hi = 5, 4, 1, 4
     a = np.tanh(rng.standard_normal((n, S, S, cin))).astype(dtype)
     Ks = [rng.standard_normal((3, 3, cin, C)).astype(dtype) for _ in range(N)]
-    c = rng.standard_normal(C).astype(dtype)
+    c = rng.standard_normal((n, C)).astype(dtype)
     g = rng.standard_normal((n, S, S, C)).astype(dtype)
     tiles = [n * ((S // 2 ** s + 1) // 2) ** 2 for s in range(N)]
     buf = lambda w: [cpu_conv.tile_buffer(r, w, dtype) for r in tiles]
@@ -86,7 +88,7 @@ def test_thin_layer_matches_net_conv(dtype, S, N):
     x = rng.standard_normal((n, S, S)).astype(dtype)
     Ks = [rng.standard_normal((3, 3, 1, C)).astype(dtype) for _ in range(N)]
     K = np.stack([k.reshape(9, C) for k in Ks])
-    c = rng.standard_normal(C).astype(dtype)
+    c = rng.standard_normal((n, C)).astype(dtype)
     z = np.zeros((n, S, S, C), dtype)
     cpu_conv.thin_layer(x, K, c, z, lo, hi, dtype == np.float64)
     assert rel_err(z[lo:hi], twin_layer(x[..., None], Ks, c)[lo:hi]) < TOL[dtype]
@@ -100,10 +102,14 @@ def test_thin_layer_matches_net_conv(dtype, S, N):
         assert rel_err(gK[s], gKs[s].reshape(9, C)) < TOL[dtype], s
     assert rel_err(gx[lo:hi] - 1, g_a[..., 0]) < TOL[dtype]
     assert np.all(gx[:lo] == 1) and np.all(gx[hi:] == 1)
+    sums = np.full((n, C), 7.0, dtype)
+    cpu_conv.image_channel_sums(g, lo, hi, sums)
+    assert rel_err(sums[lo:hi], g[lo:hi].sum(axis=(1, 2))) < TOL[dtype]
+    assert np.all(sums[:lo] == 7) and np.all(sums[hi:] == 7)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("dense", [{}, DENSE])
+@pytest.mark.parametrize("dense", [{}, DENSE, TIME, dict(DENSE, **TIME)])
 def test_forward_backward_match_the_twin(dtype, dense):
     """out, every parameter's gradient and ∂x; the same numbers with one thread or two."""
     cfg = dict(CFG, scales=3, **dense)                # 8 × 8: scales of 8, 4, 2 pixels
@@ -137,7 +143,7 @@ def batches(cfg, rng, n, k):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("dense", [{}, DENSE])
+@pytest.mark.parametrize("dense", [{}, DENSE, TIME, dict(DENSE, **TIME)])
 def test_trainer_matches_gaussian_and_adam(dtype, dense):
     """loss_and_grads against gaussian.loss_and_grads on the twin, then steps against adam.Adam; two threads
     give the same numbers as one."""

@@ -160,6 +160,23 @@ def test_train_py_and_sample_py_on_cuda_for_an_image_model(tmp_path, capsys, mon
     capsys.readouterr()
 
 
+def test_time_bias_is_refused_on_cuda_with_one_line(tmp_path, capsys):
+    """--time-bias 1 has no GPU path: train.py --device cuda refuses it, and sample.py --device cuda refuses a
+    run trained with it on the CPU, each with one line and exit status 2."""
+    import train
+    from conftest import one_error_line, run_sample
+    tiny = ["--data", "deadleaves", "--T", "5", "--patch", "4", "--leaves-size", "8", "--channels", "3",
+            "--conv-layers", "1", "--scales", "2", "--pixel-hidden", "4", "--train-patches", "30", "--batch-size", "3",
+            "--heldout", "10", "--eval-every", "2", "--time-bias", "1"]
+    run = lambda out, *a: cli.cli(train.main, "train.py", ["--out", str(tmp_path / out), *tiny, *a])
+    assert run("gpu", "--steps", "2", "--device", "cuda") == 2
+    assert "--time-bias" in one_error_line(capsys) and not (tmp_path / "gpu").exists()
+    assert run("cpu", "--steps", "2") == 0
+    capsys.readouterr()
+    assert run_sample(tmp_path / "cpu", "-n", "2", "--out", tmp_path / "s.npy", "--device", "cuda") == 2
+    assert "time_bias" in one_error_line(capsys) and not (tmp_path / "s.npy").exists()
+
+
 @pytest.mark.skipif(SIM, reason="a real GPU only: the simulator would take hours at these sizes")
 @pytest.mark.parametrize("name", ["mnist", "deadleaves"])
 def test_real_gpu_step_of_the_default_networks_matches_loss_and_grads(name):

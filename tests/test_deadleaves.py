@@ -78,10 +78,10 @@ def perturbed(consts, rng, scale=0.3):
     return {k: v + scale * rng.standard_normal(v.shape) for k, v in p.items()}
 
 
-@pytest.mark.parametrize("dense", [{}, {"dense_layers": 1, "H": 3, "pixel_features": 2}])
+@pytest.mark.parametrize("dense", [{}, {"dense_layers": 1, "H": 3, "pixel_features": 2}, {"time_bias": 1}])
 def test_loss_and_input_gradients_match_central_differences(dense):
-    """Every filter, bias and pixel weight (and the dense pathway's beside the convolutions), the schedule's c
-    (through Eq. 14's bound), and ∂out/∂x⁽ᵗ⁾, float64."""
+    """Every filter, bias and pixel weight (and the dense pathway's beside the convolutions, or the layers' E
+    where time_bias), the schedule's c (through Eq. 14's bound), and ∂out/∂x⁽ᵗ⁾, float64."""
     consts = gaussian.Gaussian(dict(TINY, **dense), net_conv.ConvImageNet)
     rng = np.random.default_rng(5)
     p = perturbed(consts, rng)
@@ -150,6 +150,32 @@ def test_train_sample_figure_and_inpaint(leaves_run, tmp_path, capsys):
     known = np.ones((8, 8), bool)
     known[2:6, 2:6] = False
     assert np.all(np.abs(np.load(tmp_path / "c.npy")[:, known.ravel()] - truth[known.ravel()]) <= 0.5 + 1e-3)
+
+
+def test_time_bias_run_resumes_and_samples(tmp_path, capsys):
+    """--time-bias 1: the layers' E are trained and saved, a resumed run retraces an uninterrupted one, and
+    sample.py reads the run; a checkpoint whose settings predate time_bias loads as the paper's layers."""
+    import ckpt
+    from conftest import run_sample, run_train
+    small = [*SMALL, "--time-bias", "1"]
+    assert run_train(tmp_path, *small, "--steps", "4", out="a") == 0
+    assert run_train(tmp_path, *small, "--steps", "6", "--resume", out="a") == 0
+    assert run_train(tmp_path, *small, "--steps", "6", out="b") == 0
+    meta, a = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
+    _, b = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
+    assert meta["cfg"]["time_bias"] == 1 and a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert sorted(k for k in a if k.startswith("p/E")) == ["p/E1", "p/E2"]
+    assert all(np.any(a[k] != 0) for k in ("p/E1", "p/E2"))
+    assert run_sample(tmp_path / "a", "-n", "3", "--out", tmp_path / "s.npy") == 0
+    assert np.all(np.isfinite(np.load(tmp_path / "s.npy")))
+    capsys.readouterr()
+    meta, arrays = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
+    del meta["cfg"]["time_bias"]
+    ckpt.save(str(tmp_path / "old.npz"), {k: v for k, v in meta.items() if k != "version"},
+              {k: v for k, v in arrays.items() if k.split("/")[1][0] != "E"})
+    _, params, consts, _ = ckpt.load_run(str(tmp_path / "old.npz"), "deadleaves")
+    assert not consts.net.time_bias and "E1" not in params
 
 
 @pytest.mark.parametrize("flags, words", [(["--patch", "10", "--scales", "3"], "divides by"),

@@ -222,6 +222,9 @@ def test_csv_refused_and_missing_data_one_line(mnist_runs, tmp_path, capsys):
     err = one_error_line(capsys)
     assert "train-images-idx3-ubyte" in err and "yann.lecun.com" in err
     assert not os.path.exists(tmp_path / "r")
+    assert run_train(tmp_path, *SMALL, *PAPER_NET, "--time-bias", "1", "--steps", "2", out="r") == 2
+    assert "conv_layers" in one_error_line(capsys)
+    assert not os.path.exists(tmp_path / "r")
 
 
 def test_parzen_known_answer():
@@ -258,12 +261,12 @@ def test_table2_from_sample_files(mnist_runs, mnist_dir, tmp_path, capsys):
 
 
 def test_checkpoint_from_before_the_convolutions_loads_as_the_dense_network(mnist_runs, tmp_path):
-    """A checkpoint whose settings predate conv_layers (the paper's network was then the only one) is read as
-    --conv-layers 0, not given the new default's convolutions."""
+    """A checkpoint whose settings predate conv_layers (the paper's network was then the only one) and
+    time_bias is read as --conv-layers 0, not given the new default's convolutions."""
     import ckpt
     import net_conv
     meta, arrays = ckpt.load(str(mnist_runs / "denses300" / "checkpoint.npz"))
-    assert meta["cfg"].pop("conv_layers") == 0
+    assert meta["cfg"].pop("conv_layers") == 0 and meta["cfg"].pop("time_bias") == 0
     old = tmp_path / "checkpoint.npz"
     ckpt.save(str(old), {k: v for k, v in meta.items() if k != "version"}, arrays)
     _, params, consts, _ = ckpt.load_run(str(old), "mnist")
