@@ -236,8 +236,8 @@ def wino_out(M, bias, coarse, out, lo, hi, final, exact):
     """Images lo:hi at one scale (out (n, Sm, Sm, C)): each tile's M[:, r] (16, C) → its 2 × 2 outputs
     Y = Aᵀ M A, plus, where coarse has images (n, Sm/2, Sm/2, C: the sum of the coarser scales), the coarse
     pixel under the tile (up₂: a tile's 2 × 2 outputs are exactly one pixel's block of the next scale);
-    final (the finest scale): out = tanh(bias + that) (bias (n, C): each image's), else out = that. A whole tile row at once, the 2 × 2
-    outputs then spread onto their pixels."""
+    final (the finest scale): out = tanh(bias + that) (bias (n, C): each image's), else out = that. A whole
+    tile row at once, the 2 × 2 outputs then spread onto their pixels."""
     n, Sm, _, C = out.shape
     T = (Sm + 1) // 2
     TC = T * C

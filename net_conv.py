@@ -103,8 +103,9 @@ class ConvImageNet(net_image.DenseImageNet):
         self.F = self.C + (self.dense.F if self.dense else 0)
 
     def init(self, rng, dtype=np.float32):
-        """Filters N(0, 1/(9 Cin N)) (unit-variance sums for unit-variance inputs), zero biases (E too); the per-pixel MLP
-        Glorot-uniform with a zero readout, as net_image's, so the untrained model is the forward kernel."""
+        """Filters N(0, 1/(9 Cin N)) (unit-variance sums for unit-variance inputs), zero biases (E too); the
+        per-pixel MLP Glorot-uniform with a zero readout, as net_image's, so the untrained model is the forward
+        kernel."""
         C, N, P, J = self.C, self.N, self.P, self.J
         p = {}
         for k in range(1, self.L + 1):
