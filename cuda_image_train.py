@@ -360,6 +360,8 @@ class DeviceImageNet:
         net = consts.net
         self.n, self.D, self.P = n, consts.D, net.P
         conv = isinstance(net, net_conv.ConvImageNet)
+        if conv and net.time_bias:                     # the layers' E would be silently left out
+            raise ValueError("time_bias (biases that depend on t) has no GPU path yet")
         self.dense = net.dense if conv else net
         self.L, self.C, self.N, self.S = (net.L, net.C, net.N, net.S) if conv else (0, 0, 1, 0)
         self.Fd = self.dense.F if self.dense else 0

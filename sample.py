@@ -71,12 +71,9 @@ def draw(params, consts, ds, args, rng, condition):
     if condition is not None:
         return ds.conditioned(params, consts, args.n, rng, condition)
     if args.device == "cuda":
-        if consts.cfg.get("time_bias"):
-            raise UsageError("--device cuda: this run's network has time_bias, which has no GPU path yet; "
-                             "leave out --device cuda")
         try:
             return ds.cuda_sample()(params, consts, args.n, seed=args.seed)
-        except ValueError as e:                 # a network wider than the kernels hold
+        except ValueError as e:                 # a network wider than the kernels hold, or one they lack
             raise UsageError(f"--device cuda: {e}") from None
     return (ds.cpu or ds.kind).sample(params, consts, args.n, rng)[0]
 
