@@ -1,15 +1,17 @@
 """numba.cuda training and sampling of the image networks (net_image.DenseImageNet, net_conv.ConvImageNet with or
-without its dense pathway): train.py --data mnist|deadleaves --device cuda and sample.py --device cuda. The
-products (dense layers, the per-pixel MLP's 1 × 1 layers, the 3 × 3 convolutions, pooling and upsampling) are
-cuda_image.py's tiled kernels; what is between them is here, one thread per entry (or one block per image where
-an image's sum is needed), each with its NumPy twin. The training kernels are tested together, a whole step's
-loss and gradients against gaussian.loss_and_grads, the sampling step against gaussian.reverse and the draws by
-their distributions (tests/test_cuda_image_train.py, in numba's CUDA simulator where no GPU exists):
+without its dense pathway and its time_bias): train.py --data mnist|deadleaves --device cuda and sample.py --device
+cuda. The products (dense layers, the per-pixel MLP's 1 × 1 layers, the 3 × 3 convolutions, pooling and upsampling,
+time_bias's g(t) E_k) are cuda_image.py's tiled kernels; what is between them is here, one thread per entry (or one
+block per image where an image's sum is needed), each with its NumPy twin. The training kernels are tested together,
+a whole step's loss and gradients against gaussian.loss_and_grads, the sampling step against gaussian.reverse and
+the draws by their distributions (tests/test_cuda_image_train.py, in numba's CUDA simulator where no GPU exists):
 
   _draw_rows, _draw_pixels   gaussian.draw_batch with images.Pixels.draw: an image index and t per row, the
                              8-bit levels dequantised afresh (images.dequantise) and the frozen noise ε
   _noised                    x⁽ᵗ⁾ = √ᾱ_t x⁽⁰⁾ + √(1−ᾱ_t) ε (dpm.q_sample), in float64 and the network's float32
   _fill_rows, _tanh, _dtanh  a layer's bias, tanh and tanh's derivative (the layers of net_image and net_conv)
+  _bump_rows, _image_sums    time_bias: the bumps g(t_i) per image, and ∂ of each image's bias, the sum of ∂z
+                             over its pixels (net_conv.ConvImageNet.conv_bias, features_backward's per_image)
   _pixel_input(_back)        u = [x | f] per pixel and its adjoint (net_image.pixel_forward, pixel_backward)
   _readout_rows              W_eff(t) = Σ_j g_j(t) W3_j and b_eff per image (net_image.pixel_forward)
   _kl_rows                   the readout, Eq. 14's KL_t and its backward per pixel (dpm.kl_terms,
@@ -28,7 +30,8 @@ runs in float32 and Eq. 14's algebra in float64.
 Sums are never atomic: an image's sums are one block's, added in a fixed order, the per-t sums one thread's
 loop over the images, and the products split k in a fixed order (cuda_image._sum_splits), so a step's numbers do
 not depend on the scheduling and a resumed run retraces an uninterrupted one. A bias's gradient is the product
-1ᵀ·∂z with a vector of ones (the tiled kernel, split over the rows), not one thread's loop over them.
+1ᵀ·∂z with a vector of ones (the tiled kernel, split over the rows), not one thread's loop over them; with
+time_bias, each image's sum over its own pixels is one thread's loop over them (_image_sums, as _weff_grad).
 """
 import math
 
@@ -103,11 +106,37 @@ def _noised(x0, eps, t, coef, xt, x_net):
 # ---------------------------------------------------------------- the layers' glue
 
 @cuda.jit
-def _fill_rows(Z, b):
-    """Z[r, c] = b[c]: a layer's bias, before its product is added."""
+def _fill_rows(Z, B):
+    """Z[r, c] = B[r // R, c], R = len(Z) / len(B): a layer's bias (one row B, or with time_bias one per image of
+    R pixels), before its product is added."""
     e = cuda.grid(1)
     if e < Z.size:
-        Z[e // b.shape[0], e % b.shape[0]] = b[e % b.shape[0]]
+        C = B.shape[1]
+        r = e // C
+        Z[r, e % C] = B[r // (Z.shape[0] // B.shape[0]), e % C]
+
+
+@cuda.jit
+def _bump_rows(basis, t, G):
+    """G[i, j] = g_j(t_i): the readout's bumps at each image's t (net_image.DenseImageNet.forward's g)."""
+    e = cuda.grid(1)
+    J = G.shape[1]
+    if e < G.size:
+        G[e // J, e % J] = basis[e % J, t[e // J]]
+
+
+@cuda.jit
+def _image_sums(g, D, out):
+    """out[i, c] = Σ_d g[i·D + d, c]: ∂ of image i's bias from ∂z (n·D, C), one thread per entry of (n, C), the
+    pixels in order (net_conv.ConvImageNet.features_backward's per_image)."""
+    e = cuda.grid(1)
+    C = out.shape[1]
+    if e < out.size:
+        i, c = e // C, e % C
+        s = g[0, 0] * 0
+        for d in range(D):
+            s += g[i * D + d, c]
+        out[i, c] = s
 
 
 @cuda.jit
@@ -352,18 +381,17 @@ def _run(kernel, size, *args):
 
 
 class DeviceImageNet:
-    """consts.net (net_image.DenseImageNet, or net_conv.ConvImageNet with or without its dense pathway) on the
-    device for n images at a time: forward (from x_net, at the rows' t) and backward (from g_Y) with the
-    activations in buffers, every product through cuda_image. Twins: the networks' forward and backward."""
+    """consts.net (net_image.DenseImageNet, or net_conv.ConvImageNet with or without its dense pathway and its
+    time_bias) on the device for n images at a time: forward (from x_net, at the rows' t) and backward (from g_Y)
+    with the activations in buffers, every product through cuda_image. Twins: the networks' forward and backward."""
 
     def __init__(self, consts, n):
         net = consts.net
         self.n, self.D, self.P = n, consts.D, net.P
         conv = isinstance(net, net_conv.ConvImageNet)
-        if conv and net.time_bias:                     # the layers' E would be silently left out
-            raise ValueError("time_bias (biases that depend on t) has no GPU path yet")
         self.dense = net.dense if conv else net
         self.L, self.C, self.N, self.S = (net.L, net.C, net.N, net.S) if conv else (0, 0, 1, 0)
+        self.time_bias = bool(self.L and net.time_bias)
         self.Fd = self.dense.F if self.dense else 0
         self.Ld = self.dense.L if self.dense else 0
         # the dense pathway's names (net_conv renames its biases d1 ..; net_image's are c1 ..)
@@ -390,12 +418,14 @@ class DeviceImageNet:
             self.coarse_in = {(s, cin): z(n, S >> s, S >> s, cin) for s in range(1, self.N) for cin in {1, C}}
             self.g_z, self.g_h = z(n, S, S, C), z(n, S, S, C)
             self.hc, self.g_zc = self.h[-1].reshape(n * D, C), self.g_z.reshape(n * D, C)   # per pixel
+            # time_bias: the bumps g(t) (n, J), and one layer's bias per image (n, C) or its gradient
+            self.g, self.bias_rows = z(n, net.J), z(n, C)
         else:
             self.hc = self.g_zc = z(1, 1)
 
     def _layer(self, a, W, b, out):
         """out = a · W + b, then tanh (a dense or per-pixel layer)."""
-        _run(_fill_rows, out.size, out, b)
+        _run(_fill_rows, out.size, out, b.reshape(1, b.size))
         ci.matmul(a, W, out=out)
         _run(_tanh, out.size, out.reshape(out.size))
 
@@ -411,9 +441,16 @@ class DeviceImageNet:
             for k in range(1, self.Ld + 1):
                 self._layer(self.d[k - 1], p[f"V{k}"], p[self.bias(k)], self.d[k])
             self._layer(self.d[-1], p["Vf"], p["cf"], self.fd)
+        if self.time_bias:     # from the flushed basis, as the readout: the CPU's bumps differ below 1.2e-38 only
+            _run(_bump_rows, self.g.size, self.basis, t, self.g)
         for k in range(1, self.L + 1):                 # z = c_k + Σ_s up(conv(pool(h_{k−1}))), h_k = tanh(z)
             a, z_ = self.h[k - 1], self.h[k]
-            _run(_fill_rows, z_.size, z_.reshape(n * D, C), p[f"c{k}"])
+            bias = p[f"c{k}"].reshape(1, C)
+            if self.time_bias:                         # c_k + g(t) E_k per image (net_conv's conv_bias)
+                bias = self.bias_rows
+                _run(_fill_rows, bias.size, bias, p[f"c{k}"].reshape(1, C))
+                ci.matmul(self.g, p[f"E{k}"], out=bias)
+            _run(_fill_rows, z_.size, z_.reshape(n * D, C), bias)
             ci.conv3x3(a, p[f"K{k}s0"], out=z_)
             for s in range(1, self.N):
                 pooled, coarse = self.pooled[k, s], self.coarse[s]
@@ -447,6 +484,9 @@ class DeviceImageNet:
         for k in range(self.L, 0, -1):                 # net_conv.ConvImageNet.features_backward
             a = self.h[k - 1]
             ci.matmul(self.ones[:n * D], g_z.reshape(n * D, C), trans_a=True, out=grads[f"c{k}"].reshape(1, C))
+            if self.time_bias:                         # ∂E_k = gᵀ · (∂ of each image's bias), g the forward's
+                _run(_image_sums, self.bias_rows.size, g_z.reshape(n * D, C), D, self.bias_rows)
+                ci.matmul(self.g, self.bias_rows, trans_a=True, out=grads[f"E{k}"])
             target = self.gx.reshape(n, S, S, 1) if k == 1 else g_h
             if k > 1:
                 _zeroed(g_h)

@@ -63,7 +63,7 @@ def parse(argv):
     p.add_argument("--scales", type=positive(int, 6), help="mnist, deadleaves: scales 1, 2, 4, ... per layer")
     p.add_argument("--time-bias", type=int, choices=(0, 1),
                    help="mnist, deadleaves: 1 gives each convolution layer a bias that depends on t through the "
-                        "readout's bumps (not the paper's network; CPU only)")
+                        "readout's bumps (not the paper's network)")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")
@@ -115,8 +115,6 @@ def check_cuda(args, ds):
     if not cuda.available():
         raise UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
     if ds.cpu is datasets.cpu_image:           # the image networks' products are tiled: any width
-        if ds.cfg(args)["time_bias"]:
-            raise UsageError("--device cuda: --time-bias 1 has no GPU path yet; leave out --device cuda")
         return
     width = 2 + 2 * (args.fourier or 0)
     if args.hidden > cuda.MAX_H or width > cuda.MAX_IN:
