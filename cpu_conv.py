@@ -1,5 +1,5 @@
 """The convolutional image network (net_conv.ConvImageNet) on the CPU tier: its multi-scale convolutions as
-Winograd F(2×2, 3×3) transforms in Numba kernels around float32 BLAS products, except the first layer's (one
+Winograd F(4×4, 3×3) transforms in Numba kernels around float32 BLAS products, except the first layer's (one
 input channel), which are direct loops; the per-pixel MLP, the dense pathway (if any), the KL, the trainer,
 evaluate and sample are cpu_image.py's (FastPixelNet, FastDenseImageNet, Trainer: importing this module
 registers FastConvNet in cpu_image.FAST for this network), both cores through tasks that two Python threads
@@ -9,16 +9,15 @@ Twins and test oracles (tests/test_cpu_conv.py): net_conv.py's pieces (pool, con
 adjoints) and net_conv.ConvImageNet for the network, gaussian.py and adam.py for the rest, as for cpu_image.
 
 A layer, z = c + Σ_s up_m(conv3x3(pool_m(h), K_s)), m = 2^s, channels-last (n, S, S, C). Each scale's
-convolution is Winograd's F(2×2, 3×3) (Lavin & Gray 2016): the pooled image cut into 4 × 4 tiles at stride 2
-(V = Bᵀ d B, 16 numbers per tile and input channel), 16 products V[·, p] @ U[p] with the filters transformed
-once a step (U = G K Gᵀ, (16, Cin, C)), and each tile's 2 × 2 outputs Y = Aᵀ M A: 16 products of Cin × C
-for 4 outputs rather than 36, 2.25× fewer multiply-adds than im2col's (9 Cin, C) product. Measured on one
-core at batch 64 (a 32 → 32 layer's full-size scale, forward and both backward products): im2col's three
-products 20.3 ms, the Winograd products 9.7 ms (BLAS gets about the same GFLOP/s on both shapes). The kernels:
+convolution is Winograd's F(4×4, 3×3) (Lavin & Gray 2016): the pooled image cut into 6 × 6 tiles at stride 4
+(V = Bᵀ d B, 36 numbers per tile and input channel), 36 products V[·, p] @ U[p] with the filters transformed
+once a step (U = G K Gᵀ, (36, Cin, C)), and each tile's 4 × 4 outputs Y = Aᵀ M A: 36 products of Cin × C
+for 16 outputs rather than 144, 4× fewer multiply-adds than im2col's (9 Cin, C) product and 1.78× fewer
+than F(2×2, 3×3)'s 16 for 4. The kernels:
 
     wino_in    pool_m (fused) then the input transform V = Bᵀ d B of every tile; twin: the convolution's
                input side (net_conv.pool, net_conv.conv3x3's zero padding)
-    wino_out   the output transform Y = Aᵀ M A, plus the coarser scales' sum under each tile (up₂), written
+    wino_out   the output transform Y = Aᵀ M A, plus the coarser scales' sum under each output (up₂), written
                once at the scale's resolution; on the finest scale z = tanh(c + that) (the tied bias);
                twin: net_conv.up and ConvImageNet.features_forward's sum
     wino_gout  the adjoint of the output transform, ∂M = A ∂Y Aᵀ, and the 2 × 2 block sums of ∂Y, the next
@@ -31,20 +30,16 @@ products 20.3 ms, the Winograd products 9.7 ms (BLAS gets about the same GFLOP/s
                adjoints
 The scales run coarsest first forward (each adds the coarser sum, so z is written once) and finest first
 backward for ∂U (each makes the next scale's ∂Y), coarsest first for ∂a. The transforms take a whole tile
-row at a time: each image row split into its even and odd pixels, every step of F(2 × 2, 3 × 3) is a
-shifted elementwise loop over T·C numbers (the T tiles of a tile row are consecutive rows of the tile
-buffers). The products, V @ U, ∂U = Vᵀ ∂M and ∂V = ∂M Uᵀ (16 each), are np.matmul (Cin > 1); U = G K Gᵀ
-and ∂K = Gᵀ ∂U G are one product each with G ⊗ G (16, 9). Together the kernels and products equal
-net_conv.conv3x3 and conv3x3_backward to rounding (the transforms are exact in exact arithmetic).
+row at a time: each image row split into its four phases (pixels 4j, 4j + 1, ...), every step of F(4×4, 3×3)
+is one six-point sum of shifted runs of T·C numbers (_lin; the T tiles of a tile row are consecutive rows of
+the tile buffers). The products, V @ U, ∂U = Vᵀ ∂M and ∂V = ∂M Uᵀ (36 each), are np.matmul (Cin > 1);
+U = G K Gᵀ and ∂K = Gᵀ ∂U G are one product each with G ⊗ G (36, 9). Together the kernels and products equal
+net_conv.conv3x3 and conv3x3_backward to rounding in float64 (the transforms are exact in exact arithmetic);
+in float32 a layer agrees to about 1e-5 of its largest output, ten times F(2×2, 3×3)'s error (the
+interpolation points below are the most accurate of those tried).
 
-Measured (batch 64, the old and new versions alternating step by step in one process, medians of 30-40
-steps, the machine shared with a training run that keeps one core busy, so ±15 %): one thread, CPU time
-60-62 → 45 ms; two threads, wall clock 52 → 40 ms. In a step now (one thread): the Cin = 32 products about
-18 ms (50-90 GFLOP/s, BLAS's own at these shapes), the four transforms about 16 ms together (5.5 ms when
-each runs alone over the batch, probably because in a step V and M come from L3), the per-pixel MLP 5-6 ms.
-Before: the transforms 23 ms (per tile, 16 loops of 32 numbers: 2-4× slower than the tile-row loops
-alone), the Cin = 1 products 4.6 ms (np.matmul at about 1 GFLOP/s), the filter einsums 1.5 ms. CONV_ROWS:
-8 was best of 2, 4, 8, 16 (4: +6 %, 16: +11 %).
+Measured: see the README's "Speed" (dead leaves), which also has F(2×2, 3×3)'s figures, the layout this
+replaced.
 
 Threads: an image's path through every layer is independent of the other images', so the whole forward is
 one phase of image chunks (conv_chunks) and the whole backward another, each chunk keeping its own sums of
@@ -69,9 +64,33 @@ MAX_CHUNKS = 32
 
 ONE = np.float32(1.0)
 
-# F(2×2, 3×3) (Lavin & Gray 2016, correlation form): Y = Aᵀ [(G K Gᵀ) ⊙ (Bᵀ d B)] A
-G_WINO = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-GG_WINO = np.kron(G_WINO, G_WINO)           # (16, 9): U[4p + q] = Σ_{u,v} G[p, u] G[q, v] K[u, v]
+# F(4×4, 3×3) (Lavin & Gray 2016, correlation form): Y = Aᵀ [(G K Gᵀ) ⊙ (Bᵀ d B)] A, from the interpolation
+# points 0, 1, −1, ½, −2 and ∞ (A's columns are their powers, G's rows their powers over Π(a_p − a_q)): of the
+# sets tried, the one with the smallest float32 error (one 32-channel tile: 2.7e-6 of the largest output,
+# against 5.9e-6 with Lavin & Gray's 0, ±1, ±2, and 7e-7 for F(2×2, 3×3)).
+WIN, TILE = 4, 6                             # outputs per tile side; tile side (WIN + 2)
+AT_WINO = np.array([[1, 1, 1, 1, 1, 0],
+                    [0, 1, -1, 1 / 2, -2, 0],
+                    [0, 1, 1, 1 / 4, 4, 0],
+                    [0, 1, -1, 1 / 8, -8, 1]])
+G_WINO = np.array([[1, 0, 0],
+                   [1 / 3, 1 / 3, 1 / 3],
+                   [-1 / 3, 1 / 3, -1 / 3],
+                   [-16 / 15, -8 / 15, -4 / 15],
+                   [1 / 15, -2 / 15, 4 / 15],
+                   [0, 0, 1]])
+BT_WINO = np.array([[1, -3 / 2, -2, 3 / 2, 1, 0],
+                    [0, -1, 1 / 2, 5 / 2, 1, 0],
+                    [0, 1, -5 / 2, 1 / 2, 1, 0],
+                    [0, -2, -1, 2, 1, 0],
+                    [0, 1 / 2, -1, -1 / 2, 1, 0],
+                    [0, 1, -3 / 2, -2, 3 / 2, 1]])
+GG_WINO = np.kron(G_WINO, G_WINO)           # (36, 9): U[6p + q] = Σ_{u,v} G[p, u] G[q, v] K[u, v]
+
+
+def tiles(side):
+    """Tiles per side of an image side pixels wide: ⌈side / WIN⌉."""
+    return -(-side // WIN)
 
 
 # ---------------------------------------------------------------- kernels
@@ -95,28 +114,10 @@ def _tanh32(x):
     return x * p / q
 
 
-# Loops over one channel vector (or a row of them) with two or three arrays each, inlined: LLVM vectorises a
+# Loops over one channel vector (or a run of them) with at most seven arrays each, inlined: LLVM vectorises a
 # loop only where it can check every store against every load at run time (a few pairs), so the transforms
-# are written as many such loops rather than one loop over the channels with 16 loads and 16 stores (scalar
-# code, measured 3-10× slower).
-
-@scalar
-def _add(a, b, o):
-    for k in range(o.shape[0]):
-        o[k] = a[k] + b[k]
-
-
-@scalar
-def _sub(a, b, o):
-    for k in range(o.shape[0]):
-        o[k] = a[k] - b[k]
-
-
-@scalar
-def _neg(a, o):
-    for k in range(o.shape[0]):
-        o[k] = -a[k]
-
+# are written as many such loops rather than one loop over the channels with 36 loads and 36 stores (scalar
+# code: for F(2×2, 3×3)'s 16, measured 3-10× slower).
 
 @scalar
 def _copy(a, o):
@@ -131,72 +132,60 @@ def _acc(o, a):
 
 
 @scalar
-def _acc_pmp(o, a, b, c):
-    """o += a − b + c"""
-    for k in range(o.shape[0]):
-        o[k] += a[k] - b[k] + c[k]
-
-
-@scalar
-def _acc_ppm(o, a, b, c):
-    """o += a + b − c"""
-    for k in range(o.shape[0]):
-        o[k] += a[k] + b[k] - c[k]
-
-
-@scalar
-def _add3(a, b, c, o):
-    for k in range(o.shape[0]):
-        o[k] = a[k] + b[k] + c[k]
-
-
-@scalar
-def _sub3(a, b, c, o):
-    """o = a − b − c"""
-    for k in range(o.shape[0]):
-        o[k] = a[k] - b[k] - c[k]
-
-
-@scalar
 def _zero(o):
     for k in range(o.shape[0]):
         o[k] = 0.0
 
 
 @scalar
-def _dec(o, a):
-    for k in range(o.shape[0]):
-        o[k] -= a[k]
+def _lin(o, src, offs, c, acc):
+    n = o.shape[0]
+    c0, c1, c2, c3, c4, c5 = c[0], c[1], c[2], c[3], c[4], c[5]
+    s0, s1, s2 = src[offs[0]:offs[0] + n], src[offs[1]:offs[1] + n], src[offs[2]:offs[2] + n]
+    s3, s4, s5 = src[offs[3]:offs[3] + n], src[offs[4]:offs[4] + n], src[offs[5]:offs[5] + n]
+    if acc:
+        for k in range(n):
+            o[k] += c0 * s0[k] + c1 * s1[k] + c2 * s2[k] + c3 * s3[k] + c4 * s4[k] + c5 * s5[k]
+    else:
+        for k in range(n):
+            o[k] = c0 * s0[k] + c1 * s1[k] + c2 * s2[k] + c3 * s3[k] + c4 * s4[k] + c5 * s5[k]
 
 
-# The transforms below work on whole tile rows: in the tile buffers (16, R, C) the T tiles of a tile row are
-# consecutive rows, so each of the 16 positions of a tile row is one contiguous run of T·C numbers. An image
-# row is first split into its even and odd pixels (a row of E | O, each T·C long: pixel 2j and 2j + 1 at j·C),
-# after which every step of F(2×2, 3×3) along the row is a shifted elementwise op over a whole run: long loops
-# that vectorise, rather than 16 loops of C (32) numbers per tile (measured 4-5× slower at C = 32).
+# The transforms work on whole tile rows: in the tile buffers (36, R, C) the T tiles of a tile row are
+# consecutive rows, so each of the 36 positions of a tile row is one contiguous run of T·C numbers. An image
+# row is first split into its WIN phases (padded column WIN·j + φ at φ·(T + 1)·C + j·C), after which column u
+# of every tile of the row is one contiguous run too (phase u mod WIN, from slot u div WIN), and every step of
+# F(4×4, 3×3) along the row is one six-point sum of whole runs (_lin): long loops that vectorise, rather than
+# 36 loops of C (32) numbers per tile (measured 4-5× slower at C = 32 for F(2×2, 3×3)).
 
 
 @kernel
 def wino_in(h, m, V, lo, hi):
-    """Images lo:hi of h (n, S, S, Cin): the m × m mean pool (m = 1: h itself), zero-padded by one pixel,
-    cut into 4 × 4 tiles at stride 2 (T × T tiles, T = ⌈S/m / 2⌉), each tile d → V[:, r] = Bᵀ d B (16, Cin),
-    r = image · T² + tile row · T + tile column (V: (16, R ≥ rows, Cin), C-contiguous). Each padded row is
-    held as its even and odd columns (E | O, (T + 1)·Cin each); rows first (t = Bᵀ d, whole rows), then the
-    columns of a whole tile row at once (shifted runs of E and O)."""
+    """Images lo:hi of h (n, S, S, Cin): the m × m mean pool (m = 1: h itself), zero-padded by one pixel, cut
+    into 6 × 6 tiles at stride 4 (T × T tiles, T = ⌈S/m / 4⌉), each tile d → V[:, r] = Bᵀ d B (36, Cin),
+    r = image · T² + tile row · T + tile column (V: (36, R ≥ rows, Cin), C-contiguous). Each padded row is
+    held in its 4 phases ((T + 1)·Cin each); rows first (t = Bᵀ d, whole rows), then the columns of a whole
+    tile row at once (shifted runs of the phases)."""
     n, S, _, cin = h.shape
     Sm = S // m
-    T = (Sm + 1) // 2
+    T = (Sm + WIN - 1) // WIN
     W = (T + 1) * cin
+    L = WIN * W                                    # a padded row in its phases
     Tc = T * cin
-    V2 = V.reshape(16, V.shape[1] * cin)
-    buf = np.zeros((2 * T + 2, 2 * W), h.dtype)
-    t = np.empty((4, 2 * W), h.dtype)
+    R = V.shape[1] * cin
+    Vf = V.reshape(TILE * TILE * R)
+    bt = BT_WINO.astype(h.dtype)
+    buf = np.zeros((WIN * T + 2) * L, h.dtype)
+    t = np.empty(TILE * L, h.dtype)
     acc = np.empty(S * cin, h.dtype)
     inv = h.dtype.type(1.0 / (m * m))
+    rows, cols = np.empty(TILE, np.int64), np.empty(TILE, np.int64)
+    for u in range(TILE):
+        cols[u] = (u % WIN) * W + (u // WIN) * cin
     for i in range(lo, hi):
         hf = h[i].reshape(S, S * cin)
         for y in range(Sm):
-            row = buf[1 + y]
+            row = buf[(1 + y) * L:(2 + y) * L]
             if m == 1:
                 src = hf[y]
             else:
@@ -204,8 +193,8 @@ def wino_in(h, m, V, lo, hi):
                 for u in range(1, m):
                     _acc(acc, hf[y * m + u])
                 src = acc
-            for x in range(Sm):                    # pixel x is padded column x + 1: E[(x + 1) / 2] or O[x / 2]
-                j0 = ((x + 1) // 2) * cin if x % 2 else W + (x // 2) * cin
+            for x in range(Sm):                    # pixel x is padded column x + 1
+                j0 = ((x + 1) % WIN) * W + ((x + 1) // WIN) * cin
                 o = row[j0:j0 + cin]
                 if m == 1:
                     _copy(src[x * cin:(x + 1) * cin], o)
@@ -216,157 +205,171 @@ def wino_in(h, m, V, lo, hi):
                     for c in range(cin):
                         o[c] *= inv
         for ti in range(T):
-            b0, b1, b2, b3 = buf[2 * ti], buf[2 * ti + 1], buf[2 * ti + 2], buf[2 * ti + 3]
-            _sub(b0, b2, t[0])
-            _add(b1, b2, t[1])
-            _sub(b2, b1, t[2])
-            _sub(b1, b3, t[3])
+            for v in range(TILE):
+                rows[v] = (WIN * ti + v) * L
+            for a in range(TILE):
+                _lin(t[a * L:(a + 1) * L], buf, rows, bt[a], False)
             r = (i * T * T + ti * T) * cin
-            for p in range(4):
-                te0, te1 = t[p, 0:Tc], t[p, cin:cin + Tc]            # d0, d2 of every tile of the row
-                to0, to1 = t[p, W:W + Tc], t[p, W + cin:W + cin + Tc]  # d1, d3
-                _sub(te0, te1, V2[4 * p, r:r + Tc])
-                _add(to0, te1, V2[4 * p + 1, r:r + Tc])
-                _sub(te1, to0, V2[4 * p + 2, r:r + Tc])
-                _sub(to0, to1, V2[4 * p + 3, r:r + Tc])
+            for a in range(TILE):
+                ta = t[a * L:(a + 1) * L]
+                for b in range(TILE):
+                    p0 = (TILE * a + b) * R + r
+                    _lin(Vf[p0:p0 + Tc], ta, cols, bt[b], False)
 
 
 @kernel
 def wino_out(M, bias, coarse, out, lo, hi, final, exact):
-    """Images lo:hi at one scale (out (n, Sm, Sm, C)): each tile's M[:, r] (16, C) → its 2 × 2 outputs
+    """Images lo:hi at one scale (out (n, Sm, Sm, C)): each tile's M[:, r] (36, C) → its 4 × 4 outputs
     Y = Aᵀ M A, plus, where coarse has images (n, Sm/2, Sm/2, C: the sum of the coarser scales), the coarse
-    pixel under the tile (up₂: a tile's 2 × 2 outputs are exactly one pixel's block of the next scale);
-    final (the finest scale): out = tanh(bias + that) (bias (n, C): each image's), else out = that. A whole
-    tile row at once, the 2 × 2 outputs then spread onto their pixels."""
+    pixel under each output (up₂); final (the finest scale): out = tanh(bias + that) (bias (n, C): each
+    image's), else out = that. A whole tile row at once, the 4 × 4 outputs then spread onto their pixels."""
     n, Sm, _, C = out.shape
-    T = (Sm + 1) // 2
+    T = (Sm + WIN - 1) // WIN
     TC = T * C
-    M2 = M.reshape(16, M.shape[1] * C)
-    s4 = np.empty((8, TC), out.dtype)
-    y4 = np.empty((4, TC), out.dtype)
+    R = M.shape[1] * C
+    Mf = M.reshape(TILE * TILE * R)
+    at = AT_WINO.astype(out.dtype)
+    s = np.empty(WIN * TILE * TC, out.dtype)
+    y = np.empty((WIN, WIN, TC), out.dtype)
+    offs, qoffs = np.empty(TILE, np.int64), np.empty(TILE, np.int64)
+    for q in range(TILE):
+        qoffs[q] = q * TC
     has_coarse = coarse.shape[0] > 0
     for i in range(lo, hi):
         for ti in range(T):
             r = (i * T * T + ti * T) * C
-            for q in range(4):
-                m0, m1, m2, m3 = M2[q, r:r + TC], M2[4 + q, r:r + TC], M2[8 + q, r:r + TC], M2[12 + q, r:r + TC]
-                _add3(m0, m1, m2, s4[q])
-                _sub3(m1, m2, m3, s4[4 + q])
-            for a in range(2):
-                _add3(s4[4 * a], s4[4 * a + 1], s4[4 * a + 2], y4[2 * a])
-                _sub3(s4[4 * a + 1], s4[4 * a + 2], s4[4 * a + 3], y4[2 * a + 1])
-            if has_coarse:
-                cr = coarse[i, ti].reshape(TC)
-                for k in range(4):
-                    _acc(y4[k], cr)
-            for a in range(2):
-                Y = 2 * ti + a
+            for q in range(TILE):
+                for p in range(TILE):
+                    offs[p] = (TILE * p + q) * R + r
+                for a in range(WIN):
+                    _lin(s[(a * TILE + q) * TC:(a * TILE + q + 1) * TC], Mf, offs, at[a], False)
+            for a in range(WIN):
+                sa = s[a * TILE * TC:(a + 1) * TILE * TC]
+                for b in range(WIN):
+                    _lin(y[a, b], sa, qoffs, at[b], False)
+            for a in range(WIN):
+                Y = WIN * ti + a
                 if Y >= Sm:
                     continue
                 orow = out[i, Y]
-                for tj in range(T):
-                    for b in range(2):
-                        X = 2 * tj + b
-                        if X >= Sm:
-                            continue
-                        yv, o = y4[2 * a + b, tj * C:(tj + 1) * C], orow[X]
+                for X in range(Sm):
+                    yv, o = y[a, X % WIN, (X // WIN) * C:(X // WIN + 1) * C], orow[X]
+                    if has_coarse:
+                        cv = coarse[i, Y // 2, X // 2]
                         if not final:
-                            _copy(yv, o)
+                            for c in range(C):
+                                o[c] = yv[c] + cv[c]
                         elif exact:
                             for c in range(C):
-                                o[c] = math.tanh(bias[i, c] + yv[c])
+                                o[c] = math.tanh(bias[i, c] + (yv[c] + cv[c]))
                         else:
                             for c in range(C):
-                                o[c] = _tanh32(bias[i, c] + yv[c])
+                                o[c] = _tanh32(bias[i, c] + (yv[c] + cv[c]))
+                    elif not final:
+                        _copy(yv, o)
+                    elif exact:
+                        for c in range(C):
+                            o[c] = math.tanh(bias[i, c] + yv[c])
+                    else:
+                        for c in range(C):
+                            o[c] = _tanh32(bias[i, c] + yv[c])
 
 
 @kernel
 def wino_gout(G, gM, coarse, lo, hi):
-    """Images lo:hi of G = ∂L/∂(a scale's output) (n, Sm, Sm, C): per tile, ∂M[:, r] = A ∂Y Aᵀ (16, C), and,
+    """Images lo:hi of G = ∂L/∂(a scale's output) (n, Sm, Sm, C): per tile, ∂M[:, r] = A ∂Y Aᵀ (36, C), and,
     where coarse has images, its 2 × 2 block sums into coarse (n, Sm/2, Sm/2, C): up₂'s adjoint, the next
-    scale's G. A tile row at once: its two image rows split into even and odd pixels (zero past the edge),
-    rows first, then columns."""
+    scale's G. A tile row at once: its four image rows split into their phases (zero past the edge), rows
+    first, then columns."""
     n, Sm, _, C = G.shape
-    T = (Sm + 1) // 2
+    T = (Sm + WIN - 1) // WIN
     TC = T * C
-    gM2 = gM.reshape(16, gM.shape[1] * C)
-    rr = np.zeros((2, 2 * TC), G.dtype)
-    t = np.empty((4, 2 * TC), G.dtype)
+    L = WIN * TC                                   # an image row in its phases
+    R = gM.shape[1] * C
+    gMf = gM.reshape(TILE * TILE * R)
+    a6 = np.zeros((TILE, TILE), G.dtype)           # Aᵀ's columns, each padded to six points with zeros
+    a6[:, :WIN] = AT_WINO.T
+    rr = np.zeros(TILE * L, G.dtype)               # rows WIN .. TILE − 1 stay zero: the padding's points
+    t = np.empty(TILE * L, G.dtype)
+    rows, cols = np.empty(TILE, np.int64), np.empty(TILE, np.int64)
+    for u in range(TILE):
+        rows[u], cols[u] = u * L, u * TC if u < WIN else 0
     has_coarse = coarse.shape[0] > 0
     for i in range(lo, hi):
         for ti in range(T):
-            for a in range(2):
-                Y = 2 * ti + a
-                ra = rr[a]
+            for a in range(WIN):
+                Y = WIN * ti + a
+                ra = rr[a * L:(a + 1) * L]
                 if Y >= Sm:
                     _zero(ra)
                     continue
                 grow = G[i, Y]
-                for X in range(2 * T):
-                    o = ra[(X % 2) * TC + (X // 2) * C:(X % 2) * TC + (X // 2 + 1) * C]
+                for X in range(WIN * T):
+                    j0 = (X % WIN) * TC + (X // WIN) * C
                     if X < Sm:
-                        _copy(grow[X], o)
+                        _copy(grow[X], ra[j0:j0 + C])
                     else:
-                        _zero(o)
-            r0, r1 = rr[0], rr[1]
-            # Aᵀ's columns (1, 0), (1, 1), (1, −1), (0, −1)
-            _copy(r0, t[0])
-            _add(r0, r1, t[1])
-            _sub(r0, r1, t[2])
-            _neg(r1, t[3])
+                        _zero(ra[j0:j0 + C])
+            for p in range(TILE):
+                _lin(t[p * L:(p + 1) * L], rr, rows, a6[p], False)
             r = (i * T * T + ti * T) * C
-            for p in range(4):
-                a0, a1 = t[p, :TC], t[p, TC:]
-                _copy(a0, gM2[4 * p, r:r + TC])
-                _add(a0, a1, gM2[4 * p + 1, r:r + TC])
-                _sub(a0, a1, gM2[4 * p + 2, r:r + TC])
-                _neg(a1, gM2[4 * p + 3, r:r + TC])
+            for p in range(TILE):
+                tp = t[p * L:(p + 1) * L]
+                for q in range(TILE):
+                    p0 = (TILE * p + q) * R + r
+                    _lin(gMf[p0:p0 + TC], tp, cols, a6[q], False)
             if has_coarse:
-                cr = coarse[i, ti].reshape(TC)
-                e0, o0, e1, o1 = r0[:TC], r0[TC:], r1[:TC], r1[TC:]
-                for k in range(TC):
-                    cr[k] = (e0[k] + o0[k]) + (e1[k] + o1[k])
+                for Yc in range(WIN // 2 * ti, min(WIN // 2 * (ti + 1), Sm // 2)):
+                    for Xc in range(Sm // 2):
+                        o = coarse[i, Yc, Xc]
+                        g0, g1 = G[i, 2 * Yc, 2 * Xc], G[i, 2 * Yc, 2 * Xc + 1]
+                        g2, g3 = G[i, 2 * Yc + 1, 2 * Xc], G[i, 2 * Yc + 1, 2 * Xc + 1]
+                        for c in range(C):
+                            o[c] = (g0[c] + g1[c]) + (g2[c] + g3[c])
 
 
 @kernel
 def wino_gin(gV, coarse, out, h, lo, hi, act):
-    """Images lo:hi at one scale (out (n, Sm, Sm, Cin)): each tile's ∂V[:, r] (16, Cin) → ∂d = B ∂V Bᵀ (4 × 4)
+    """Images lo:hi at one scale (out (n, Sm, Sm, Cin)): each tile's ∂V[:, r] (36, Cin) → ∂d = B ∂V Bᵀ (6 × 6)
     added onto the zero-padded image; its inside, plus where coarse has images (n, Sm/2, Sm/2, Cin: the
     coarser scales' sum) ¼ of the coarse pixel over each 2 × 2 block (pool₂'s adjoint), goes into out (set);
     where act, out ⊙= 1 − h² after (∂ through h = tanh(·)). Columns first, a whole tile row at once (shifted
-    runs of E | O, as wino_in), then the rows."""
+    runs of the phases, as wino_in; the columns u and u + 4 of a tile land on one phase, one slot apart), then
+    the rows."""
     n, Sm, _, cin = out.shape
-    T = (Sm + 1) // 2
+    T = (Sm + WIN - 1) // WIN
     W = (T + 1) * cin
+    L = WIN * W
     Tc = T * cin
-    gV2 = gV.reshape(16, gV.shape[1] * cin)
-    buf = np.zeros((2 * T + 2, 2 * W), out.dtype)
-    w = np.zeros((4, 2 * W), out.dtype)
+    R = gV.shape[1] * cin
+    gVf = gV.reshape(TILE * TILE * R)
+    b6 = np.ascontiguousarray(BT_WINO.T).astype(out.dtype)      # B's rows: ∂d = B ∂V Bᵀ
+    buf = np.zeros((WIN * T + 2) * L, out.dtype)
+    w = np.zeros(TILE * L, out.dtype)
+    offs, rows = np.empty(TILE, np.int64), np.empty(TILE, np.int64)
     quarter = out.dtype.type(0.25)
     has_coarse = coarse.shape[0] > 0
+    for u in range(TILE):
+        rows[u] = u * L
     for i in range(lo, hi):
-        for k in range(2 * T + 2):
-            _zero(buf[k])
+        _zero(buf)
         for ti in range(T):
             r = (i * T * T + ti * T) * cin
-            for p in range(4):
-                # Bᵀ's columns: (1,0,0,0), (0,1,−1,1), (−1,1,1,0), (0,0,0,−1) onto columns 2tj .. 2tj + 3
-                wp = w[p]
-                _zero(wp)
-                v0, v1 = gV2[4 * p, r:r + Tc], gV2[4 * p + 1, r:r + Tc]
-                v2, v3 = gV2[4 * p + 2, r:r + Tc], gV2[4 * p + 3, r:r + Tc]
-                _acc(wp[0:Tc], v0)
-                _acc_pmp(wp[W:W + Tc], v1, v2, v3)
-                _acc_ppm(wp[cin:cin + Tc], v1, v2, v0)
-                _dec(wp[W + cin:W + cin + Tc], v3)
-            _acc(buf[2 * ti], w[0])
-            _acc_pmp(buf[2 * ti + 1], w[1], w[2], w[3])
-            _acc_ppm(buf[2 * ti + 2], w[1], w[2], w[0])
-            _dec(buf[2 * ti + 3], w[3])
+            for a in range(TILE):
+                for b in range(TILE):
+                    offs[b] = (TILE * a + b) * R + r
+                wa = w[a * L:(a + 1) * L]
+                for u in range(TILE):              # slot T of phases 0 and 1 is only reached by u = 4, 5
+                    j0 = (u % WIN) * W + (u // WIN) * cin
+                    if u < WIN:
+                        wa[j0 + Tc:j0 + Tc + cin] = 0.0
+                    _lin(wa[j0:j0 + Tc], gVf, offs, b6[u], u >= WIN)
+            for v in range(TILE):
+                _lin(buf[(WIN * ti + v) * L:(WIN * ti + v + 1) * L], w, rows, b6[v], True)
         for y in range(Sm):
-            row, orow, hrow = buf[1 + y], out[i, y], h[i, y]
+            row, orow, hrow = buf[(1 + y) * L:(2 + y) * L], out[i, y], h[i, y]
             for x in range(Sm):
-                j0 = ((x + 1) // 2) * cin if x % 2 else W + (x // 2) * cin
+                j0 = ((x + 1) % WIN) * W + ((x + 1) // WIN) * cin
                 s, o = row[j0:j0 + cin], orow[x]
                 if has_coarse:
                     q = coarse[i, y // 2, x // 2]
@@ -380,7 +383,7 @@ def wino_gin(gV, coarse, out, h, lo, hi, act):
                         o[c] *= ONE - hh[c] * hh[c]
 
 
-# One input channel (the first layer, h_0 = x⁽ᵗ⁾): the Winograd transforms of 16 numbers per tile for one
+# One input channel (the first layer, h_0 = x⁽ᵗ⁾): F(2×2, 3×3)'s transforms of 16 numbers per tile for one
 # product of Cin = 1 cost more than the convolution itself (MNIST, batch 128, one core: 7.7 ms forward, 7.8 ms
 # backward), so this layer is direct loops: 9 taps × C per output pixel, the pooling and the sums over the
 # scales per image (the same sizes, beside a training run: 1.85 ms forward, 3.35 ms backward).
@@ -513,16 +516,16 @@ def thin_layer_backward(x, K, g, gK, gx, lo, hi):
 # ---------------------------------------------------------------- the transforms of the filters (NumPy)
 
 def filters_to_wino(K):
-    """K (3, 3, Cin, C) → U (16, Cin, C) = G K Gᵀ per channel pair, in K's dtype: one product (G ⊗ G) (16, 9)
+    """K (3, 3, Cin, C) → U (36, Cin, C) = G K Gᵀ per channel pair, in K's dtype: one product (G ⊗ G) (36, 9)
     @ K as (9, Cin·C) (a three-operand einsum took 1.5 ms a step)."""
     GG = GG_WINO.astype(K.dtype)
-    return (GG @ K.reshape(9, -1)).reshape(16, K.shape[2], K.shape[3])
+    return (GG @ K.reshape(9, -1)).reshape(TILE * TILE, K.shape[2], K.shape[3])
 
 
 def wino_to_filters(gU):
-    """The adjoint of filters_to_wino: ∂U (16, Cin, C) → ∂K (3, 3, Cin, C) = Gᵀ ∂U G = (G ⊗ G)ᵀ ∂U."""
+    """The adjoint of filters_to_wino: ∂U (36, Cin, C) → ∂K (3, 3, Cin, C) = Gᵀ ∂U G = (G ⊗ G)ᵀ ∂U."""
     GG = GG_WINO.astype(gU.dtype)
-    return (GG.T @ gU.reshape(16, -1)).reshape(3, 3, *gU.shape[1:])
+    return (GG.T @ gU.reshape(TILE * TILE, -1)).reshape(3, 3, *gU.shape[1:])
 
 
 # ---------------------------------------------------------------- the network
@@ -546,15 +549,14 @@ def _no_coarse(dt):
 def conv_layer(a, Ks, c, z, V, M, lo, hi, exact, A=None):
     """Images lo:hi of one multi-scale layer (Cin > 1; thin_layer where Cin = 1): h = tanh(c + Σ_s
     up(conv3x3(pool(a, 2^s), Ks[s]), 2^s)) into z, c (n, C) each image's bias, Ks[s] given as U
-    (filters_to_wino); V[s], M[s] (tile_buffer,
-    16, ·) the scale's tiles and products; A
-    (scale_buffers, C channels) the coarse scales' sums. Coarsest scale first, each scale's output plus the
+    (filters_to_wino); V[s], M[s] (tile_buffer, 36, ·) the scale's tiles and products; A (scale_buffers, C
+    channels) the coarse scales' sums. Coarsest scale first, each scale's output plus the
     coarser sum (up₂) written once at its own resolution, the finest one into z through c and tanh."""
     N, n, S = len(Ks), a.shape[0], a.shape[1]
     A = scale_buffers(n, S, N, z.shape[3], z.dtype) if A is None else A
     for s in range(N - 1, -1, -1):
         m = 2 ** s
-        T2 = ((S // m + 1) // 2) ** 2
+        T2 = tiles(S // m) ** 2
         rl, rh = lo * T2, hi * T2
         wino_in(a, m, V[s], lo, hi)
         np.matmul(V[s][:, rl:rh], Ks[s], out=M[s][:, rl:rh])
@@ -563,9 +565,9 @@ def conv_layer(a, Ks, c, z, V, M, lo, hi, exact, A=None):
 
 
 def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, G=None, Q=None):
-    """Images lo:hi of one layer's backward from g = ∂L/∂z: ∂U of each scale (16, Cin, C) into gU[s] (set),
+    """Images lo:hi of one layer's backward from g = ∂L/∂z: ∂U of each scale (36, Cin, C) into gU[s] (set),
     and into ga (set) the ∂ before the tanh of the layer below, ∂L/∂a ⊙ (1 − a²) (the first layer, whose
-    input is x, is thin_layer_backward's). Ks_T[s]: Uᵀ (16, C, Cin). G, Q (scale_buffers of C and Cin
+    input is x, is thin_layer_backward's). Ks_T[s]: Uᵀ (36, C, Cin). G, Q (scale_buffers of C and Cin
     channels): ∂ at each coarse scale (the block sums of the finer one's, up's adjoint taken one factor 2 at a
     time) and the input ∂ summed over the scales at or above each (coarsest first, pool's adjoint one factor
     2 at a time)."""
@@ -575,7 +577,7 @@ def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, G=None, Q=None):
     none = _no_coarse(g.dtype)
     rows = []
     for s in range(N):
-        T2 = ((S // 2 ** s + 1) // 2) ** 2
+        T2 = tiles(S >> s) ** 2
         rl, rh = lo * T2, hi * T2
         rows.append((rl, rh))
         wino_gout(g if s == 0 else G[s], gM[s], G[s + 1] if s + 1 < N else none, lo, hi)
@@ -587,12 +589,12 @@ def conv_layer_backward(g, a, Ks_T, V, gM, gV, gU, ga, lo, hi, G=None, Q=None):
 
 
 def tile_buffer(rows, c, dt):
-    """A C-contiguous (16, rows + pad, c) array of zeros for the tiles of one scale (the kernels use rows
+    """A C-contiguous (36, rows + pad, c) array of zeros for the tiles of one scale (the kernels use rows
     0 .. rows − 1 of each position), each position's rows padded by 64 bytes or more: with rows · c a power
-    of two, 16 positions a power of two apart share L1 sets and the transforms, which touch all 16 per
-    tile, ran 9× slower (wino_in 14.5 ms against 1.6 at batch 64)."""
+    of two, positions a power of two apart share L1 sets, and F(2×2, 3×3)'s input transform, which touched
+    its 16 per tile, ran 9× slower (wino_in 14.5 ms against 1.6 at batch 64)."""
     pad = max(1, 64 // (c * np.dtype(dt).itemsize))
-    return np.zeros((16, rows + pad, c), dt)
+    return np.zeros((TILE * TILE, rows + pad, c), dt)
 
 
 class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
@@ -605,7 +607,7 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
             self.dense = cpu_image.FastDenseImageNet(cfg, self.threads)
 
     def _tiles(self, s):
-        return ((self.S // 2 ** s + 1) // 2) ** 2
+        return tiles(self.S >> s) ** 2
 
     def feature_scratch(self, n, dt):
         """The forward's cache (each layer's h, and the tiles V per scale of layers 2 .. L), the products M and
@@ -623,7 +625,7 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
             "A": scale_buffers(n, S, N, C, dt), "G": scale_buffers(n, S, N, C, dt), "Q": scale_buffers(n, S, N, C, dt),
             "gh": [z(n, S, S, C) for _ in range(2)],
             "gK": z(nc, N, 9, C),
-            "gU": [[z(nc, 16, C, C) for s in range(N)] for k in range(2, L + 1)],
+            "gU": [[z(nc, TILE * TILE, C, C) for s in range(N)] for k in range(2, L + 1)],
             "gc": z(L, n, C),
             **({"f": z(n, self.D * self.F), "conv_gf": z(n, self.D * C),
                 "dense": self.dense.feature_scratch(n, dt) | {"gf": z(n, self.D * self.dense.F)}} if self.dense else {})}
