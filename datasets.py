@@ -331,9 +331,10 @@ DEADLEAVES = Dataset(
     name="deadleaves",
     kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, net_conv.ConvImageNet),
     # the network of net_conv.py: conv_layers multi-scale layers of `channels` channels at `scales` scales,
-    # beside them dense_layers dense layers of H (none by default) giving pixel_features features per pixel, a
-    # per-pixel MLP P wide; the generator's settings (data.deadleaves), kept so the held-out set can be made again
-    model={"T": 1000, "J": 10, "D": 256, "conv_layers": 4, "channels": 32, "scales": 3, "P": 32, "time_bias": 0,
+    # each told t through its bias (time_bias; 0: the paper's layers), beside them dense_layers dense layers of
+    # H (none by default) giving pixel_features features per pixel, a per-pixel MLP P wide; the generator's
+    # settings (data.deadleaves), kept so the held-out set can be made again
+    model={"T": 1000, "J": 10, "D": 256, "conv_layers": 4, "channels": 32, "scales": 3, "P": 32, "time_bias": 1,
            "dense_layers": 0, "H": 128, "pixel_features": 2,
            "beta1": 1e-6, "beta_T": 0.5, "scale": 1.0, "shift": 0.0,
            "leaves_size": data.LEAVES["size"], "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"],
