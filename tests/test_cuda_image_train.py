@@ -139,20 +139,20 @@ def test_draws_follow_their_distributions_and_a_nan_step_changes_nothing():
 
 def test_train_py_and_sample_py_on_cuda_for_an_image_model(tmp_path, capsys, monkeypatch):
     """train.py --data deadleaves --device cuda (its default network: the layers told t, time_bias): a run resumed
-    after 2 steps ends with the checkpoint (parameters, Adam's moments, the GPU's RNG streams) of an uninterrupted
-    one, the layer's E moved off its zero start (the first step reaches only the readout, itself zero at the
-    start); sample.py --device cuda reads it and writes samples in 0..255 units, two images per call here
-    (5 = 2 + 2 + 1)."""
+    after 1 step ends with the checkpoint (parameters, Adam's moments, the GPU's RNG streams) of an uninterrupted
+    one, the layer's E moved off its zero start in the second step (the first reaches only the readout, itself
+    zero at the start); sample.py --device cuda reads it and writes samples in 0..255 units, two images per call
+    here (5 = 2 + 2 + 1). One scale and 4 steps in all: the simulator runs each GPU thread as a Python thread."""
     import ckpt
     import train
     from conftest import run_sample
     tiny = ["--data", "deadleaves", "--T", "5", "--patch", "4", "--leaves-size", "8", "--channels", "3",
-            "--conv-layers", "1", "--scales", "2", "--pixel-hidden", "4", "--train-patches", "30", "--batch-size", "3",
+            "--conv-layers", "1", "--scales", "1", "--pixel-hidden", "4", "--train-patches", "30", "--batch-size", "3",
             "--heldout", "10", "--eval-every", "2", "--device", "cuda"]
     run = lambda out, *a: cli.cli(train.main, "train.py", ["--out", str(tmp_path / out), *tiny, *a])
-    assert run("a", "--steps", "2") == 0
-    assert run("a", "--steps", "3", "--resume") == 0
-    assert run("b", "--steps", "3") == 0
+    assert run("a", "--steps", "1") == 0
+    assert run("a", "--steps", "2", "--resume") == 0
+    assert run("b", "--steps", "2") == 0
     meta, a = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
     _, b = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
     assert a.keys() == b.keys() and "rng/xoroshiro" in a
