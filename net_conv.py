@@ -6,8 +6,8 @@ Images are channels-last, (n, S, S, C), S = √D. One multi-scale layer k, scale
 
     z = c_k + Σ_s up_{2^s}( conv3x3( pool_{2^s}(h_{k−1}), K_{k,s} ) ),    h_k = tanh(z),    h_0 = x⁽ᵗ⁾
 
-With time_bias (train.py --time-bias 1; not the paper's: there, and in the official code, t enters only
-through the readout), each layer's bias also depends on t through the readout's bumps (Eq. 63):
+With time_bias (train.py --time-bias 1, the dead-leaves default; not the paper's: there, and in the official
+code, t enters only through the readout), each layer's bias also depends on t through the readout's bumps (Eq. 63):
 c_k + Σ_j g_j(t) E_{k,j} per image, so that the convolutions can act differently at each noise level (as
 every block of Ho et al. 2020's network is told t).
 
