@@ -30,9 +30,9 @@ than F(2×2, 3×3)'s 16 for 4. The kernels:
                adjoints
 The scales run coarsest first forward (each adds the coarser sum, so z is written once) and finest first
 backward for ∂U (each makes the next scale's ∂Y), coarsest first for ∂a. The transforms take a whole tile
-row at a time: each image row split into its four phases (pixels 4j, 4j + 1, ...), every step of F(4×4, 3×3)
-is one six-point sum of shifted runs of T·C numbers (_lin; the T tiles of a tile row are consecutive rows of
-the tile buffers). The products, V @ U, ∂U = Vᵀ ∂M and ∂V = ∂M Uᵀ (36 each), are np.matmul (Cin > 1);
+row at a time: each image row split into its four phases (columns 4j, 4j + 1, ... of the padded row, or of
+the output row), every step of F(4×4, 3×3) is one six-point sum of shifted runs of T·C numbers (_lin; the T
+tiles of a tile row are consecutive rows of the tile buffers). The products, V @ U, ∂U = Vᵀ ∂M and ∂V = ∂M Uᵀ (36 each), are np.matmul (Cin > 1);
 U = G K Gᵀ and ∂K = Gᵀ ∂U G are one product each with G ⊗ G (36, 9). Together the kernels and products equal
 net_conv.conv3x3 and conv3x3_backward to rounding in float64 (the transforms are exact in exact arithmetic);
 in float32 a layer agrees to about 1e-5 of its largest output, ten times F(2×2, 3×3)'s error (the

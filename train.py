@@ -63,7 +63,7 @@ def parse(argv):
     p.add_argument("--scales", type=positive(int, 6), help="mnist, deadleaves: scales 1, 2, 4, ... per layer")
     p.add_argument("--time-bias", type=int, choices=(0, 1),
                    help="mnist, deadleaves: 1 gives each convolution layer a bias that depends on t through the "
-                        "readout's bumps (not the paper's network)")
+                        "readout's bumps (not the paper's network; default 1 for deadleaves, 0 for mnist)")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")
