@@ -146,7 +146,7 @@ CUDA_SIZES = {"cfg": datasets.SWISSROLL.model, "train": (512, 65_536), "repeat":
               "eval": 20_000, "timed": 5, "hb_cfg": None, "hb_train": 512, "hb_sample": 10_000,
               "images": (("mnist", datasets.MNIST.model, (128, 512), 1000),
                          ("deadleaves", datasets.DEADLEAVES.model, (64, 256), 1000)),
-              "image_repeat": 50, "image_warmup": 3, "image_T": 20, "gemm": 4096,
+              "image_repeat": 50, "image_warmup": 3, "image_T": 20, "image_sample_repeat": (2, 1), "gemm": 4096,
               "conv": (256, 16, 32)}
 
 
@@ -254,7 +254,7 @@ def cuda_image_bench(name, cfg, batches, n, z, peak, emit):
         emit(stats(f"{name}_train_step_gflops_b{bs}", flops / (ms * 1e-3) / 1e9, "GFLOP/s", flop_per_step=flops,
                    peak_gflops=peak[0], peak_is=peak[1]))
     sconsts = gaussian.Gaussian(dict(cfg, T=z["image_T"]), datasets.image_net(cfg))
-    s = timed(lambda: cuda_image_train.sample(params, sconsts, n, seed=1), 2, 1)
+    s = timed(lambda: cuda_image_train.sample(params, sconsts, n, seed=1), *z["image_sample_repeat"])
     emit(stats(f"{name}_sample_{n}", s / (z["image_T"] - 1) * 1e3, "ms", images=n,
                what=f"one reverse step of {n} images (sample with T = {z['image_T']}, per step)",
                image_steps_per_s=round(n * (z["image_T"] - 1) / float(np.median(s)), 1)))

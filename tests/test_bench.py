@@ -41,7 +41,8 @@ def test_bench_on_cuda_runs_its_code_in_the_simulator_and_refuses_without_a_gpu(
                                               "images": (("deadleaves", dict(datasets.DEADLEAVES.model, T=4, D=16,
                                                                              channels=2, conv_layers=1, scales=2, P=3),
                                                           (2,), 3),),
-                                              "image_repeat": 1, "image_warmup": 0, "image_T": 3, "gemm": 5,
+                                              "image_repeat": 1, "image_warmup": 0, "image_T": 3, "image_sample_repeat": (1, 0),
+                                              "gemm": 5,
                                               "conv": (1, 4, 2)})
     import numpy as np
     with np.errstate(over="ignore"):
