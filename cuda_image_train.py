@@ -31,7 +31,8 @@ Sums are never atomic: an image's sums are one block's, added in a fixed order, 
 loop over the images, and the products split k in a fixed order (cuda_image._sum_splits), so a step's numbers do
 not depend on the scheduling and a resumed run retraces an uninterrupted one. A bias's gradient is the product
 1ᵀ·∂z with a vector of ones (the tiled kernel, split over the rows), not one thread's loop over them; with
-time_bias, each image's sum over its own pixels is one thread's loop over them (_image_sums, as _weff_grad).
+time_bias, each image's sum over its own pixels is one thread's loop over them (_image_sums, as _weff_grad), and
+∂c_k is 1ᵀ by those n sums rather than by ∂z again (as net_conv's per_image).
 """
 import math
 
@@ -483,10 +484,12 @@ class DeviceImageNet:
         g_z, g_h = (self.g_z, self.g_h) if self.L else (None, None)
         for k in range(self.L, 0, -1):                 # net_conv.ConvImageNet.features_backward
             a = self.h[k - 1]
-            ci.matmul(self.ones[:n * D], g_z.reshape(n * D, C), trans_a=True, out=grads[f"c{k}"].reshape(1, C))
-            if self.time_bias:                         # ∂E_k = gᵀ · (∂ of each image's bias), g the forward's
+            if self.time_bias:                         # ∂ of each image's bias; ∂c_k their sum, ∂E_k = gᵀ · them
                 _run(_image_sums, self.bias_rows.size, g_z.reshape(n * D, C), D, self.bias_rows)
+                ci.matmul(self.ones[:n], self.bias_rows, trans_a=True, out=grads[f"c{k}"].reshape(1, C))
                 ci.matmul(self.g, self.bias_rows, trans_a=True, out=grads[f"E{k}"])
+            else:
+                ci.matmul(self.ones[:n * D], g_z.reshape(n * D, C), trans_a=True, out=grads[f"c{k}"].reshape(1, C))
             target = self.gx.reshape(n, S, S, 1) if k == 1 else g_h
             if k > 1:
                 _zeroed(g_h)
