@@ -258,18 +258,9 @@ def wino_out(M, bias, coarse, out, lo, hi, final, exact):
                 orow = out[i, Y]
                 for X in range(Sm):
                     yv, o = y[a, X % WIN, (X // WIN) * C:(X // WIN + 1) * C], orow[X]
-                    if has_coarse:
-                        cv = coarse[i, Y // 2, X // 2]
-                        if not final:
-                            for c in range(C):
-                                o[c] = yv[c] + cv[c]
-                        elif exact:
-                            for c in range(C):
-                                o[c] = math.tanh(bias[i, c] + (yv[c] + cv[c]))
-                        else:
-                            for c in range(C):
-                                o[c] = _tanh32(bias[i, c] + (yv[c] + cv[c]))
-                    elif not final:
+                    if has_coarse:                 # each output's run of y is used once: add in place
+                        _acc(yv, coarse[i, Y // 2, X // 2])
+                    if not final:
                         _copy(yv, o)
                     elif exact:
                         for c in range(C):
