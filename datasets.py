@@ -313,6 +313,9 @@ def _leaves_report(x, condition, text, noise, rng, cfg):
     rs, rd = images.flat_runs(images.as_uint8(x, cfg), side), images.flat_runs(levels, side)
     print("pixels in horizontal flat runs of 1-2, 3-7, 8+ pixels: " + ", ".join(f"{rs[k]:.1%}" for k in rs)
           + " (the data: " + ", ".join(f"{rd[k]:.1%}" for k in rd) + ")")
+    gs, gd = images.flat_regions(images.as_uint8(x, cfg), side), images.flat_regions(levels, side)
+    print("pixels in flat regions of " + ", ".join(gs) + " pixels: " + ", ".join(f"{gs[k]:.1%}" for k in gs)
+          + " (the data: " + ", ".join(f"{gd[k]:.1%}" for k in gd) + ")")
     return drawn
 
 

@@ -111,6 +111,33 @@ def flat_runs(levels, side):
     return {"1-2": share(1, 2), "3-7": share(3, 7), "8+": share(8, side)}
 
 
+REGION_BINS = ((1, 2), (3, 8), (9, 32), (33, 128), (129, None))
+
+
+def flat_regions(levels, side):
+    """Regions as a gauge of disc sizes in 8-bit images (n, side²): a region is a 4-connected set of pixels
+    joined through neighbours within 2 grey levels (a flat disc's visible part is one); the share of pixels in
+    regions of each area in REGION_BINS (129+: over half of a 16 × 16 patch)."""
+    v = np.asarray(levels, np.int64).reshape(-1, side, side)
+    across = np.abs(np.diff(v, axis=2)) <= 2                    # pixel (i, j) joins (i, j + 1)
+    down = np.abs(np.diff(v, axis=1)) <= 2                      # pixel (i, j) joins (i + 1, j)
+    label = np.tile(np.arange(side * side).reshape(side, side), (len(v), 1, 1))
+    todo = np.arange(len(v))
+    while len(todo):             # each pixel takes the largest label it is joined to, until no label changes
+        lab, a, d = label[todo], across[todo], down[todo]
+        most = lab.copy()
+        np.maximum(most[:, :, :-1], np.where(a, lab[:, :, 1:], -1), out=most[:, :, :-1])
+        np.maximum(most[:, :, 1:], np.where(a, lab[:, :, :-1], -1), out=most[:, :, 1:])
+        np.maximum(most[:, :-1], np.where(d, lab[:, 1:], -1), out=most[:, :-1])
+        np.maximum(most[:, 1:], np.where(d, lab[:, :-1], -1), out=most[:, 1:])
+        changed = np.any(most != lab, axis=(1, 2))
+        label[todo] = most
+        todo = todo[changed]
+    area = np.concatenate([np.bincount(f, minlength=side * side)[f] for f in label.reshape(len(v), -1)])
+    return {f"{lo}-{hi}" if hi else f"{lo}+": float(np.mean((area >= lo) & (area <= (hi or area.max()))))
+            for lo, hi in REGION_BINS}
+
+
 def groups(levels, side, ink=128):
     """The 8-connected groups of pixels at level ≥ ink in each 8-bit image (n, side²): per image, the pixel
     count of each label (index 0 and unused labels: 0)."""
@@ -194,11 +221,13 @@ def mnist_quality(x, x_heldout, cfg):
 
 
 def leaves_quality(x, x_heldout, cfg):
-    """quality() and flatness() of the samples beside the held-out patches' (App. D.2's dead leaves)."""
+    """quality(), flatness(), flat_runs() and flat_regions() of the samples beside the held-out patches' (App.
+    D.2's dead leaves)."""
     side = math.isqrt(cfg["D"])
     xs, xd = as_uint8(x, cfg), as_uint8(x_heldout, cfg)
     return dict(quality(x, cfg), flat_pairs=flatness(xs, side), data_flat_pairs=flatness(xd, side),
-                flat_runs=flat_runs(xs, side), data_flat_runs=flat_runs(xd, side))
+                flat_runs=flat_runs(xs, side), data_flat_runs=flat_runs(xd, side),
+                flat_regions=flat_regions(xs, side), data_flat_regions=flat_regions(xd, side))
 
 
 def as_uint8(x, cfg):

@@ -139,11 +139,13 @@ def test_train_sample_figure_and_inpaint(leaves_run, tmp_path, capsys):
     m = json.load(open(leaves_run / "metrics.json"))
     assert m["sample_quality"]["data_flat_pairs"]["horizontal"] > 0.5
     assert 0 <= m["sample_quality"]["flat_pairs"]["horizontal"] <= 1
+    assert sum(m["sample_quality"]["flat_regions"].values()) == pytest.approx(1)
     assert abs(m["K_minus_L_null_bits_per_pixel"] - m["K_minus_L_null_bits"] / 64) < 1e-9
     assert run_sample(leaves_run, "-n", "3", "--out", tmp_path / "s.npy", "--figure", tmp_path / "f.png") == 0
     x = np.load(tmp_path / "s.npy")
     assert x.shape == (3, 64) and x.dtype == np.float32
-    assert "adjacent pixel pairs within 2 grey levels" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "adjacent pixel pairs within 2 grey levels" in out and "pixels in flat regions of" in out
     assert decode_png(open(tmp_path / "f.png", "rb").read()).shape[1] > 2 * 8 * 8   # data grid beside samples
     assert run_sample(leaves_run, "-n", "2", "--out", tmp_path / "c.npy", "--condition", "inpaint:1") == 0
     truth = data.deadleaves(2, [0, 1], size=16, patch=8)[1].astype(float)
@@ -197,3 +199,18 @@ def test_flatness_and_runs_known_answers():
     assert f["vertical"] == pytest.approx(np.mean(np.abs(np.diff(rows, axis=0)) <= 2))
     r = images.flat_runs(rows.reshape(1, 16), 4)
     assert r == pytest.approx({"1-2": (1 + 4) / 16, "3-7": 11 / 16, "8+": 0.0})
+
+
+def test_flat_regions_known_answers():
+    """Three 12 × 12 images: a ramp rising 2 levels a column (one region, joined step by step, of 144 pixels);
+    a checkerboard of 0 and 10 (144 regions of 1); a U of 28 pixels at level 100 whose arms the background's
+    115 pixels must be followed around, with one pixel at level 50 inside it."""
+    import images
+    ramp = np.tile(np.arange(12) * 2, (12, 1))
+    checker = (np.add.outer(np.arange(12), np.arange(12)) % 2) * 10
+    u = np.full((12, 12), 200)
+    u[1:11, 1] = u[1:11, 10] = u[10, 1:11] = 100
+    u[5, 5] = 50
+    r = images.flat_regions(np.stack([ramp, checker, u]).reshape(3, 144), 12)
+    assert r == pytest.approx({"1-2": 145 / 432, "3-8": 0.0, "9-32": 28 / 432, "33-128": 115 / 432,
+                               "129+": 144 / 432})
