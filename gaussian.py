@@ -172,14 +172,15 @@ def entropy_check(params, consts, x0, rng):
     return lower, upper, learned, outside, entry
 
 
-def sample(params, consts, n, rng, keep=()):
+def sample(params, consts, n, rng, keep=(), start=None):
     """Ancestral sampling, Eq. 5: x⁽ᵀ⁾ ~ π = N(0, I), learned steps t = T..2, then the fixed step of Eq. 44.
 
-    keep: the t whose x⁽ᵗ⁾ is also returned (dict t → array)."""
+    keep: the t whose x⁽ᵗ⁾ is also returned (dict t → array). start: (x⁽ᵗ⁰⁾, t0) to run the learned steps
+    from t0 instead of from π (sample.py --from-heldout: data put through q(x⁽ᵗ⁰⁾|x⁽⁰⁾) first)."""
     beta, _ = consts.schedule(params)
-    x = rng.standard_normal((n, consts.D))
+    x, t0 = (rng.standard_normal((n, consts.D)), consts.T) if start is None else start
     kept = {}
-    for t in range(consts.T, 1, -1):
+    for t in range(t0, 1, -1):
         if t in keep:
             kept[t] = x.copy()
         mu, Sigma = reverse(params, consts, x, np.full(n, t), beta)

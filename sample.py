@@ -16,6 +16,7 @@ import numpy as np
 import ckpt
 import cli
 import datasets
+import dpm
 from cli import UsageError, positive
 
 MAX_NUMBERS = 2 * 10**7     # numbers in one array of samples or particles (160 MB in float64)
@@ -40,11 +41,17 @@ def parse(argv):
     p.add_argument("--particles", type=positive(int, 10**6), default=None,
                    help="with --condition: draw from p r itself by sequential Monte Carlo with this many "
                         "particles, instead of the paper's r_t = r chain")
+    p.add_argument("--from-heldout", type=positive(int, 10**6), default=None, metavar="T0",
+                   help="mnist, deadleaves: put the first n held-out images through q(x(T0)|x(0)) and run the "
+                        "model's chain from t = T0 instead of from noise (a diagnostic: where samples lose the "
+                        "data's shape)")
     args = p.parse_args(argv)
     if not args.out.endswith((".npy", ".csv")):
         raise UsageError(f"--out must end in .npy or .csv, got {args.out!r}")
     if args.particles and not args.condition:
         raise UsageError("--particles needs --condition")
+    if args.from_heldout and (args.condition or args.device == "cuda"):
+        raise UsageError("--from-heldout runs on the CPU and without --condition")
     if args.device == "cuda":
         if not datasets.cuda().available():
             raise UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
@@ -62,8 +69,11 @@ def save_samples(path, x, header):
         ckpt.write_atomic(path, lambda f: np.save(f, x))
 
 
-def draw(params, consts, ds, args, rng, condition):
-    """Samples of p (on the chosen device; the GPU's own RNG stream is seeded by --seed) or of p r."""
+def draw(params, consts, ds, args, rng, condition, start):
+    """Samples of p (on the chosen device; the GPU's own RNG stream is seeded by --seed), of p r, or of the
+    chain from start."""
+    if start is not None:
+        return ds.cpu.sample(params, consts, args.n, rng, start=start)[0]
     if args.particles:
         x, ess = ds.smc(params, consts, args.n, rng, condition, args.particles)
         print(f"sequential Monte Carlo: {args.particles} particles, final effective sample size {ess:.0f}")
@@ -78,6 +88,21 @@ def draw(params, consts, ds, args, rng, condition):
     return (ds.cpu or ds.kind).sample(params, consts, args.n, rng)[0]
 
 
+def chain_start(params, consts, ds, args, rng, heldout):
+    """--from-heldout: (x⁽ᵗ⁰⁾, t0), the first n held-out images put through q(x⁽ᵗ⁰⁾|x⁽⁰⁾) of the run's schedule."""
+    t0 = args.from_heldout
+    if ds.name not in ("mnist", "deadleaves"):
+        raise UsageError(f"--from-heldout is for the image data sets (mnist, deadleaves), not {ds.name}")
+    if not 2 <= t0 <= consts.T:
+        raise UsageError(f"--from-heldout must be a step t0 in 2..T = 2..{consts.T}, got {t0}")
+    x0 = heldout()
+    if args.n > len(x0):
+        raise UsageError(f"--from-heldout: -n {args.n} is more than the {len(x0)} held-out images")
+    _, alpha_bar = consts.schedule(params)
+    print(f"from the first {args.n} held-out images put through q at t0 = {t0} (alpha_bar = {alpha_bar[t0]:.3g})")
+    return dpm.q_sample(x0[:args.n], alpha_bar[t0], rng.standard_normal((args.n, consts.D))), t0
+
+
 def main(argv=None):
     args = parse(argv)
     meta, params, consts, ds = ckpt.load_run(args.run, args.data)
@@ -87,15 +112,17 @@ def main(argv=None):
     if not ds.csv and args.out.endswith(".csv"):
         raise UsageError(f"{ds.name} samples are written as .npy only")
     rng = np.random.default_rng(args.seed)
-    condition = None
+    condition = start = None
+    data_dir = args.data_dir or meta.get("data_dir")
+    heldout = lambda: ds.heldout_set(None, meta.get("noise"), consts.cfg, data_dir)
     if args.condition:
         try:
-            data_dir = args.data_dir or meta.get("data_dir")
-            heldout = lambda: ds.heldout_set(None, meta.get("noise"), consts.cfg, data_dir)
             condition = ds.parse_condition(args.condition, consts.D, heldout)
         except ValueError as e:
             raise UsageError(f"--condition: {e}") from None
-    x_model = draw(params, consts, ds, args, rng, condition)
+    if args.from_heldout:
+        start = chain_start(params, consts, ds, args, rng, heldout)
+    x_model = draw(params, consts, ds, args, rng, condition, start)
     x, header = ds.output(x_model, consts.cfg)
     save_samples(args.out, x, header)
     print(f"{args.n} samples -> {args.out}")

@@ -214,3 +214,22 @@ def test_flat_regions_known_answers():
     r = images.flat_regions(np.stack([ramp, checker, u]).reshape(3, 144), 12)
     assert r == pytest.approx({"1-2": 145 / 432, "3-8": 0.0, "9-32": 28 / 432, "33-128": 115 / 432,
                                "129+": 144 / 432})
+
+
+def test_from_heldout_starts_the_chain_at_t0(leaves_run, tiny_run, tmp_path, capsys):
+    """sample.py --from-heldout T0: the first n held-out patches through q to t0, then the model's chain. From
+    t0 = 2 the samples are those patches (within noise of √β and a level's dequantisation); from t0 = T they are
+    not. Out-of-range t0, too many images, a condition or a non-image run: one line, exit status 2."""
+    from conftest import one_error_line, run_sample
+    truth = data.deadleaves(3, [0, 1], size=16, patch=8).astype(float)
+    for t0, close in (("2", True), ("20", False)):
+        assert run_sample(leaves_run, "-n", "3", "--from-heldout", t0, "--out", tmp_path / "h.npy") == 0
+        assert (np.abs(np.load(tmp_path / "h.npy") - truth).max() <= 1.5) == close
+    assert "put through q at t0 = 20" in capsys.readouterr().out
+    for args, words in ((["--from-heldout", "21"], "2..T = 2..20"), (["-n", "1001", "--from-heldout", "5"], "1000"),
+                        (["--from-heldout", "5", "--condition", "inpaint:0"], "without --condition")):
+        assert run_sample(leaves_run, *args, "--out", tmp_path / "e.npy") == 2
+        assert words in one_error_line(capsys)
+    assert run_sample(tiny_run, "--from-heldout", "5", "--out", tmp_path / "e.npy") == 2
+    assert "image data sets" in one_error_line(capsys)
+    assert not (tmp_path / "e.npy").exists()
