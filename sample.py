@@ -32,7 +32,8 @@ def parse(argv):
                    help="write the paper's Figure 1 layout (Swiss roll) or Figure 2 layout (heartbeat) as SVG here")
     p.add_argument("--data", default=None, help="fail unless the checkpoint was trained on this data set")
     p.add_argument("--data-dir", default=None,
-                   help="images: the data folder for --condition's held-out image (default: the run's)")
+                   help="mnist: the data folder for --condition's and --from-heldout's held-out images "
+                        "(default: the run's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: draw the samples with the numba.cuda kernels on a GPU")
     p.add_argument("--condition", default=None,
@@ -95,7 +96,10 @@ def chain_start(params, consts, ds, args, rng, heldout):
         raise UsageError(f"--from-heldout is for the image data sets (mnist, deadleaves), not {ds.name}")
     if not 2 <= t0 <= consts.T:
         raise UsageError(f"--from-heldout must be a step t0 in 2..T = 2..{consts.T}, got {t0}")
-    x0 = heldout()
+    try:
+        x0 = heldout()
+    except ValueError as e:                     # a missing or malformed MNIST file
+        raise UsageError(f"--from-heldout: {e}") from None
     if args.n > len(x0):
         raise UsageError(f"--from-heldout: -n {args.n} is more than the {len(x0)} held-out images")
     _, alpha_bar = consts.schedule(params)

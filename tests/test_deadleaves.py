@@ -226,6 +226,17 @@ def test_from_heldout_starts_the_chain_at_t0(leaves_run, tiny_run, tmp_path, cap
         assert run_sample(leaves_run, "-n", "3", "--from-heldout", t0, "--out", tmp_path / "h.npy") == 0
         assert (np.abs(np.load(tmp_path / "h.npy") - truth).max() <= 1.5) == close
     assert "put through q at t0 = 20" in capsys.readouterr().out
+    # exactly q at ᾱ_t0, then the chain's steps t0..2 (an off-by-one in t0 changes every number)
+    import ckpt
+    import cpu_image
+    import dpm
+    _, params, consts, ds = ckpt.load_run(str(leaves_run))
+    assert run_sample(leaves_run, "-n", "4", "--seed", "9", "--from-heldout", "12", "--out", tmp_path / "h.npy") == 0
+    rng = np.random.default_rng(9)
+    x0 = ds.heldout_set(None, None, consts.cfg, None)[:4]
+    xt = dpm.q_sample(x0, consts.schedule(params)[1][12], rng.standard_normal(x0.shape))
+    x = cpu_image.sample(params, consts, 4, rng, start=(xt, 12))[0]
+    assert np.array_equal(np.load(tmp_path / "h.npy"), ds.output(x, consts.cfg)[0])
     for args, words in ((["--from-heldout", "21"], "2..T = 2..20"), (["-n", "1001", "--from-heldout", "5"], "1000"),
                         (["--from-heldout", "5", "--condition", "inpaint:0"], "without --condition")):
         assert run_sample(leaves_run, *args, "--out", tmp_path / "e.npy") == 2

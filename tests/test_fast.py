@@ -337,3 +337,17 @@ def test_thread_tuner_measures_both_counts_and_keeps_the_faster(monkeypatch):
     assert all(cpu_train.ThreadTuner(1).threads() == 1 for _ in range(5))
     tr = cpu_train.Trainer(gaussian.Gaussian(config(4)), 1000, threads=2)
     assert not tr.tuner.measure and tr.tuner.threads() == tr.threads
+
+
+def test_sampling_from_a_start_runs_the_steps_t0_to_2(monkeypatch):
+    """gaussian.sample(start=(x, t0)) takes the learned steps t0, ..., 2 (then the fixed one) from x; from
+    (x⁽ᵀ⁾ drawn first, T) it is the ordinary chain, draw for draw."""
+    cfg, consts, p, rng = setup(0, 9)
+    a, _ = gaussian.sample(p, consts, 5, np.random.default_rng(2))
+    r = np.random.default_rng(2)
+    b, _ = gaussian.sample(p, consts, 5, r, start=(r.standard_normal((5, consts.D)), cfg["T"]))
+    assert np.array_equal(a, b)
+    seen, reverse = [], gaussian.reverse
+    monkeypatch.setattr(gaussian, "reverse", lambda p_, c, x, t, beta: seen.append(t[0]) or reverse(p_, c, x, t, beta))
+    gaussian.sample(p, consts, 5, rng, start=(np.zeros((5, consts.D)), 7))
+    assert seen == list(range(7, 1, -1))
