@@ -304,18 +304,15 @@ MNIST = Dataset(
 def _leaves_report(x, condition, text, noise, rng, cfg):
     """images.report, then how flat the samples are beside the data (App. D.2's dead leaves)."""
     drawn = images.report(x, condition, text, noise, rng, cfg)
-    side = math.isqrt(cfg["D"])
-    s = images.flatness(images.as_uint8(x, cfg), side)
     levels = data.deadleaves(1000, HELDOUT_SEED, **images.leaves_settings(cfg))
-    d = images.flatness(levels, side)
+    f = images.leaves_flatness(images.as_uint8(x, cfg), levels, math.isqrt(cfg["D"]))
+    s, d = f["flat_pairs"], f["data_flat_pairs"]
     print(f"adjacent pixel pairs within 2 grey levels: {s['horizontal']:.1%} horizontal, {s['vertical']:.1%} "
           f"vertical (the data: {d['horizontal']:.1%}, {d['vertical']:.1%})")
-    rs, rd = images.flat_runs(images.as_uint8(x, cfg), side), images.flat_runs(levels, side)
-    print("pixels in horizontal flat runs of 1-2, 3-7, 8+ pixels: " + ", ".join(f"{rs[k]:.1%}" for k in rs)
-          + " (the data: " + ", ".join(f"{rd[k]:.1%}" for k in rd) + ")")
-    gs, gd = images.flat_regions(images.as_uint8(x, cfg), side), images.flat_regions(levels, side)
-    print("pixels in flat regions of " + ", ".join(gs) + " pixels: " + ", ".join(f"{gs[k]:.1%}" for k in gs)
-          + " (the data: " + ", ".join(f"{gd[k]:.1%}" for k in gd) + ")")
+    for what, name in (("horizontal flat runs", "flat_runs"), ("flat regions", "flat_regions")):
+        s, d = f[name], f["data_" + name]
+        print(f"pixels in {what} of {', '.join(s)} pixels: " + ", ".join(f"{s[k]:.1%}" for k in s)
+              + " (the data: " + ", ".join(f"{d[k]:.1%}" for k in d) + ")")
     return drawn
 
 

@@ -111,6 +111,19 @@ def flat_runs(levels, side):
     return {"1-2": share(1, 2), "3-7": share(3, 7), "8+": share(8, side)}
 
 
+def _largest_label(label, spread):
+    """Connected components by propagation: every pixel of each image (label: n, side, side) takes the largest
+    label that spread(lab, images) gives it from its neighbours, until no label changes."""
+    todo = np.arange(len(label))
+    while len(todo):
+        lab = label[todo]
+        most = spread(lab, todo)
+        changed = np.any(most != lab, axis=(1, 2))
+        label[todo] = most
+        todo = todo[changed]
+    return label
+
+
 REGION_BINS = ((1, 2), (3, 8), (9, 32), (33, 128), (129, None))
 
 
@@ -121,20 +134,17 @@ def flat_regions(levels, side):
     v = np.asarray(levels, np.int64).reshape(-1, side, side)
     across = np.abs(np.diff(v, axis=2)) <= 2                    # pixel (i, j) joins (i, j + 1)
     down = np.abs(np.diff(v, axis=1)) <= 2                      # pixel (i, j) joins (i + 1, j)
-    label = np.tile(np.arange(side * side).reshape(side, side), (len(v), 1, 1))
-    todo = np.arange(len(v))
-    while len(todo):             # each pixel takes the largest label it is joined to, until no label changes
-        lab, a, d = label[todo], across[todo], down[todo]
-        most = lab.copy()
+
+    def spread(lab, images):
+        a, d, most = across[images], down[images], lab.copy()
         np.maximum(most[:, :, :-1], np.where(a, lab[:, :, 1:], -1), out=most[:, :, :-1])
         np.maximum(most[:, :, 1:], np.where(a, lab[:, :, :-1], -1), out=most[:, :, 1:])
         np.maximum(most[:, :-1], np.where(d, lab[:, 1:], -1), out=most[:, :-1])
         np.maximum(most[:, 1:], np.where(d, lab[:, :-1], -1), out=most[:, 1:])
-        changed = np.any(most != lab, axis=(1, 2))
-        label[todo] = most
-        todo = todo[changed]
+        return most
+    label = _largest_label(np.tile(np.arange(side * side).reshape(side, side), (len(v), 1, 1)), spread)
     area = np.concatenate([np.bincount(f, minlength=side * side)[f] for f in label.reshape(len(v), -1)])
-    return {f"{lo}-{hi}" if hi else f"{lo}+": float(np.mean((area >= lo) & (area <= (hi or area.max()))))
+    return {f"{lo}-{hi}" if hi else f"{lo}+": float(np.mean((area >= lo) & (area <= (hi or side * side))))
             for lo, hi in REGION_BINS}
 
 
@@ -142,19 +152,16 @@ def groups(levels, side, ink=128):
     """The 8-connected groups of pixels at level ≥ ink in each 8-bit image (n, side²): per image, the pixel
     count of each label (index 0 and unused labels: 0)."""
     on = np.asarray(levels).reshape(-1, side, side) >= ink
-    label = np.where(on, np.arange(1, side * side + 1, dtype=np.int32).reshape(side, side), 0)
-    todo = np.arange(len(on))
-    while len(todo):             # each ink pixel takes the largest label around it, until no label changes
-        lab = label[todo]
+
+    def spread(lab, images):                    # the largest label in each ink pixel's 3 × 3 neighbourhood
         padded = np.pad(lab, ((0, 0), (1, 1), (1, 1)))
         most = lab.copy()
         for i in range(3):
             for j in range(3):
                 np.maximum(most, padded[:, i:i + side, j:j + side], out=most)
-        most *= on[todo]
-        changed = np.any(most != lab, axis=(1, 2))
-        label[todo] = most
-        todo = todo[changed]
+        return most * on[images]
+    label = _largest_label(np.where(on, np.arange(1, side * side + 1, dtype=np.int32).reshape(side, side), 0),
+                           spread)
     return [np.bincount(v.ravel(), minlength=side * side + 1)[1:] for v in label]
 
 
@@ -220,14 +227,19 @@ def mnist_quality(x, x_heldout, cfg):
                 data_strokes=strokes(as_uint8(x_heldout, cfg), side))
 
 
+def leaves_flatness(xs, xd, side):
+    """flatness(), flat_runs() and flat_regions() of 8-bit samples xs beside 8-bit data xd (App. D.2's dead
+    leaves), each data figure under its name with data_ in front."""
+    out = {}
+    for name, f in (("flat_pairs", flatness), ("flat_runs", flat_runs), ("flat_regions", flat_regions)):
+        out[name], out["data_" + name] = f(xs, side), f(xd, side)
+    return out
+
+
 def leaves_quality(x, x_heldout, cfg):
-    """quality(), flatness(), flat_runs() and flat_regions() of the samples beside the held-out patches' (App.
-    D.2's dead leaves)."""
+    """quality() and leaves_flatness() of the samples beside the held-out patches'."""
     side = math.isqrt(cfg["D"])
-    xs, xd = as_uint8(x, cfg), as_uint8(x_heldout, cfg)
-    return dict(quality(x, cfg), flat_pairs=flatness(xs, side), data_flat_pairs=flatness(xd, side),
-                flat_runs=flat_runs(xs, side), data_flat_runs=flat_runs(xd, side),
-                flat_regions=flat_regions(xs, side), data_flat_regions=flat_regions(xd, side))
+    return dict(quality(x, cfg), **leaves_flatness(as_uint8(x, cfg), as_uint8(x_heldout, cfg), side))
 
 
 def as_uint8(x, cfg):
