@@ -26,8 +26,9 @@ N = (S/m)² blocks of h_L mean-pooled by m = 2^(a−1) (a = 2: 2 × 2 blocks, 16
     u = pool_m(h_L) as (n, N, C),    A = softmax_rows(u Aqk uᵀ / √C),    a = tanh(h_L + up_m(A u Av)),
 
 the bilinear form Aqk (C, C) = W_q W_kᵀ of query and key maps folded into one matrix (one head: nothing is
-lost), Av (C, C) the value map; a replaces h_L as the per-pixel features. Both start at zero: uniform A, and a
-= tanh(h_L) until Av moves.
+lost), Av (C, C) the value map; a replaces h_L as the per-pixel features. Aqk starts at the identity, so that
+A weighs the blocks by how alike their features are (as non-local means weighs patches; from zero, A stayed
+near uniform in training: README, "Dead leaves"), Av at zero, so that a = tanh(h_L) until Av moves.
 
 Beside the convolutions, optionally (dense_layers > 0), net_image.DenseImageNet's dense pathway: the whole image
 → dense_layers layers of H → pixel_features more features per pixel, so that each pixel also sees the whole
@@ -149,9 +150,9 @@ class ConvImageNet(net_image.DenseImageNet):
         self.F = self.C + (self.dense.F if self.dense else 0)
 
     def init(self, rng, dtype=np.float32):
-        """Filters N(0, 1/(9 Cin N)) (unit-variance sums for unit-variance inputs), zero biases (E, Aqk and Av too); the
-        per-pixel MLP Glorot-uniform with a zero readout, as net_image's, so the untrained model is the forward
-        kernel."""
+        """Filters N(0, 1/(9 Cin N)) (unit-variance sums for unit-variance inputs), zero biases (E and Av too, Aqk
+        the identity); the per-pixel MLP Glorot-uniform with a zero readout, as net_image's, so the untrained
+        model is the forward kernel."""
         C, N, P, J = self.C, self.N, self.P, self.J
         p = {}
         for k in range(1, self.L + 1):
@@ -167,7 +168,7 @@ class ConvImageNet(net_image.DenseImageNet):
         for k in range(1, self.L + 1) if self.time_bias else ():
             p[f"E{k}"] = np.zeros((J, C), dtype)
         if self.attention:
-            p["Aqk"], p["Av"] = np.zeros((C, C), dtype), np.zeros((C, C), dtype)
+            p["Aqk"], p["Av"] = np.eye(C, dtype=dtype), np.zeros((C, C), dtype)
         if self.dense:
             q = self.dense.init(rng, dtype)
             p.update({mine: q[theirs] for mine, theirs in self.dense_names.items()})
