@@ -46,9 +46,6 @@ one phase of image chunks (conv_chunks) and the whole backward another, each chu
 ∂U and ∂c, added in chunk order: the numbers never depend on the threads. BLAS is held to one thread
 (cpu_train._BlasHeld) as in cpu_image.
 
-The global layer (net_conv's attention, train.py --attention) is net_conv.attention and attention_backward
-themselves, NumPy's BLAS products with no kernel of ours, one phase per direction of the same image chunks.
-
 The cache that forward returns (the tiles V and activations h) lives in the net's scratch buffers: valid
 until the next forward with the same batch size.
 """
@@ -625,7 +622,6 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
             "gK": z(nc, N, 9, C),
             "gU": [[z(nc, TILE * TILE, C, C) for s in range(N)] for k in range(2, L + 1)],
             "gc": z(L, n, C),
-            **({"a": z(n, S, S, C), "ga": z(n, S, S, C)} if self.attention else {}),
             **({"f": z(n, self.D * self.F), "conv_gf": z(n, self.D * C),
                 "dense": self.dense.feature_scratch(n, dt) | {"gf": z(n, self.D * self.dense.F)}} if self.dense else {})}
 
@@ -648,48 +644,20 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
                 conv_layer(h[k - 1], Us[k - 2], c[k - 1], h[k], s["V"][k - 2], s["M"], lo, hi, exact, s["A"])
 
         self.run([partial(chunk, lo, hi) for lo, hi in conv_chunks(n)])
-        top, att = h[L], None
-        if self.attention:
-            top, att = self.attention_forward(p, h[L], s["a"])
         if not self.dense:
-            return (x, h, (K1, Us), None, g, att), top.reshape(n, self.D * self.C)
+            return (x, h, (K1, Us), None, g), h[L].reshape(n, self.D * self.C)
         self.dense.threads = self.threads
         dd, fd = self.dense.features_forward(self.dense_params(p), x)
-        f = s["f"]                                     # [h_L or a | dense features] per pixel, in place
-        np.concatenate([top.reshape(n, self.D, self.C), fd.reshape(n, self.D, -1)], axis=2,
+        f = s["f"]                                     # [h_L | dense features] per pixel, in place
+        np.concatenate([h[L].reshape(n, self.D, self.C), fd.reshape(n, self.D, -1)], axis=2,
                        out=f.reshape(n, self.D, self.F))
-        return (x, h, (K1, Us), dd, g, att), f
-
-    def attention_forward(self, p, hL, a):
-        """net_conv.attention (NumPy's BLAS products) on each image chunk in a task: a ← its tanh; returns a and
-        the chunks' caches."""
-        caches = {}
-
-        def chunk(lo, hi):
-            z, caches[lo] = net_conv.attention(hL[lo:hi], p["Aqk"], p["Av"], self.m)
-            np.tanh(z, out=a[lo:hi])
-
-        self.run([partial(chunk, lo, hi) for lo, hi in conv_chunks(len(hL))])
-        return a, caches
-
-    def attention_backward(self, p, hL, caches, g, out, grads):
-        """net_conv.attention_backward on each image chunk in a task, from g (∂ before a's tanh): out ← ∂ before
-        h_L's tanh; ∂Aqk and ∂Av the chunks' sums, in chunk order."""
-        parts = {}
-
-        def chunk(lo, hi):
-            g_h, *parts[lo] = net_conv.attention_backward(p["Aqk"], p["Av"], self.m, caches[lo], g[lo:hi])
-            np.multiply(g_h, 1.0 - hL[lo:hi] * hL[lo:hi], out=out[lo:hi])
-
-        self.run([partial(chunk, lo, hi) for lo, hi in conv_chunks(len(hL))])
-        for i, name in enumerate(("Aqk", "Av")):
-            grads[name][...] = sum(parts[lo][i] for lo, _ in conv_chunks(len(hL)))
+        return (x, h, (K1, Us), dd, g), f
 
     def features_backward(self, p, d, s, gx, grads):
         """From s["gf"] (∂ before f's tanh): the dense pathway's part (if any) through its layers, then the
         convolutions' part down the layers, image chunk by image chunk (each with its own ∂K, ∂U, and ∂ of each
         image's biases): the filters' and biases' gradients into grads; ∂x added to gx."""
-        x, h, (K1, Us), dd, g_t, att = d
+        x, h, (K1, Us), dd, g_t = d
         n, S, C, N, L = len(x), self.S, self.C, self.N, self.L
         gf = s["gf"]
         if self.dense:                                 # f = [h_L | dense features]: each pathway's part of ∂
@@ -700,9 +668,6 @@ class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):
             self.dense.features_backward(self.dense_params(p), dd, s["dense"], gx, self.dense_params(grads))
         UTs = [[np.ascontiguousarray(U.transpose(0, 2, 1)) for U in row] for row in Us]
         gf = gf.reshape(n, S, S, C)
-        if self.attention:                             # back through the global layer first
-            self.attention_backward(p, h[L], att, gf, s["ga"], grads)
-            gf = s["ga"]
 
         def chunk(c, lo, hi):
             g = gf

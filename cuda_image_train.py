@@ -393,8 +393,6 @@ class DeviceImageNet:
         self.dense = net.dense if conv else net
         self.L, self.C, self.N, self.S = (net.L, net.C, net.N, net.S) if conv else (0, 0, 1, 0)
         self.time_bias = bool(self.L and net.time_bias)
-        if self.L and net.attention:
-            raise ValueError("the attention layer (--attention 1) has no GPU kernels yet; use the CPU")
         self.Fd = self.dense.F if self.dense else 0
         self.Ld = self.dense.L if self.dense else 0
         # the dense pathway's names (net_conv renames its biases d1 ..; net_image's are c1 ..)

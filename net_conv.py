@@ -18,18 +18,6 @@ nonlinearity on each scale before the sum and divides by N), one bias per channe
 2015 had one per channel and position), tanh rather than softplus or leaky ReLU. The last layer's C channels
 are the per-pixel features f: F = C.
 
-Optionally (attention = a ≥ 1; train.py --attention; not in the paper, whose layers all act on 3 × 3
-neighbourhoods), one global layer after them, so that a pixel can average over all of its region rather than
-over the few pixels its filters reach: self-attention with one head (as Ho et al. 2020 put at 16 × 16) over the
-N = (S/m)² blocks of h_L mean-pooled by m = 2^(a−1) (a = 2: 2 × 2 blocks, 16× cheaper than every pixel),
-
-    u = pool_m(h_L) as (n, N, C),    A = softmax_rows(u Aqk uᵀ / √C),    a = tanh(h_L + up_m(A u Av)),
-
-the bilinear form Aqk (C, C) = W_q W_kᵀ of query and key maps folded into one matrix (one head: nothing is
-lost), Av (C, C) the value map; a replaces h_L as the per-pixel features. Aqk starts at the identity, so that
-A weighs the blocks by how alike their features are (as non-local means weighs patches; from zero, A stayed
-near uniform in training: README, "Dead leaves"), Av at zero, so that a = tanh(h_L) until Av moves.
-
 Beside the convolutions, optionally (dense_layers > 0), net_image.DenseImageNet's dense pathway: the whole image
 → dense_layers layers of H → pixel_features more features per pixel, so that each pixel also sees the whole
 image (App. D.2.1: "multi-scale convolution beside a dense pathway"; the official code's MLP_conv_dense). The
@@ -88,36 +76,6 @@ def up_adjoint(g, m):
     return g.reshape(n, S1 // m, m, S2 // m, m, C).sum(axis=(2, 4))
 
 
-def attention(h, Aqk, Av, m):
-    """The global layer's sum before its tanh, h + up_m(A u Av) with u = pool_m(h) as (n, N, C) and A =
-    softmax_rows(u Aqk uᵀ / √C): h (n, S, S, C) → that sum, and (u, A, u Aqk, u Av) for the backward."""
-    n, S, _, C = h.shape
-    u = pool(h, m).reshape(n, -1, C)
-    uq, uv = (u.reshape(-1, C) @ W for W in (Aqk / np.sqrt(C), Av))     # the √C folded into the queries
-    A = np.matmul(uq.reshape(u.shape), u.transpose(0, 2, 1))
-    A -= A.max(axis=2, keepdims=True)
-    np.exp(A, out=A)
-    A /= A.sum(axis=2, keepdims=True)
-    o = np.matmul(A, uv.reshape(u.shape)).reshape(n, S // m, 1, S // m, 1, C)
-    return (h.reshape(n, S // m, m, S // m, m, C) + o).reshape(h.shape), (u, A, uq, uv)
-
-
-def attention_backward(Aqk, Av, m, cache, g):
-    """∂L/∂(the sum h + up_m(A u Av)) (n, S, S, C) → (∂L/∂h, ∂L/∂Aqk, ∂L/∂Av)."""
-    u, A, uq, uv = cache
-    n, S, _, C = g.shape
-    g_o = up_adjoint(g, m).reshape(u.shape)
-    g_uv = np.matmul(A.transpose(0, 2, 1), g_o).reshape(-1, C)    # ∂ of u Av
-    g_A = np.matmul(g_o, uv.reshape(u.shape).transpose(0, 2, 1))
-    g_A -= (g_A * A).sum(axis=2, keepdims=True)
-    g_A *= A                                                       # ∂ of the logits u Aqk uᵀ / √C
-    g_uq = np.matmul(g_A, u).reshape(-1, C)                        # ∂ of u Aqk / √C
-    g_u = g_uv @ Av.T + g_uq @ (Aqk.T / np.sqrt(C)) + np.matmul(g_A.transpose(0, 2, 1), uq.reshape(u.shape)).reshape(-1, C)
-    g_h = g.reshape(n, S // m, m, S // m, m, C) + g_u.reshape(n, S // m, 1, S // m, 1, C) / (m * m)
-    u = u.reshape(-1, C)
-    return g_h.reshape(g.shape), u.T @ g_uq / np.sqrt(C), u.T @ g_uv
-
-
 # ---------------------------------------------------------------- the network
 
 class ConvImageNet(net_image.DenseImageNet):
@@ -132,14 +90,9 @@ class ConvImageNet(net_image.DenseImageNet):
             raise ValueError(f"D = {self.D} must be a square whose side divides by 2^(scales − 1) = {2 ** (self.N - 1)}")
         self.basis = dpm.temporal_basis(self.T, self.J)
         self.time_bias = bool(cfg.get("time_bias", 0))
-        self.attention = int(cfg.get("attention", 0))      # 0: none; a: over blocks of m = 2^(a − 1)
-        self.m = 2 ** (self.attention - 1) if self.attention else 1
-        if self.S % self.m:
-            raise ValueError(f"D = {self.D}: the side must divide by the attention's blocks of {self.m}")
         self.PARAM_NAMES = tuple(f"K{k}s{s}" for k in range(1, self.L + 1) for s in range(self.N)) + tuple(
             f"c{k}" for k in range(1, self.L + 1)) + ("W1", "b1", "W2", "b2", "W3", "b3") + (
-            tuple(f"E{k}" for k in range(1, self.L + 1)) if self.time_bias else ()) + (
-            ("Aqk", "Av") if self.attention else ())
+            tuple(f"E{k}" for k in range(1, self.L + 1)) if self.time_bias else ())
         self.dense = None
         if cfg.get("dense_layers", 0):
             self.dense = net_image.DenseImageNet(cfg)
@@ -150,9 +103,9 @@ class ConvImageNet(net_image.DenseImageNet):
         self.F = self.C + (self.dense.F if self.dense else 0)
 
     def init(self, rng, dtype=np.float32):
-        """Filters N(0, 1/(9 Cin N)) (unit-variance sums for unit-variance inputs), zero biases (E and Av too, Aqk
-        the identity); the per-pixel MLP Glorot-uniform with a zero readout, as net_image's, so the untrained
-        model is the forward kernel."""
+        """Filters N(0, 1/(9 Cin N)) (unit-variance sums for unit-variance inputs), zero biases (E too); the
+        per-pixel MLP Glorot-uniform with a zero readout, as net_image's, so the untrained model is the forward
+        kernel."""
         C, N, P, J = self.C, self.N, self.P, self.J
         p = {}
         for k in range(1, self.L + 1):
@@ -167,8 +120,6 @@ class ConvImageNet(net_image.DenseImageNet):
         p["W3"], p["b3"] = np.zeros((J, 2, P), dtype), np.zeros((J, 2), dtype)
         for k in range(1, self.L + 1) if self.time_bias else ():
             p[f"E{k}"] = np.zeros((J, C), dtype)
-        if self.attention:
-            p["Aqk"], p["Av"] = np.eye(C, dtype=dtype), np.zeros((C, C), dtype)
         if self.dense:
             q = self.dense.init(rng, dtype)
             p.update({mine: q[theirs] for mine, theirs in self.dense_names.items()})
@@ -193,20 +144,16 @@ class ConvImageNet(net_image.DenseImageNet):
             z = self.conv_bias(p, k, g)[:, None, None, :] + sum(
                 up(conv3x3(pool(h[-1], 2 ** s), p[f"K{k}s{s}"]), 2 ** s) for s in range(self.N))
             h.append(np.tanh(z))
-        top, att = h[-1], None                 # the convolutions' features, or the global layer's after them
-        if self.attention:
-            z, att = attention(top, p["Aqk"], p["Av"], self.m)
-            top = np.tanh(z)
         if not self.dense:
-            return (h, None, g, att), top.reshape(n, D * self.C)
+            return (h, None, g), h[-1].reshape(n, D * self.C)
         d, fd = self.dense.features_forward(self.dense_params(p), x, g)
-        f = np.concatenate([top.reshape(n, D, self.C), fd.reshape(n, D, -1)], axis=2)
-        return (h, (d, fd), g, att), f.reshape(n, D * self.F)
+        f = np.concatenate([h[-1].reshape(n, D, self.C), fd.reshape(n, D, -1)], axis=2)
+        return (h, (d, fd), g), f.reshape(n, D * self.F)
 
     def features_backward(self, p, cache, f, g_z, grads):
         """∂L/∂(f before its tanh) (n, D·F) → the filters', biases' and dense pathway's gradients (into grads)
         and ∂L/∂x."""
-        (h, dense, g, att), n, S = cache, len(f), self.S
+        (h, dense, g), n, S = cache, len(f), self.S
         g_x = 0.0
         if self.dense:
             g_z = g_z.reshape(n, self.D, self.F)
@@ -216,9 +163,6 @@ class ConvImageNet(net_image.DenseImageNet):
                                                g_dense)
             grads.update({mine: g_dense[theirs] for mine, theirs in self.dense_names.items()})
         g_z = g_z.reshape(n, S, S, self.F)[..., :self.C]
-        if self.attention:                     # back through the global layer to h_L, then h_L's tanh
-            g_h, grads["Aqk"], grads["Av"] = attention_backward(p["Aqk"], p["Av"], self.m, att, g_z)
-            g_z = g_h * (1.0 - h[-1] * h[-1])
         for k in range(self.L, 0, -1):
             per_image = g_z.sum(axis=(1, 2))          # ∂L/∂(layer k's bias of each image), (n, C)
             grads[f"c{k}"] = per_image.sum(axis=0)

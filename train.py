@@ -27,7 +27,7 @@ from cli import UsageError, positive
 
 MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir", "pixel_features", "patch",
                "train_patches", "leaves_size", "r_min", "r_max", "margin", "dense_layers", "conv_layers", "channels", "scales",
-               "pixel_hidden", "time_bias", "attention")
+               "pixel_hidden", "time_bias")
 
 
 def parse(argv):
@@ -64,10 +64,6 @@ def parse(argv):
     p.add_argument("--time-bias", type=int, choices=(0, 1),
                    help="mnist, deadleaves: 1 gives each convolution layer a bias that depends on t through the "
                         "readout's bumps (not the paper's network; default 1 for deadleaves, 0 for mnist)")
-    p.add_argument("--attention", type=int,
-                   help="mnist, deadleaves: a >= 1 adds a self-attention layer over the whole image after the "
-                        "convolutions, among its blocks of 2^(a-1) x 2^(a-1) pixels (not the paper's network; "
-                        "default 0: none; CPU only)")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")
@@ -119,9 +115,6 @@ def check_cuda(args, ds):
     if not cuda.available():
         raise UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
     if ds.cpu is datasets.cpu_image:           # the image networks' products are tiled: any width
-        if ds.cfg(args).get("attention"):
-            raise UsageError("--device cuda: the attention layer (--attention 1) has no GPU kernels yet; "
-                             "train it on the CPU")
         return
     width = 2 + 2 * (args.fourier or 0)
     if args.hidden > cuda.MAX_H or width > cuda.MAX_IN:

@@ -28,7 +28,6 @@ CFG = {"T": 8, "J": 3, "D": 64, "conv_layers": 2, "channels": 6, "scales": 2, "P
        "beta_T": 0.5}
 DENSE = {"dense_layers": 2, "H": 5, "pixel_features": 2}     # a dense pathway beside the convolutions
 TIME = {"time_bias": 1}                                      # layer biases that depend on t
-ATT = {"attention": 2}                                       # the global layer over 2 × 2 blocks
 
 
 def rel_err(a, b):
@@ -133,7 +132,7 @@ def test_thin_layer_matches_net_conv(dtype, S, N):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("dense", [{}, DENSE, TIME, dict(DENSE, **TIME), ATT, dict(DENSE, attention=1)])
+@pytest.mark.parametrize("dense", [{}, DENSE, TIME, dict(DENSE, **TIME)])
 def test_forward_backward_match_the_twin(dtype, dense):
     """out, every parameter's gradient and ∂x; the same numbers with one thread or two."""
     cfg = dict(CFG, scales=3, **dense)                # 8 × 8: scales of 8, 4, 2 pixels
@@ -167,7 +166,7 @@ def batches(cfg, rng, n, k):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("dense", [{}, DENSE, TIME, dict(DENSE, **TIME), dict(TIME, **ATT)])
+@pytest.mark.parametrize("dense", [{}, DENSE, TIME, dict(DENSE, **TIME)])
 def test_trainer_matches_gaussian_and_adam(dtype, dense):
     """loss_and_grads against gaussian.loss_and_grads on the twin, then steps against adam.Adam; two threads
     give the same numbers as one."""

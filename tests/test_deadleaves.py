@@ -78,12 +78,10 @@ def perturbed(consts, rng, scale=0.3):
     return {k: v + scale * rng.standard_normal(v.shape) for k, v in p.items()}
 
 
-@pytest.mark.parametrize("dense", [{}, {"dense_layers": 1, "H": 3, "pixel_features": 2}, {"time_bias": 1},
-                                   {"attention": 2, "channels": 3}])
+@pytest.mark.parametrize("dense", [{}, {"dense_layers": 1, "H": 3, "pixel_features": 2}, {"time_bias": 1}])
 def test_loss_and_input_gradients_match_central_differences(dense):
-    """Every filter, bias and pixel weight (and the dense pathway's beside the convolutions, the layers' E
-    where time_bias, the global layer's Aqk and Av where attention), the schedule's c (through Eq. 14's
-    bound), and ∂out/∂x⁽ᵗ⁾, float64."""
+    """Every filter, bias and pixel weight (and the dense pathway's beside the convolutions, or the layers' E
+    where time_bias), the schedule's c (through Eq. 14's bound), and ∂out/∂x⁽ᵗ⁾, float64."""
     consts = gaussian.Gaussian(dict(TINY, **dense), net_conv.ConvImageNet)
     rng = np.random.default_rng(5)
     p = perturbed(consts, rng)
@@ -110,32 +108,6 @@ def test_loss_and_input_gradients_match_central_differences(dense):
         down.flat[i] -= h
         fd = inner(consts.net.forward(p, up, t)[0] - consts.net.forward(p, down, t)[0], w) / (2 * h)
         assert abs(fd - g_x.flat[i]) <= 1e-6 * (1 + abs(fd)), (i, fd, g_x.flat[i])
-
-
-@pytest.mark.parametrize("m", [1, 2])
-def test_attention_known_answers_and_gradients(m):
-    """Aqk = 0 weighs every block alike, so with Av = I each pixel gets its image's mean added; one-hot blocks
-    with a large Aqk = 40 I attend each to itself, so a block-constant h is doubled. ∂h, ∂Aqk and ∂Av against
-    central differences of ⟨sum, w⟩, float64."""
-    rng = np.random.default_rng(m)
-    h = rng.standard_normal((2, 4, 4, 4))
-    z, _ = net_conv.attention(h, np.zeros((4, 4)), np.eye(4), m)
-    assert np.allclose(z, h + h.mean(axis=(1, 2), keepdims=True))
-    onehot = np.eye(4)[np.arange(4).reshape(2, 2)]                        # 2 × 2 blocks, one channel each
-    blocks = np.repeat(np.repeat(onehot, 2, axis=0), 2, axis=1)[None]
-    z, _ = net_conv.attention(blocks, 40 * np.eye(4), np.eye(4), 2)
-    assert np.allclose(z, 2 * blocks, atol=1e-6)
-    Aqk, Av, w = rng.standard_normal((4, 4)), rng.standard_normal((4, 4)), rng.standard_normal(h.shape)
-    z, cache = net_conv.attention(h, Aqk, Av, m)
-    grads = net_conv.attention_backward(Aqk, Av, m, cache, w)
-    eps = 1e-6
-    for arg, (a, g) in enumerate(zip((h, Aqk, Av), grads)):
-        for i in range(a.size):
-            up, down = [[v.copy() for v in (h, Aqk, Av)] for _ in range(2)]
-            up[arg].flat[i] += eps
-            down[arg].flat[i] -= eps
-            fd = inner(net_conv.attention(*up, m)[0] - net_conv.attention(*down, m)[0], w) / (2 * eps)
-            assert abs(fd - g.flat[i]) <= 1e-7 * (1 + abs(fd)), (arg, i, fd, g.flat[i])
 
 
 def test_untrained_network_is_the_forward_kernel():
@@ -182,13 +154,12 @@ def test_train_sample_figure_and_inpaint(leaves_run, tmp_path, capsys):
     assert np.all(np.abs(np.load(tmp_path / "c.npy")[:, known.ravel()] - truth[known.ravel()]) <= 0.5 + 1e-3)
 
 
-def test_time_bias_and_attention_run_resumes_and_samples(tmp_path, capsys):
-    """--time-bias 1 --attention 2: the layers' E and the global layer's Aqk, Av are trained and saved, a
-    resumed run retraces an uninterrupted one, and sample.py reads the run; a checkpoint whose settings predate
-    time_bias and attention loads as the paper's layers."""
+def test_time_bias_run_resumes_and_samples(tmp_path, capsys):
+    """--time-bias 1: the layers' E are trained and saved, a resumed run retraces an uninterrupted one, and
+    sample.py reads the run; a checkpoint whose settings predate time_bias loads as the paper's layers."""
     import ckpt
-    from conftest import one_error_line, run_sample, run_train
-    small = [*SMALL, "--time-bias", "1", "--attention", "2"]
+    from conftest import run_sample, run_train
+    small = [*SMALL, "--time-bias", "1"]
     assert run_train(tmp_path, *small, "--steps", "4", out="a") == 0
     assert run_train(tmp_path, *small, "--steps", "6", "--resume", out="a") == 0
     assert run_train(tmp_path, *small, "--steps", "6", out="b") == 0
@@ -197,23 +168,19 @@ def test_time_bias_and_attention_run_resumes_and_samples(tmp_path, capsys):
     assert meta["cfg"]["time_bias"] == 1 and a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert sorted(k for k in a if k.startswith("p/E")) == ["p/E1", "p/E2"]
-    assert all(np.any(a[k] != 0) for k in ("p/E1", "p/E2", "p/Aqk", "p/Av"))
+    assert all(np.any(a[k] != 0) for k in ("p/E1", "p/E2"))
     assert run_sample(tmp_path / "a", "-n", "3", "--out", tmp_path / "s.npy") == 0
     assert np.all(np.isfinite(np.load(tmp_path / "s.npy")))
     capsys.readouterr()
-    assert run_sample(tmp_path / "a", "-n", "3", "--out", tmp_path / "g.npy", "--device", "cuda") == 2
-    assert "no GPU kernels" in one_error_line(capsys) and not (tmp_path / "g.npy").exists()
     meta, arrays = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
-    del meta["cfg"]["time_bias"], meta["cfg"]["attention"]
+    del meta["cfg"]["time_bias"]
     ckpt.save(str(tmp_path / "old.npz"), {k: v for k, v in meta.items() if k != "version"},
-              {k: v for k, v in arrays.items() if k.split("/")[1][0] not in "EA"})
+              {k: v for k, v in arrays.items() if k.split("/")[1][0] != "E"})
     _, params, consts, _ = ckpt.load_run(str(tmp_path / "old.npz"), "deadleaves")
-    assert not consts.net.time_bias and not consts.net.attention and "E1" not in params and "Av" not in params
+    assert not consts.net.time_bias and "E1" not in params
 
 
 @pytest.mark.parametrize("flags, words", [(["--patch", "10", "--scales", "3"], "divides by"),
-                                          (["--patch", "6", "--scales", "1", "--attention", "3"], "divides by"),
-                                          (["--attention", "7"], "attention"),
                                           (["--r-min", "40"], "r_min"), (["--fourier", "4"], "does not apply")])
 def test_bad_settings_one_line(tmp_path, capsys, flags, words):
     from conftest import one_error_line, run_train

@@ -225,10 +225,9 @@ def test_csv_refused_and_missing_data_one_line(mnist_runs, tmp_path, capsys):
     assert run_sample(mnist_runs / "s300", "-n", "2", "--from-heldout", "5", "--data-dir", tmp_path / "nowhere",
                       "--out", tmp_path / "f.npy") == 2
     assert "t10k-images-idx3-ubyte" in one_error_line(capsys) and not os.path.exists(tmp_path / "f.npy")
-    for flag in ("--time-bias", "--attention"):
-        assert run_train(tmp_path, *SMALL, *PAPER_NET, flag, "1", "--steps", "2", out="r") == 2
-        assert "conv_layers" in one_error_line(capsys)
-        assert not os.path.exists(tmp_path / "r")
+    assert run_train(tmp_path, *SMALL, *PAPER_NET, "--time-bias", "1", "--steps", "2", out="r") == 2
+    assert "conv_layers" in one_error_line(capsys)
+    assert not os.path.exists(tmp_path / "r")
 
 
 def test_parzen_known_answer():
