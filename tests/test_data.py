@@ -70,6 +70,8 @@ def test_limit_and_ceiling_match_known_values_and_monte_carlo():
     assert limit - lnull == pytest.approx(6.80, abs=0.01)
     y = data.swissroll(40_000, 12)
     lp = data.log_density(y) / math.log(2)
+    edges = [0, 7999, 8000, 31_999, 32_000, 39_999]         # either side of the chunks that the threads share
+    assert np.array_equal(lp[edges], data.log_density(y[edges]) / math.log(2))
     assert abs(lp.mean() - limit) < 4 * lp.std() / math.sqrt(len(lp))
     assert data.ceiling_bits(1.1e-5) - lnull == pytest.approx(6.2, abs=0.02)
     assert data.ceiling_bits(1.1e-5) < limit
