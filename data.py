@@ -107,9 +107,9 @@ def log_density(y, noise=0.02, gain=1.0, var=None):
     y = np.ascontiguousarray(y, dtype=np.float64).reshape(-1, 2)
     out = np.empty(y.shape[0])
     # each point alone: chunks of points on both cores (the quadratures of limit_bits take seconds)
-    chunks = cpu_train.split(len(y), -(-len(y) // 8192))
-    cpu_train._share(lambda k, i: _log_density(y[slice(*chunks[i])], sc, gain, var, _GL_X, _GL_W,
-                                               out[slice(*chunks[i])]), len(chunks), cpu_train.team_size())
+    chunks = [slice(*c) for c in cpu_train.split(len(y), -(-len(y) // 8192))]
+    cpu_train._share(lambda k, i: _log_density(y[chunks[i]], sc, gain, var, _GL_X, _GL_W, out[chunks[i]]),
+                     len(chunks), cpu_train.team_size())
     return out
 
 

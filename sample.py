@@ -92,8 +92,9 @@ def draw(params, consts, ds, args, rng, condition, start):
 def chain_start(params, consts, ds, args, rng, heldout):
     """--from-heldout: (x⁽ᵗ⁰⁾, t0), the first n held-out images put through q(x⁽ᵗ⁰⁾|x⁽⁰⁾) of the run's schedule."""
     t0 = args.from_heldout
-    if ds.name not in ("mnist", "deadleaves"):
-        raise UsageError(f"--from-heldout is for the image data sets (mnist, deadleaves), not {ds.name}")
+    if ds.cpu is not datasets.cpu_image:
+        images = ", ".join(d.name for d in datasets.DATASETS.values() if d.cpu is datasets.cpu_image)
+        raise UsageError(f"--from-heldout is for the image data sets ({images}), not {ds.name}")
     if not 2 <= t0 <= consts.T:
         raise UsageError(f"--from-heldout must be a step t0 in 2..T = 2..{consts.T}, got {t0}")
     try:

@@ -242,5 +242,5 @@ def test_from_heldout_starts_the_chain_at_t0(leaves_run, tiny_run, tmp_path, cap
         assert run_sample(leaves_run, *args, "--out", tmp_path / "e.npy") == 2
         assert words in one_error_line(capsys)
     assert run_sample(tiny_run, "--from-heldout", "5", "--out", tmp_path / "e.npy") == 2
-    assert "image data sets" in one_error_line(capsys)
+    assert "image data sets (mnist, deadleaves)" in one_error_line(capsys)
     assert not (tmp_path / "e.npy").exists()
