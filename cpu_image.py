@@ -776,6 +776,6 @@ def evaluate(params, consts, x0, rng, n_draws=4):
     return gaussian.evaluate(params, fast_consts(consts), x0, rng, n_draws)
 
 
-def sample(params, consts, n, rng, keep=(), start=None):
+def sample(params, consts, n, rng, keep=(), start=None, temperature=1.0):
     """gaussian.sample on the Numba network (Eq. 5, then Eq. 44), with the same RNG draws."""
-    return gaussian.sample(params, fast_consts(consts), n, rng, keep, start)
+    return gaussian.sample(params, fast_consts(consts), n, rng, keep, start, temperature)

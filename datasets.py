@@ -297,7 +297,8 @@ MNIST = Dataset(
     extra_metrics=lambda params, consts, m: dict(_schedule_metrics(*consts.schedule(params), consts.cfg["beta1"]),
                                                  **images.per_pixel_metrics(m, consts.cfg)),
     summary=images.summary, report=_mnist_report,
-    figure=lambda params, consts, drawn, rng: images.figure(params, consts, drawn, rng, cpu_image.sample),
+    figure=lambda params, consts, drawn, rng, sample=cpu_image.sample: images.figure(params, consts, drawn, rng,
+                                                                                      sample),
 )
 
 
@@ -370,8 +371,8 @@ DEADLEAVES = Dataset(
     extra_metrics=lambda params, consts, m: dict(_schedule_metrics(*consts.schedule(params), consts.cfg["beta1"]),
                                                  **images.per_pixel_metrics(m, consts.cfg)),
     summary=images.summary, report=_leaves_report,
-    figure=lambda params, consts, drawn, rng: images.figure(
-        params, consts, drawn, rng, cpu_image.sample,
+    figure=lambda params, consts, drawn, rng, sample=cpu_image.sample: images.figure(
+        params, consts, drawn, rng, sample,
         beside=data.deadleaves(100, HELDOUT_SEED, **images.leaves_settings(consts.cfg))),
 )
 

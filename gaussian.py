@@ -172,11 +172,13 @@ def entropy_check(params, consts, x0, rng):
     return lower, upper, learned, outside, entry
 
 
-def sample(params, consts, n, rng, keep=(), start=None):
+def sample(params, consts, n, rng, keep=(), start=None, temperature=1.0):
     """Ancestral sampling, Eq. 5: x⁽ᵀ⁾ ~ π = N(0, I), learned steps t = T..2, then the fixed step of Eq. 44.
 
     keep: the t whose x⁽ᵗ⁾ is also returned (dict t → array). start: (x⁽ᵗ⁰⁾, t0) to run the learned steps
-    from t0 instead of from π (sample.py --from-heldout: data put through q(x⁽ᵗ⁰⁾|x⁽⁰⁾) first)."""
+    from t0 instead of from π (sample.py --from-heldout: data put through q(x⁽ᵗ⁰⁾|x⁽⁰⁾) first). temperature:
+    each learned step draws x⁽ᵗ⁻¹⁾ = μ + temperature · √Σ ε (sample.py --temperature); at 1, Eq. 5's chain, the
+    model; below 1, a sharpened chain that no bound K describes."""
     beta, _ = consts.schedule(params)
     x, t0 = (rng.standard_normal((n, consts.D)), consts.T) if start is None else start
     kept = {}
@@ -184,7 +186,7 @@ def sample(params, consts, n, rng, keep=(), start=None):
         if t in keep:
             kept[t] = x.copy()
         mu, Sigma = reverse(params, consts, x, np.full(n, t), beta)
-        x = mu + np.sqrt(Sigma) * rng.standard_normal(x.shape)
+        x = mu + temperature * np.sqrt(Sigma) * rng.standard_normal(x.shape)
     if 1 in keep:
         kept[1] = x.copy()
     x = dpm.p_step_fixed_first(x, beta[1], rng.standard_normal(x.shape))

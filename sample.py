@@ -7,6 +7,7 @@ Samples are in the units in which K is reported; .csv output when --out ends in 
 """
 import signal
 import sys
+from functools import partial
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)      # Ctrl-C while still importing: stop, no traceback
@@ -46,6 +47,9 @@ def parse(argv):
                    help="mnist, deadleaves: put the first n held-out images through q(x(T0)|x(0)) and run the "
                         "model's chain from t = T0 instead of from noise (a diagnostic: where samples lose the "
                         "data's shape)")
+    p.add_argument("--temperature", type=positive(float, 1.0), default=1.0,
+                   help="mnist, deadleaves: scale the reverse chain's noise √Σ_t by this at every learned step; "
+                        "below 1 the samples are sharpened and are not the model's (no bound K describes them)")
     args = p.parse_args(argv)
     if not args.out.endswith((".npy", ".csv")):
         raise UsageError(f"--out must end in .npy or .csv, got {args.out!r}")
@@ -53,6 +57,8 @@ def parse(argv):
         raise UsageError("--particles needs --condition")
     if args.from_heldout and (args.condition or args.device == "cuda"):
         raise UsageError("--from-heldout runs on the CPU and without --condition")
+    if args.temperature != 1 and (args.condition or args.device == "cuda"):
+        raise UsageError("--temperature runs on the CPU and without --condition")
     if args.device == "cuda":
         if not datasets.cuda().available():
             raise UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
@@ -73,8 +79,8 @@ def save_samples(path, x, header):
 def draw(params, consts, ds, args, rng, condition, start):
     """Samples of p (on the chosen device; the GPU's own RNG stream is seeded by --seed), of p r, or of the
     chain from start."""
-    if start is not None:
-        return ds.cpu.sample(params, consts, args.n, rng, start=start)[0]
+    if start is not None or args.temperature != 1:
+        return ds.cpu.sample(params, consts, args.n, rng, start=start, temperature=args.temperature)[0]
     if args.particles:
         x, ess = ds.smc(params, consts, args.n, rng, condition, args.particles)
         print(f"sequential Monte Carlo: {args.particles} particles, final effective sample size {ess:.0f}")
@@ -89,12 +95,16 @@ def draw(params, consts, ds, args, rng, condition, start):
     return (ds.cpu or ds.kind).sample(params, consts, args.n, rng)[0]
 
 
+def image_only(ds, flag):
+    if ds.cpu is not datasets.cpu_image:
+        images = ", ".join(d.name for d in datasets.DATASETS.values() if d.cpu is datasets.cpu_image)
+        raise UsageError(f"{flag} is for the image data sets ({images}), not {ds.name}")
+
+
 def chain_start(params, consts, ds, args, rng, heldout):
     """--from-heldout: (x⁽ᵗ⁰⁾, t0), the first n held-out images put through q(x⁽ᵗ⁰⁾|x⁽⁰⁾) of the run's schedule."""
     t0 = args.from_heldout
-    if ds.cpu is not datasets.cpu_image:
-        images = ", ".join(d.name for d in datasets.DATASETS.values() if d.cpu is datasets.cpu_image)
-        raise UsageError(f"--from-heldout is for the image data sets ({images}), not {ds.name}")
+    image_only(ds, "--from-heldout")
     if not 2 <= t0 <= consts.T:
         raise UsageError(f"--from-heldout must be a step t0 in 2..T = 2..{consts.T}, got {t0}")
     try:
@@ -125,6 +135,9 @@ def main(argv=None):
             condition = ds.parse_condition(args.condition, consts.D, heldout)
         except ValueError as e:
             raise UsageError(f"--condition: {e}") from None
+    if args.temperature != 1:
+        image_only(ds, "--temperature")
+        print(f"temperature {args.temperature:g}: the reverse noise scaled; these are not the model's samples")
     if args.from_heldout:
         start = chain_start(params, consts, ds, args, rng, heldout)
     x_model = draw(params, consts, ds, args, rng, condition, start)
@@ -133,7 +146,8 @@ def main(argv=None):
     print(f"{args.n} samples -> {args.out}")
     x_real = ds.report(x_model, condition, args.condition, meta.get("noise"), rng, consts.cfg)
     if args.figure:
-        cli.write_text(args.figure, ds.figure(params, consts, x_real, rng))
+        extra = {} if args.temperature == 1 else {"sample": partial(ds.cpu.sample, temperature=args.temperature)}
+        cli.write_text(args.figure, ds.figure(params, consts, x_real, rng, **extra))
         print(f"figure -> {args.figure}")
     return 0
 

@@ -244,3 +244,38 @@ def test_from_heldout_starts_the_chain_at_t0(leaves_run, tiny_run, tmp_path, cap
     assert run_sample(tiny_run, "--from-heldout", "5", "--out", tmp_path / "e.npy") == 2
     assert "image data sets (mnist, deadleaves)" in one_error_line(capsys)
     assert not (tmp_path / "e.npy").exists()
+
+
+def test_temperature_scales_the_reverse_noise(leaves_run, tiny_run, tmp_path, capsys):
+    """sample.py --temperature λ: every learned step draws μ + λ √Σ ε (the chain written out here, with gaussian's
+    NumPy network as the oracle); λ = 1 is the plain chain, bit for bit; with --figure too. A condition, the GPU, a non-image run or λ outside (0, 1]: one line, exit status 2, no file."""
+    from conftest import one_error_line, run_sample
+    import ckpt
+    import cpu_image
+    import dpm
+    import gaussian
+    _, params, consts, ds = ckpt.load_run(str(leaves_run))
+    beta = consts.schedule(params)[0]
+    lam, n = 0.3, 3
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((n, consts.D))
+    for t in range(consts.T, 1, -1):
+        mu, Sigma = gaussian.reverse(params, consts, x, np.full(n, t), beta)
+        x = mu + lam * np.sqrt(Sigma) * rng.standard_normal(x.shape)
+    want = dpm.p_step_fixed_first(x, beta[1], rng.standard_normal(x.shape))
+    got = cpu_image.sample(params, consts, n, np.random.default_rng(4), temperature=lam)[0]
+    assert np.allclose(got, want, rtol=0, atol=1e-4)
+    plain = cpu_image.sample(params, consts, n, np.random.default_rng(4))[0]
+    assert np.array_equal(cpu_image.sample(params, consts, n, np.random.default_rng(4), temperature=1.0)[0], plain)
+    assert np.abs(plain - want).max() > 100 * 1e-4            # λ changes the samples by far more than rounding
+    assert run_sample(leaves_run, "-n", n, "--seed", 4, "--temperature", lam, "--out", tmp_path / "s.npy",
+                      "--figure", tmp_path / "s.png") == 0
+    assert np.array_equal(np.load(tmp_path / "s.npy"), ds.output(got, consts.cfg)[0])
+    assert "temperature 0.3: the reverse noise scaled" in capsys.readouterr().out
+    for run, value, args, words in ((leaves_run, "0.5", ["--condition", "inpaint:0"], "without --condition"),
+                                    (leaves_run, "0.5", ["--device", "cuda"], "runs on the CPU"),
+                                    (leaves_run, "1.5", [], "at most 1"), (leaves_run, "0", [], "positive float"),
+                                    (tiny_run, "0.5", [], "image data sets (mnist, deadleaves)")):
+        assert run_sample(run, "--temperature", value, *args, "--out", tmp_path / "e.npy") == 2
+        assert words in one_error_line(capsys)
+    assert not (tmp_path / "e.npy").exists()
