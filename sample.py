@@ -55,10 +55,9 @@ def parse(argv):
         raise UsageError(f"--out must end in .npy or .csv, got {args.out!r}")
     if args.particles and not args.condition:
         raise UsageError("--particles needs --condition")
-    if args.from_heldout and (args.condition or args.device == "cuda"):
-        raise UsageError("--from-heldout runs on the CPU and without --condition")
-    if args.temperature != 1 and (args.condition or args.device == "cuda"):
-        raise UsageError("--temperature runs on the CPU and without --condition")
+    for flag, given in (("--from-heldout", args.from_heldout), ("--temperature", args.temperature != 1)):
+        if given and (args.condition or args.device == "cuda"):
+            raise UsageError(f"{flag} runs on the CPU and without --condition")
     if args.device == "cuda":
         if not datasets.cuda().available():
             raise UsageError("--device cuda: no CUDA GPU or driver found (numba.cuda.is_available() is False)")
@@ -78,7 +77,7 @@ def save_samples(path, x, header):
 
 def draw(params, consts, ds, args, rng, condition, start):
     """Samples of p (on the chosen device; the GPU's own RNG stream is seeded by --seed), of p r, or of the
-    chain from start."""
+    chain from start; at --temperature, of the sharpened chain."""
     if start is not None or args.temperature != 1:
         return ds.cpu.sample(params, consts, args.n, rng, start=start, temperature=args.temperature)[0]
     if args.particles:

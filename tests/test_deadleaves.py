@@ -248,12 +248,14 @@ def test_from_heldout_starts_the_chain_at_t0(leaves_run, tiny_run, tmp_path, cap
 
 def test_temperature_scales_the_reverse_noise(leaves_run, tiny_run, tmp_path, capsys, monkeypatch):
     """sample.py --temperature λ: every learned step draws μ + λ √Σ ε (the chain written out here, with gaussian's
-    NumPy network as the oracle); λ = 1 is the plain chain, bit for bit; with --figure too. A condition, the GPU, a non-image run or λ outside (0, 1]: one line, exit status 2, no file."""
+    NumPy network as the oracle); λ = 1 is the plain chain, bit for bit; --figure's trajectories are drawn at λ
+    too. A condition, the GPU, a non-image run or λ outside (0, 1]: one line, exit status 2, no file."""
     from conftest import one_error_line, run_sample
     import ckpt
     import cpu_image
     import dpm
     import gaussian
+    import images
     _, params, consts, ds = ckpt.load_run(str(leaves_run))
     beta = consts.schedule(params)[0]
     lam, n = 0.3, 3
@@ -268,14 +270,12 @@ def test_temperature_scales_the_reverse_noise(leaves_run, tiny_run, tmp_path, ca
     plain = cpu_image.sample(params, consts, n, np.random.default_rng(4))[0]
     assert np.array_equal(cpu_image.sample(params, consts, n, np.random.default_rng(4), temperature=1.0)[0], plain)
     assert np.abs(plain - want).max() > 100 * 1e-4            # λ changes the samples by far more than rounding
-    import images
     figure, drawn = images.figure, []                  # what the figure's sampler (its 5th argument) draws
     monkeypatch.setattr(images, "figure", lambda *a, **kw: drawn.append(
         a[4](params, consts, 1, np.random.default_rng(5))[0]) or figure(*a, **kw))
     assert run_sample(leaves_run, "-n", n, "--seed", 4, "--temperature", lam, "--out", tmp_path / "s.npy",
                       "--figure", tmp_path / "s.png") == 0
     assert np.array_equal(np.load(tmp_path / "s.npy"), ds.output(got, consts.cfg)[0])
-    # the figure's trajectories come from the chain at λ too
     assert np.array_equal(drawn[0], cpu_image.sample(params, consts, 1, np.random.default_rng(5), temperature=lam)[0])
     assert "temperature 0.3: the reverse noise scaled" in capsys.readouterr().out
     for run, value, args, words in ((leaves_run, "0.5", ["--condition", "inpaint:0"], "without --condition"),
