@@ -633,8 +633,9 @@ def fast_class(net):
 
 
 def fast_consts(consts):
-    """A gaussian.Gaussian with consts' cfg whose network is the Numba one (consts itself if it is one)."""
-    if isinstance(consts.net, FastPixelNet):
+    """A gaussian.Gaussian with consts' cfg whose network is the Numba one (consts itself if it is one, or if
+    its network has no Numba version yet: net_unet's U-Net runs as its NumPy twin)."""
+    if isinstance(consts.net, FastPixelNet) or type(consts.net) not in FAST:
         return consts
     return gaussian.Gaussian(consts.cfg, fast_class(consts.net))
 
