@@ -185,8 +185,8 @@ def _dtanh_rows(G, H, m, sums):
 
 # rc[i, ·]: row i's constants, from β, ᾱ at its t (Trainer._row_constants; twins dpm.q_sample,
 # dpm.reverse_mu_sigma, dpm.q_posterior)
-R_SA, R_SB, R_LOGIT, R_C0, R_C1, R_BTIL, R_INV_BTIL, R_LOG_BTIL, R_SQRT_AB, R_SQRT_1M_AB = range(10)
-N_RC = 10
+R_SA, R_SB, R_LOGIT, R_C0, R_C1, R_BTIL, R_INV_BTIL, R_LOG_BTIL, R_SQRT_AB, R_SQRT_1M_AB, R_SIMPLE = range(11)
+N_RC = 11
 # sums[i, ·]: row i's sums over its coordinates of ∂loss/∂ its per-row constants (_kl_block, ab_rows_k;
 # dpm.kl_backward's g_sa, g_sb, g_c0, g_c1, g_logit, g_beta_tilde / (w/2), and Σ (∂x⁽ᵗ⁾) ∂x⁽ᵗ⁾/∂ᾱ_t)
 S_SA, S_SB, S_C0, S_C1, S_LOGIT, S_BTIL, S_AB = range(7)
@@ -210,9 +210,12 @@ def _kl_block(y, m, x0, xt, r, w, inv_sqrt_T, gy, g_xt, acc):
     """Eq. 14's KL_t and its backward for m coordinates of one row, in float64 (twins dpm.kl_terms,
     dpm.kl_backward): y = the network's out there ([a; b], (2, m)), x0 and xt the row's x⁽⁰⁾ and x⁽ᵗ⁾ there, r
     its constants (rc[i]), w = ∂loss/∂KL_i. Writes ∂loss/∂[a; b] into gy and the direct ∂loss/∂x⁽ᵗ⁾ into g_xt;
-    adds the KL into acc[0] and the row's sums into acc[1 + S_SA .. 1 + S_BTIL]."""
+    adds the KL into acc[0] and the row's sums into acc[1 + S_SA .. 1 + S_BTIL]. Where r[R_SIMPLE] is not 0
+    (the hybrid objective), ∂/∂a is L_simple's instead, r[R_SIMPLE] (μ − μ̃) (twin dpm.simple_grad_a)."""
     sa, sb, lg, c0, c1, bt, ibt, lbt = (r[R_SA], r[R_SB], r[R_LOGIT], r[R_C0], r[R_C1], r[R_BTIL],
                                         r[R_INV_BTIL], r[R_LOG_BTIL])
+    simple = r[R_SIMPLE]
+    bound = 1.0 if simple == 0.0 else 0.0
     ya, yb, ga, gb = y[0], y[1], gy[0], gy[1]
     s_kl = s_sa = s_sb = s_c0 = s_c1 = s_lg = s_bt = 0.0
     for d in range(m):
@@ -228,7 +231,7 @@ def _kl_block(y, m, x0, xt, r, w, inv_sqrt_T, gy, g_xt, acc):
         g_z = w * 0.5 * (inv - q * inv) * sig * (1.0 - sig)
         g_mut = w * diff * inv                       # ∂/∂μ̃ = −∂/∂μ
         s_bt += inv - ibt
-        ga[d] = -g_mut * sb
+        ga[d] = -g_mut * sb * bound - simple * diff
         gb[d] = g_z * inv_sqrt_T
         g_xt[d] = -g_mut * sa + g_mut * c1
         s_sa -= g_mut * xd
@@ -623,8 +626,8 @@ FAST = {net_image.DenseImageNet: FastDenseImageNet}   # twin network class → i
 
 def fast_class(net):
     """The Numba network (a FastPixelNet) for a twin network or a Numba one: FastDenseImageNet for
-    net_image.DenseImageNet, cpu_conv.FastConvNet for net_conv.ConvImageNet (registered when cpu_conv is
-    imported, as datasets.py does)."""
+    net_image.DenseImageNet, cpu_conv.FastConvNet for net_conv.ConvImageNet and cpu_unet.FastUNet for
+    net_unet.UNetImageNet (registered when cpu_conv and cpu_unet are imported, as datasets.py does)."""
     if isinstance(net, FastPixelNet):
         return type(net)
     if type(net) not in FAST:
@@ -633,9 +636,8 @@ def fast_class(net):
 
 
 def fast_consts(consts):
-    """A gaussian.Gaussian with consts' cfg whose network is the Numba one (consts itself if it is one, or if
-    its network has no Numba version yet: net_unet's U-Net runs as its NumPy twin)."""
-    if isinstance(consts.net, FastPixelNet) or type(consts.net) not in FAST:
+    """A gaussian.Gaussian with consts' cfg whose network is the Numba one (consts itself if it is one)."""
+    if isinstance(consts.net, FastPixelNet):
         return consts
     return gaussian.Gaussian(consts.cfg, fast_class(consts.net))
 
@@ -691,9 +693,10 @@ class Trainer:
         return self._bufs[n]
 
     @staticmethod
-    def _row_constants(beta, ab, t):
+    def _row_constants(beta, ab, t, simple=0.0):
         """rc (n, N_RC): each row's constants at its t, as dpm.reverse_mu_sigma, dpm.q_posterior and dpm.q_sample
-        compute them."""
+        compute them; R_SIMPLE: `simple` (the hybrid's weight per image on L_simple, else 0) times
+        dpm.simple_grad_a's factor."""
         bt, abt, abp = beta[t], ab[t], ab[t - 1]
         rc = np.empty((len(t), N_RC))
         rc[:, R_SA], rc[:, R_SB], rc[:, R_LOGIT] = np.sqrt(1.0 - bt), np.sqrt(bt), dpm.logit(bt)
@@ -702,6 +705,7 @@ class Trainer:
         rc[:, R_BTIL] = bt * (1.0 - abp) / (1.0 - abt)
         rc[:, R_INV_BTIL], rc[:, R_LOG_BTIL] = 1.0 / rc[:, R_BTIL], np.log(rc[:, R_BTIL])
         rc[:, R_SQRT_AB], rc[:, R_SQRT_1M_AB] = np.sqrt(abt), np.sqrt(1.0 - abt)
+        rc[:, R_SIMPLE] = simple * dpm.simple_grad_a(1.0, 0.0, bt, abt)
         return rc
 
     def loss_and_grads(self, x0, eps, t):
@@ -713,8 +717,9 @@ class Trainer:
         b = self._buffers(n)
         s = net.scratch(n, self.dtype)
         beta, ab = consts.schedule(p)
-        rc = self._row_constants(beta, ab, t)
         w = (T - 1) / n                                # ∂loss/∂KL_i
+        hybrid = consts.cfg.get("hybrid", 0)
+        rc = self._row_constants(beta, ab, t, gaussian.simple_weight(T) / n if hybrid else 0.0)
         g = np.ascontiguousarray(net.basis[:, t].T, self.dtype)
         pp, exact = net._pp(p), self.dtype == np.float64
 
@@ -728,8 +733,9 @@ class Trainer:
             d, f = net.features_forward(p, b["x_net"], g)
             net.run([partial(rows, c, lo, hi) for c, (lo, hi) in enumerate(chunks(n))])
             net.features_backward(p, d, s, b["gx"], grads)
+            gx = np.zeros_like(b["gx"]) if hybrid else b["gx"]     # hybrid: the network's outputs held fixed
             net.run([partial(lambda lo, hi: ab_rows_k(x0[lo:hi], eps[lo:hi], rc[lo:hi], b["g_xt"][lo:hi],
-                                                      b["gx"][lo:hi], b["sums"][lo:hi]), lo, hi)
+                                                      gx[lo:hi], b["sums"][lo:hi]), lo, hi)
                      for lo, hi in cpu_train.split(n, 2)])
         net.pixel_sums(s, grads)
         # the schedule's gradient: per row (dpm.kl_backward's tail), per t, back to c (dpm.schedule_backward)

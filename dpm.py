@@ -184,6 +184,15 @@ def kl_backward(g_kl, cache, T):
     return g_a, g_b, g_xt, g_bt[:, 0], g_abt_direct[:, 0], g_abp[:, 0]
 
 
+def simple_grad_a(mu, mu_tilde, beta_t, ab_t):
+    """∂/∂a of Ho et al. (2020)'s L_simple = ‖ε̂ − ε‖² per sample (their Eq. 14), in this project's
+    parametrisation (reverse_mu_sigma): the noise ε̂ that the mean μ implies, μ = (x⁽ᵗ⁾ − β_t ε̂/√(1 − ᾱ_t))/√(1 − β_t),
+    against the ε that drew x⁽ᵗ⁾, for which μ̃ is the same expression, so ε̂ − ε = −√((1 − ᾱ_t)(1 − β_t)) (μ − μ̃)/β_t
+    and, with ∂μ/∂a = √β_t, ∂L_simple/∂a = 2 (1 − ᾱ_t)(1 − β_t) β_t^(−3/2) (μ − μ̃). Nichol & Dhariwal
+    (2021)'s hybrid trains the mean by this and the variance by the bound (gaussian.loss_and_grads, hybrid)."""
+    return 2.0 * (1.0 - ab_t) * (1.0 - beta_t) * beta_t ** -1.5 * (mu - mu_tilde)
+
+
 def schedule_scalars_backward(g_sa, g_sb, g_c0, g_c1, g_logit, g_beta_tilde, bt, abt, abp):
     """∂L/∂(β_t, ᾱ_t, ᾱ_{t−1}) per sample from ∂L/∂ of the per-t scalars of reverse_mu_sigma and q_posterior:
     √(1−β_t), √β_t, μ̃'s c0 = √ᾱ_{t−1} β_t/(1−ᾱ_t) and c1 = √(1−β_t)(1−ᾱ_{t−1})/(1−ᾱ_t), logit β_t, β̃_t.

@@ -65,9 +65,21 @@ def draw_batch(rng, x_train, n, T):
     return x0, t, rng.standard_normal(x0.shape)
 
 
+def simple_weight(T):
+    """The hybrid objective's weight on L_simple per image against the bound's (T − 1) KL_t in nats: Nichol &
+    Dhariwal (2021) add KL_t in bits per dimension to L_simple per dimension, so (T − 1) ln 2."""
+    return (T - 1) * math.log(2.0)
+
+
 def loss_and_grads(params, consts, x0, eps, t):
     """Minibatch estimate of −(K − L_null) in nats per point (Eq. 14, Σ_t as (T − 1)·KL_t with t uniform
-    on 2..T per sample) and its gradient with respect to every entry of params."""
+    on 2..T per sample) and its gradient with respect to every entry of params.
+
+    With cfg["hybrid"] (train.py --hybrid 1; Nichol & Dhariwal 2021's L_hybrid, not the paper's), the loss is
+    still the bound, but the network's mean output a is trained by simple_weight · L_simple (dpm.simple_grad_a)
+    instead of the bound, and the schedule's c by the bound with the network's outputs held fixed at each
+    x⁽ᵗ⁾ (∂x⁽ᵗ⁾/∂ᾱ_t reaches c only directly, not through the network: through it, L_simple's weights reached
+    the schedule and sent ᾱ_T to 1e-277; README, MNIST "What mattered"); the variance output b by the bound."""
     T, D, n = consts.T, consts.D, len(x0)
     beta, ab = consts.schedule(params)
     ab_t = ab[t][:, None]
@@ -78,8 +90,12 @@ def loss_and_grads(params, consts, x0, eps, t):
     loss = (T - 1) * kl.mean() - edge.mean()
 
     g_a, g_b, g_xt, g_bt, g_abt, g_abp = dpm.kl_backward(np.full(n, (T - 1) / n), cache, T)
+    hybrid = consts.cfg.get("hybrid", 0)
+    if hybrid:
+        mu, mu_tilde = cache[3], cache[5]
+        g_a = simple_weight(T) / n * dpm.simple_grad_a(mu, mu_tilde, beta[t][:, None], ab_t)
     grads, g_x_net = consts.net.backward(params, net_cache, np.concatenate([g_a, g_b], axis=1))
-    g_abt = g_abt + np.sum((g_xt + g_x_net) * dpm.d_xt_d_ab(x0, eps, ab_t), 1)
+    g_abt = g_abt + np.sum((g_xt + (0.0 if hybrid else g_x_net)) * dpm.d_xt_d_ab(x0, eps, ab_t), 1)
     g_beta = np.bincount(t, g_bt, T + 1)
     g_ab = np.bincount(t, g_abt, T + 1) + np.bincount(t - 1, g_abp, T + 1)
     g_ab[T] -= np.mean(dpm.prior_and_edge_terms_grad_ab_T(x0, ab[T]))

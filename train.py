@@ -27,7 +27,7 @@ from cli import UsageError, positive
 
 MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir", "pixel_features", "patch",
                "train_patches", "leaves_size", "r_min", "r_max", "margin", "dense_layers", "conv_layers", "channels", "scales",
-               "pixel_hidden", "time_bias", "unet")
+               "pixel_hidden", "time_bias", "unet", "hybrid")
 
 
 def parse(argv):
@@ -67,6 +67,9 @@ def parse(argv):
     p.add_argument("--unet", type=int, choices=(0, 1),
                    help="mnist, deadleaves: 1 replaces the paper's network by net_unet.py's U-Net (--channels its "
                         "width, --scales its levels; not the paper's network)")
+    p.add_argument("--hybrid", type=int, choices=(0, 1),
+                   help="mnist, deadleaves: 1 trains the mean by L_simple and the variance and schedule by the "
+                        "bound (Nichol & Dhariwal 2021; not the paper's objective); K is still the bound")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")
@@ -102,8 +105,8 @@ def parse(argv):
     if args.batch_size * ds.width(ds.cfg(args)) > datasets.MAX_ELEMENTS:
         raise UsageError(f"--batch-size x the network's width would not fit in memory "
                          f"(at most {datasets.MAX_ELEMENTS} numbers)")
-    if getattr(args, "unet", 0) and (args.backend == "numba" or args.device == "cuda"):
-        raise UsageError("--unet 1 trains on the numpy backend only for now: add --backend numpy")
+    if (getattr(args, "unet", 0) or getattr(args, "hybrid", 0)) and args.device == "cuda":
+        raise UsageError("--unet 1 and --hybrid 1 have no CUDA kernels yet: train them on the CPU")
     if args.device == "cuda":
         check_cuda(args, ds)
     args.out = args.out or os.path.join("runs", args.data)

@@ -104,9 +104,11 @@ def batches(cfg, rng, n, k):
              rng.integers(2, cfg["T"] + 1, n)) for _ in range(k)]
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_trainer_steps_match_the_twin_and_adam(dtype):
-    cfg = config()
+@pytest.mark.parametrize("dtype, hybrid", [(np.float64, 0), (np.float32, 0), (np.float64, 1)])
+def test_trainer_steps_match_the_twin_and_adam(dtype, hybrid):
+    """Three Adam steps of the trainer against gaussian.loss_and_grads and adam.Adam, on the bound and on the
+    hybrid objective."""
+    cfg = dict(config(), hybrid=hybrid)
     rng = np.random.default_rng(1)
     p = perturbed(cfg, rng, dtype)
     bs = batches(cfg, rng, 5, 3)

@@ -1,9 +1,12 @@
 """net_unet.py's U-Net: group normalisation and silu against central differences, the whole network's gradients
 (through Eq. 14's bound) and ∂out/∂x⁽ᵗ⁾ against central differences in float64, the untrained model as the
-forward kernel, and a short train.py run on the NumPy backend."""
+forward kernel; cpu_unet.py's Numba network against it; and short train.py runs."""
 import numpy as np
 import pytest
 
+import cpu_image
+import cpu_unet
+import dpm
 import gaussian
 import net_unet
 from conftest import run_train
@@ -72,6 +75,46 @@ def test_loss_and_input_gradients_match_central_differences():
     assert np.abs(fd - g_x).max() <= 1e-6 * (1 + np.abs(fd).max())
 
 
+def test_hybrid_gradient_is_its_surrogates():
+    """gaussian.loss_and_grads with hybrid against central differences of what it stands for: simple_weight ·
+    L_simple (Ho et al.'s ‖ε̂ − ε‖², ε̂ the noise the mean implies) in the network's parameters, x⁽ᵗ⁾ and the
+    schedule held; plus the bound in the variance output b and in the schedule's c, with x⁽ᵗ⁾ moving with c
+    inside the KL but the network's outputs held at their values. float64."""
+    cfg = dict(TINY, hybrid=1)
+    consts = gaussian.Gaussian(cfg, net_unet.UNetImageNet)
+    rng = np.random.default_rng(6)
+    p = {k: np.asarray(v, np.float64) + 0.3 * rng.standard_normal(np.shape(v)) for k, v in consts.init(rng).items()}
+    p["c"] = 0.5 * rng.standard_normal(p["c"].shape)
+    n, T, D = 3, TINY["T"], TINY["D"]
+    x0, eps, t = rng.standard_normal((n, D)), rng.standard_normal((n, D)), rng.integers(2, 7, n)
+    loss, g = gaussian.loss_and_grads(p, consts, x0, eps, t)
+    beta0, ab0 = consts.schedule(p)
+    xt0 = dpm.q_sample(x0, ab0[t][:, None], eps)
+    a0 = consts.net.forward(p, xt0, t)[0][:, :D]
+
+    def surrogate(q):
+        out = consts.net.forward(q, xt0, t)[0]
+        bt, abt, abp = beta0[t][:, None], ab0[t][:, None], ab0[t - 1][:, None]
+        mu = np.sqrt(1 - bt) * xt0 + np.sqrt(bt) * out[:, :D]
+        eps_hat = (xt0 - np.sqrt(1 - bt) * mu) * np.sqrt(1 - abt) / bt      # μ = (x⁽ᵗ⁾ − β ε̂/√(1 − ᾱ))/√(1 − β)
+        simple = np.sum((eps_hat - eps) ** 2, axis=1)
+        beta, ab = consts.schedule(q)
+        xt = dpm.q_sample(x0, ab[t][:, None], eps)
+        kl, _ = dpm.kl_terms(x0, xt, t, beta, ab, a0, out[:, D:], T)
+        return (gaussian.simple_weight(T) * simple.mean() + (T - 1) * kl.mean()
+                - dpm.prior_and_edge_terms(x0, cfg["beta1"], ab[T]).mean())
+
+    bound = gaussian.Gaussian(TINY, net_unet.UNetImageNet)
+    assert np.isclose(loss, gaussian.loss_and_grads(p, bound, x0, eps, t)[0])     # the loss is the bound
+    for name, v in p.items():
+        for i in (range(v.size) if name == "c" else rng.choice(v.size, min(2, v.size), replace=False)):
+            up, down = ({k: a.copy() for k, a in p.items()} for _ in range(2))
+            up[name].flat[i] += H
+            down[name].flat[i] -= H
+            fd = (surrogate(up) - surrogate(down)) / (2 * H)
+            assert abs(fd - g[name].flat[i]) <= 1e-6 * (1 + abs(fd)), (name, i, fd, g[name].flat[i])
+
+
 def test_untrained_network_is_the_forward_kernel():
     consts = gaussian.Gaussian(TINY, net_unet.UNetImageNet)
     p = consts.init(np.random.default_rng(0))
@@ -79,16 +122,37 @@ def test_untrained_network_is_the_forward_kernel():
     assert np.array_equal(out, np.zeros((2, 32)))
 
 
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-4)])
+def test_numba_network_matches_the_twin(dtype, tol):
+    """cpu_unet.FastUNet's output, ∂x and every gradient against net_unet's, relative to each array's largest
+    entry: to rounding in float64, and within float32's (the Winograd transforms and the rational tanh) in
+    float32. 16 channels (groups of two, so that the biases before a normalisation have a gradient) at three
+    levels of an 8 × 8 image, 13 images in two chunks."""
+    cfg = dict(TINY, T=10, D=64, channels=16, scales=3, P=5)
+    twin, fast = net_unet.UNetImageNet(cfg), cpu_unet.FastUNet(cfg, threads=2)
+    assert cpu_image.fast_class(twin) is cpu_unet.FastUNet
+    rng = np.random.default_rng(1)
+    p = {k: (v + 0.3 * rng.standard_normal(v.shape)).astype(dtype) for k, v in twin.init(rng, np.float64).items()}
+    x, t = rng.standard_normal((13, 64)), rng.integers(2, 11, 13)
+    (o1, c1), (o2, c2) = twin.forward(p, x, t), fast.forward(p, x, t)
+    w = rng.standard_normal(o1.shape)
+    (g1, gx1), (g2, gx2) = twin.backward(p, c1, w), fast.backward(p, c2, w)
+    for name, a, b in [("out", o1, o2), ("x", gx1, gx2)] + [(k, g1[k], g2[k]) for k in g1]:
+        assert np.abs(a - b).max() <= tol * np.abs(a).max(), name
+
+
 def test_train_and_sample(tmp_path, capsys):
-    """A short dead-leaves run on the NumPy backend trains (the held-out bound after one step is 0.09 ± 0.04
-    bits; after 150, 0.89 ± 0.08), and the numba backend, which has no U-Net yet, is refused in one line."""
+    """A short dead-leaves run trains (the held-out bound after one step is 0.09 ± 0.04 bits; after 150, 0.89 ±
+    0.08), on the numba backend as on the NumPy one; --device cuda, which has no U-Net kernels yet, is refused
+    in one line."""
     import json
     small = ["--data", "deadleaves", "--unet", "1", "--T", "20", "--patch", "8", "--leaves-size", "16",
              "--channels", "4", "--scales", "2", "--train-patches", "400", "--batch-size", "16", "--heldout", "50"]
-    assert run_train(tmp_path, *small, "--backend", "numpy", "--steps", "150") == 0
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["K_minus_L_null_bits"] > 0.5
+    for backend in ("numpy", "numba"):
+        assert run_train(tmp_path, *small, "--backend", backend, "--steps", "150", out=backend) == 0
+        m = json.loads((tmp_path / backend / "metrics.json").read_text())
+        assert m["K_minus_L_null_bits"] > 0.5, backend
     capsys.readouterr()
-    assert run_train(tmp_path, *small, "--steps", "60", out="refused") == 2
+    assert run_train(tmp_path, *small, "--device", "cuda", "--steps", "60", out="refused") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "numpy backend" in err[0]
+    assert len(err) == 1 and "CUDA" in err[0]

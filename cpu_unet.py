@@ -1,0 +1,463 @@
+"""net_unet.UNetImageNet on the CPU tier: its 3 × 3 convolutions through cpu_conv's Winograd F(4×4, 3×3)
+kernels and float32 BLAS products (one scale each, no tanh but the last), group normalisation and silu fused
+in Numba kernels here, the per-pixel MLP, KL, trainer, evaluate and sample cpu_image.py's (importing this
+module registers FastUNet in cpu_image.FAST). Both cores, as cpu_conv: an image's path through the whole
+network is independent of the other images', so the forward is one phase of image chunks (cpu_conv.conv_chunks)
+and the backward another, each chunk keeping its own sums of the weights' gradients, added in chunk order.
+
+Twins and test oracles (tests/test_unet.py): net_unet.py's pieces (group_norm, silu and their backward; pool,
+up and their adjoints; the channel concatenation of the up path) and net_unet.UNetImageNet for the network.
+
+    conv_in, conv_in_backward   the first convolution (one input channel) as direct loops, as cpu_conv's
+                                thin_layer (its backward is thin_layer_backward with one scale)
+    gn_silu                     a = silu(GN(h + each image's bias)), h updated in place, the groups' means and
+                                1/σ kept; twin net_unet.group_norm, silu
+    gn_silu_backward            ∂a → ∂h (set or added), each chunk's ∂scale, ∂shift; twin group_norm_backward,
+                                silu_backward
+    pool2, pool2_adjoint_add    net_conv.pool(·, 2) and pool_adjoint (added)
+    up_concat, up_concat_adjoint  [up₂(u) | d] (or [u | d] at the coarsest level) and its adjoint
+    add_bias_skip               out += c + the skip path
+
+The cache that forward returns lives in the net's scratch buffers: valid until the next forward with the same
+batch size.
+"""
+import math
+from functools import partial
+
+import numpy as np
+
+import cpu_conv
+import cpu_image
+import net_unet
+from cpu_conv import conv_chunks, tile_buffer, tiles, filters_to_wino, wino_to_filters
+from jitopts import kernel, scalar
+
+
+# ---------------------------------------------------------------- kernels
+
+@kernel
+def conv_in(x, K, c, out, lo, hi):
+    """out[i] = conv3x3(x[i], K) + c for images lo:hi: x (n, S, S), K (9, C), zero padding."""
+    n, S, _, C = out.shape
+    for i in range(lo, hi):
+        for y in range(S):
+            for xx in range(S):
+                o = out[i, y, xx]
+                for ch in range(C):
+                    o[ch] = c[ch]
+                for u in range(3):
+                    yy = y + u - 1
+                    if yy < 0 or yy >= S:
+                        continue
+                    for v in range(3):
+                        xv = xx + v - 1
+                        if xv < 0 or xv >= S:
+                            continue
+                        w, k = x[i, yy, xv], K[3 * u + v]
+                        for ch in range(C):
+                            o[ch] += w * k[ch]
+
+
+@scalar
+def _tanh32(x):
+    """tanh to float32 precision as a rational function that vectorises (as cpu_image._tanh32, which a cached
+    kernel here may not call: jitopts' caching rule)."""
+    f = np.float32
+    x = min(max(f(x), f(-7.90531110763549805)), f(7.90531110763549805))
+    x2 = x * x
+    p = x2 * f(-2.76076847742355e-16) + f(2.00018790482477e-13)
+    p = x2 * p + f(-8.60467152213735e-11)
+    p = x2 * p + f(5.12229709037114e-08)
+    p = x2 * p + f(1.48572235717979e-05)
+    p = x2 * p + f(6.37261928875436e-04)
+    p = x2 * p + f(4.89352455891786e-03)
+    q = x2 * f(1.19825839466702e-06) + f(1.18534705686654e-04)
+    q = x2 * q + f(2.26843463243900e-03)
+    q = x2 * q + f(4.89352518554385e-03)
+    return x * p / q
+
+
+@scalar
+def _sigmoid(z, exact):
+    """sigmoid(z) = (1 + tanh(z/2))/2: libm's tanh for float64 checks (exact), _tanh32 for float32 work."""
+    return 0.5 * (1.0 + (math.tanh(0.5 * z) if exact else _tanh32(0.5 * z)))
+
+
+@scalar
+def _group_stats(hi_, cg, mean, inv, acc, mc):
+    """Each group's mean and 1/σ of one image's h (P, C) (groups of cg channels) into mean[k], inv[k]: per-channel
+    sums first (loops that vectorise), two passes, in float64; acc, mc scratch (C,)."""
+    P, C = hi_.shape
+    G = C // cg
+    acc[:] = 0.0
+    for q in range(P):
+        for ch in range(C):
+            acc[ch] += hi_[q, ch]
+    for k in range(G):
+        mean[k] = acc[k * cg:(k + 1) * cg].sum() / (P * cg)
+    for ch in range(C):
+        acc[ch] = 0.0
+        mc[ch] = mean[ch // cg]
+    for q in range(P):
+        for ch in range(C):
+            d = hi_[q, ch] - mc[ch]
+            acc[ch] += d * d
+    for k in range(G):
+        inv[k] = 1.0 / math.sqrt(acc[k * cg:(k + 1) * cg].sum() / (P * cg) + net_unet.GN_EPS)
+
+
+@kernel
+def gn_silu(h, bias, scale, shift, a, stats, lo, hi, exact):
+    """Images lo:hi: h[i] += bias[i] where bias has rows (each image's c + g(t) E), then a = silu(GN(h)) (twin
+    net_unet.group_norm then silu); stats[i, k] = (mean, 1/σ) of group k. GN and its scale and shift folded
+    into one multiply-add per channel, z = h A + B."""
+    n, S, _, C = h.shape
+    G = stats.shape[1]
+    cg = C // G
+    P = S * S
+    acc, mc, mean, inv = np.empty(C), np.empty(C), np.empty(G), np.empty(G)
+    A, B = np.empty(C, h.dtype), np.empty(C, h.dtype)
+    for i in range(lo, hi):
+        hi_ = h[i].reshape(P, C)
+        ai = a[i].reshape(P, C)
+        if bias.shape[0] > 0:
+            b = bias[i]
+            for q in range(P):
+                for ch in range(C):
+                    hi_[q, ch] += b[ch]
+        _group_stats(hi_, cg, mean, inv, acc, mc)
+        for k in range(G):
+            stats[i, k, 0], stats[i, k, 1] = mean[k], inv[k]
+        for ch in range(C):
+            A[ch] = scale[ch] * inv[ch // cg]
+            B[ch] = shift[ch] - scale[ch] * inv[ch // cg] * mean[ch // cg]
+        for q in range(P):
+            for ch in range(C):
+                z = hi_[q, ch] * A[ch] + B[ch]
+                ai[q, ch] = z * _sigmoid(z, exact)
+
+
+@kernel
+def gn_silu_backward(ga, h, stats, scale, shift, out, add, gscale, gshift, lo, hi, exact):
+    """Images lo:hi of gn_silu's backward from ga = ∂L/∂a: ∂L/∂h into out (set, or added where add), and the
+    sums over these images of ∂L/∂scale and ∂L/∂shift added into gscale, gshift (C,) (twin
+    net_unet.group_norm_backward, silu_backward). Two passes per image: ∂z (kept) with its per-channel sums Σ ∂z
+    and Σ ∂z x̂, then ∂h = (1/σ)(scale ∂z − mean(scale ∂z) − x̂ mean(scale ∂z x̂)) over each group, folded
+    into ∂h = ∂z A + h B' + C' per channel."""
+    n, S, _, C = h.shape
+    G = stats.shape[1]
+    cg = C // G
+    P = S * S
+    m = P * cg
+    gz = np.empty((P, C), h.dtype)
+    A, B, Xa, Xb = np.empty(C, h.dtype), np.empty(C, h.dtype), np.empty(C, h.dtype), np.empty(C, h.dtype)
+    sz, szx = np.empty(C), np.empty(C)
+    s1, s2 = np.empty(G), np.empty(G)
+    for i in range(lo, hi):
+        hi_, gi, oi = h[i].reshape(P, C), ga[i].reshape(P, C), out[i].reshape(P, C)
+        for ch in range(C):
+            k = ch // cg
+            Xa[ch], Xb[ch] = stats[i, k, 1], -stats[i, k, 0] * stats[i, k, 1]       # x̂ = h Xa + Xb
+            A[ch], B[ch] = scale[ch] * Xa[ch], scale[ch] * Xb[ch] + shift[ch]       # z = h A + B
+            sz[ch] = 0.0
+            szx[ch] = 0.0
+        for q in range(P):
+            for ch in range(C):
+                z = hi_[q, ch] * A[ch] + B[ch]
+                sg = _sigmoid(z, exact)
+                g = gi[q, ch] * sg * (1.0 + z * (1.0 - sg))
+                gz[q, ch] = g
+                sz[ch] += g
+                szx[ch] += g * (hi_[q, ch] * Xa[ch] + Xb[ch])
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for ch in range(C):
+            gshift[ch] += sz[ch]
+            gscale[ch] += szx[ch]
+            s1[ch // cg] += scale[ch] * sz[ch]
+            s2[ch // cg] += scale[ch] * szx[ch]
+        for ch in range(C):                      # ∂h = inv (scale ∂z − s1/m − x̂ s2/m)
+            k = ch // cg
+            inv = stats[i, k, 1]
+            Xa[ch], Xb[ch], B[ch] = (inv * scale[ch], -inv * inv * s2[k] / m,
+                                     -inv * s1[k] / m + inv * inv * stats[i, k, 0] * s2[k] / m)
+        for q in range(P):
+            for ch in range(C):
+                v = gz[q, ch] * Xa[ch] + hi_[q, ch] * Xb[ch] + B[ch]
+                if add:
+                    oi[q, ch] += v
+                else:
+                    oi[q, ch] = v
+
+
+@kernel
+def pool2(src, dst, lo, hi):
+    """dst[i] = the 2 × 2 mean pool of src[i], images lo:hi (twin net_conv.pool)."""
+    n, S, _, C = dst.shape
+    for i in range(lo, hi):
+        for y in range(S):
+            for x in range(S):
+                o, a, b = dst[i, y, x], src[i, 2 * y, 2 * x], src[i, 2 * y, 2 * x + 1]
+                c, d = src[i, 2 * y + 1, 2 * x], src[i, 2 * y + 1, 2 * x + 1]
+                for ch in range(C):
+                    o[ch] = 0.25 * ((a[ch] + b[ch]) + (c[ch] + d[ch]))
+
+
+@kernel
+def pool2_adjoint_add(g, dst, lo, hi):
+    """dst[i] += pool's adjoint of g[i]: each pooled pixel's g/4 over its 2 × 2 block (twin
+    net_conv.pool_adjoint)."""
+    n, S, _, C = g.shape
+    for i in range(lo, hi):
+        for y in range(2 * S):
+            for x in range(2 * S):
+                o, s = dst[i, y, x], g[i, y // 2, x // 2]
+                for ch in range(C):
+                    o[ch] += 0.25 * s[ch]
+
+
+@kernel
+def up_concat(u, d, out, lo, hi):
+    """out[i] = [up_f(u[i]) | d[i]] per pixel, f = out's side / u's side (1 or 2; twin net_conv.up and
+    np.concatenate)."""
+    n, S, _, C = out.shape
+    Cu = u.shape[3]
+    f = S // u.shape[1]
+    for i in range(lo, hi):
+        for y in range(S):
+            for x in range(S):
+                o, a, b = out[i, y, x], u[i, y // f, x // f], d[i, y, x]
+                for ch in range(Cu):
+                    o[ch] = a[ch]
+                for ch in range(C - Cu):
+                    o[Cu + ch] = b[ch]
+
+
+@kernel
+def up_concat_adjoint(g, gu, gd, lo, hi):
+    """up_concat's adjoint for images lo:hi: gu (set) = the block sums of g's first channels (net_conv.up_adjoint),
+    gd += its last channels."""
+    n, S, _, C = g.shape
+    Cu = gu.shape[3]
+    f = S // gu.shape[1]
+    for i in range(lo, hi):
+        gu[i] = 0.0
+        for y in range(S):
+            for x in range(S):
+                a, o, b = g[i, y, x], gu[i, y // f, x // f], gd[i, y, x]
+                for ch in range(Cu):
+                    o[ch] += a[ch]
+                for ch in range(C - Cu):
+                    b[ch] += a[Cu + ch]
+
+
+@kernel
+def add_bias_skip(out, c, skip, lo, hi):
+    """out[i] += c + skip[i], images lo:hi (a block's output: its second convolution, c₂ and the skip path)."""
+    n, S, _, C = out.shape
+    for i in range(lo, hi):
+        for y in range(S):
+            for x in range(S):
+                o, s = out[i, y, x], skip[i, y, x]
+                for ch in range(C):
+                    o[ch] += c[ch] + s[ch]
+
+
+# ---------------------------------------------------------------- one convolution on cpu_conv's kernels
+
+def _none(dt):
+    return np.zeros((0, 0, 0, 0), dt)
+
+
+def conv(a, U, out, V, M, lo, hi, bias=None, exact=False):
+    """Images lo:hi: out = conv3x3(a, K) with U = filters_to_wino(K), or tanh(bias + that) where bias (n, C) is
+    given; V, M the tiles and products (tile_buffer)."""
+    T2 = tiles(a.shape[1]) ** 2
+    rl, rh = lo * T2, hi * T2
+    cpu_conv.wino_in(a, 1, V, lo, hi)
+    np.matmul(V[:, rl:rh], U, out=M[:, rl:rh])
+    cpu_conv.wino_out(M, np.zeros((0, 0), out.dtype) if bias is None else bias, _none(out.dtype), out, lo, hi,
+                      bias is not None, exact)
+
+
+def conv_backward(g, UT, V, gM, gV, gU, ga, lo, hi):
+    """Images lo:hi of conv's backward from g = ∂L/∂out (before any tanh): ∂U of these images into gU (36, Cin,
+    C; set), ∂L/∂a into ga (set). UT: Uᵀ (36, C, Cin)."""
+    T2 = tiles(g.shape[1]) ** 2
+    rl, rh = lo * T2, hi * T2
+    cpu_conv.wino_gout(g, gM, _none(g.dtype), lo, hi)
+    np.matmul(V[:, rl:rh].transpose(0, 2, 1), gM[:, rl:rh], out=gU)
+    np.matmul(gM[:, rl:rh], UT, out=gV[:, rl:rh])
+    cpu_conv.wino_gin(gV, _none(g.dtype), ga, ga, lo, hi, False)
+
+
+# ---------------------------------------------------------------- the network
+
+class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
+    """net_unet.UNetImageNet with the kernels above and cpu_conv's, and the per-pixel MLP of
+    cpu_image.FastPixelNet. Same interface, same results."""
+
+    def convs(self):
+        """Every convolution after the first: (name, level, Cin, C), in forward order."""
+        out = []
+        for b, l, cin, cout in self.blocks:
+            out += [(f"{b}.K1", l, cin, cout), (f"{b}.K2", l, cout, cout)]
+        return out + [("f.K", 0, self.C, self.C)]
+
+    def feature_scratch(self, n, dt):
+        """Every block's input (pooled or concatenated), GN inputs' statistics, silu outputs, second
+        convolution's input and output, and its tiles; the products and their gradients per (level, width);
+        the backward's ∂ buffers; each chunk's sums of the weights' gradients; each image's ∂ of each bias."""
+        S, C, L = self.S, self.C, self.levels
+        z = lambda *s: np.zeros(s, dt)
+        side = lambda l: S >> l
+        nc = len(conv_chunks(n))
+        s = {"hin": z(n, S, S, C), "gK_in": z(nc, 1, 9, C), "gc_in": z(n, C), "gx": z(n, S, S)}
+        for b, l, cin, cout in self.blocks:
+            q = side(l)
+            s[b] = {"inp": z(n, q, q, cin) if b[0] != "m" else None, "st1": z(n, net_unet.groups(cin), 2),
+                    "a1": z(n, q, q, cin), "z1": z(n, q, q, cout), "st2": z(n, net_unet.groups(cout), 2),
+                    "a2": z(n, q, q, cout), "out": z(n, q, q, cout), "skip": z(n, q, q, cout),
+                    "ga2": z(n, q, q, cout), "gz1": z(n, q, q, cout), "ga1": z(n, q, q, cin), "gin": z(n, q, q, cin),
+                    "gout": z(n, q, q, cout), "gc1": z(n, cout), "gc2": z(n, cout),
+                    "gW": z(nc, cin, cout), "gg1": z(nc, cin), "gs1": z(nc, cin), "gg2": z(nc, cout),
+                    "gs2": z(nc, cout)}
+        s["f"] = {"st": z(n, net_unet.groups(C), 2), "a": z(n, S, S, C), "out": z(n, S, S, C), "ga": z(n, S, S, C),
+                  "gc": z(n, C), "gg": z(nc, C), "gs": z(nc, C)}
+        s["V"] = {k: tile_buffer(n * tiles(side(l)) ** 2, cin, dt) for k, l, cin, _ in self.convs()}
+        s["gU"] = {k: z(nc, 36, cin, cout) for k, l, cin, cout in self.convs()}
+        for k, l, cin, cout in self.convs():
+            for name, c in (("M", cout), ("gV", cin)):
+                s.setdefault(f"{name}{l}.{c}", tile_buffer(n * tiles(side(l)) ** 2, c, dt))
+        return s
+
+    def block_input(self, s, b, l, lo, hi):
+        """Block b's input for images lo:hi (written into its buffer, except the middle block's: d_{L−1})."""
+        L = self.levels
+        if b == "m":
+            return s[f"d{L - 1}"]["out"]
+        inp = s[b]["inp"]
+        if b == "d0":
+            inp[lo:hi] = s["hin"][lo:hi]
+        elif b[0] == "d":
+            pool2(s[f"d{l - 1}"]["out"], inp, lo, hi)
+        else:
+            up_concat(s["m"]["out"] if l == L - 1 else s[f"u{l + 1}"]["out"], s[f"d{l}"]["out"], inp, lo, hi)
+        return inp
+
+    def features_forward(self, p, x, g):
+        """x (n, D) in the network dtype, g (n, J) the bumps at each row's t → (the cache, f (n, D·F)): every
+        image chunk's whole path in one task."""
+        dt = p["W1"].dtype
+        n, S = len(x), self.S
+        s = self.scratch(n, dt)
+        exact = dt == np.float64
+        U = {k: filters_to_wino(p[k]) for k, _, _, _ in self.convs()}
+        bias1 = {b: np.ascontiguousarray(p[f"{b}.c1"] + g @ p[f"{b}.E"], dt) for b, _, _, _ in self.blocks}
+        cf = np.ascontiguousarray(np.broadcast_to(p["f.c"], (n, self.C)), dt)
+        none = np.zeros((0, 0), dt)
+
+        def chunk(lo, hi):
+            conv_in(x.reshape(n, S, S), p["in.K"].reshape(9, self.C), p["in.c"], s["hin"], lo, hi)
+            for b, l, cin, cout in self.blocks:
+                t = s[b]
+                inp = self.block_input(s, b, l, lo, hi)
+                gn_silu(inp, none, p[f"{b}.g1"], p[f"{b}.s1"], t["a1"], t["st1"], lo, hi, exact)
+                conv(t["a1"], U[f"{b}.K1"], t["z1"], s["V"][f"{b}.K1"], s[f"M{l}.{cout}"], lo, hi)
+                gn_silu(t["z1"], bias1[b], p[f"{b}.g2"], p[f"{b}.s2"], t["a2"], t["st2"], lo, hi, exact)
+                conv(t["a2"], U[f"{b}.K2"], t["out"], s["V"][f"{b}.K2"], s[f"M{l}.{cout}"], lo, hi)
+                if f"{b}.W" in p:
+                    np.matmul(inp[lo:hi].reshape(-1, cin), p[f"{b}.W"], out=t["skip"][lo:hi].reshape(-1, cout))
+                    add_bias_skip(t["out"], p[f"{b}.c2"], t["skip"], lo, hi)
+                else:
+                    add_bias_skip(t["out"], p[f"{b}.c2"], inp, lo, hi)
+            t = s["f"]
+            gn_silu(s["u0"]["out"], none, p["f.g"], p["f.s"], t["a"], t["st"], lo, hi, exact)
+            conv(t["a"], U["f.K"], t["out"], s["V"]["f.K"], s[f"M0.{self.C}"], lo, hi, cf, exact)
+
+        self.run([partial(chunk, lo, hi) for lo, hi in conv_chunks(n)])
+        return (x, U, g), s["f"]["out"].reshape(n, self.D * self.F)
+
+    def features_backward(self, p, d, s, gx, grads):
+        """From s["gf"] (∂ before f's tanh): down the network as the twin's features_backward, image chunk by
+        image chunk; the gradients into grads, ∂x added to gx."""
+        x, U, g_t = d
+        n, S, L, C = len(x), self.S, self.levels, self.C
+        UT = {k: np.ascontiguousarray(u.transpose(0, 2, 1)) for k, u in U.items()}
+        exact = p["W1"].dtype == np.float64
+        gf = s["gf"].reshape(n, S, S, C)
+
+        def chunk(c, lo, hi):
+            t = s["f"]
+            cpu_conv.image_channel_sums(gf, lo, hi, t["gc"])
+            conv_backward(gf, UT["f.K"], s["V"]["f.K"], s[f"M0.{C}"], s[f"gV0.{C}"], s["gU"]["f.K"][c],
+                          t["ga"], lo, hi)
+            gh = s["u0"]["gout"]
+            t["gg"][c] = 0.0
+            t["gs"][c] = 0.0
+            gn_silu_backward(t["ga"], s["u0"]["out"], t["st"], p["f.g"], p["f.s"], gh, False, t["gg"][c],
+                             t["gs"][c], lo, hi, exact)
+            for l in range(L):
+                s[f"d{l}"]["gout"][lo:hi] = 0.0
+            for b, l, cin, cout in reversed(self.blocks):
+                gin = self.block_backward_chunk(p, s, b, l, cin, cout, UT, c, lo, hi, exact)
+                if b[0] == "u":                    # gin → the path from below (set) and d_l's ∂ (added)
+                    below = s["m"] if l == L - 1 else s[f"u{l + 1}"]
+                    up_concat_adjoint(gin, below["gout"], s[f"d{l}"]["gout"], lo, hi)
+                elif b == "m":
+                    s[f"d{L - 1}"]["gout"][lo:hi] += gin[lo:hi]
+                elif l > 0:
+                    pool2_adjoint_add(gin, s[f"d{l - 1}"]["gout"], lo, hi)
+                else:
+                    cpu_conv.image_channel_sums(gin, lo, hi, s["gc_in"])
+                    s["gx"][lo:hi] = 0.0
+                    cpu_conv.thin_layer_backward(x.reshape(n, S, S), p["in.K"].reshape(1, 9, C), gin,
+                                                 s["gK_in"][c], s["gx"], lo, hi)
+
+        self.run([partial(chunk, c, lo, hi) for c, (lo, hi) in enumerate(conv_chunks(n))])
+        gx += s["gx"].reshape(n, self.D)
+        grads["in.K"][...] = s["gK_in"].sum(axis=0).reshape(3, 3, 1, C)
+        np.sum(s["gc_in"], axis=0, out=grads["in.c"])
+        for k, _, _, _ in self.convs():
+            grads[k][...] = wino_to_filters(s["gU"][k].sum(axis=0))
+        t = s["f"]
+        np.sum(t["gc"], axis=0, out=grads["f.c"])
+        np.sum(t["gg"], axis=0, out=grads["f.g"])
+        np.sum(t["gs"], axis=0, out=grads["f.s"])
+        for b, _, _, _ in self.blocks:
+            t = s[b]
+            np.sum(t["gc2"], axis=0, out=grads[f"{b}.c2"])
+            np.sum(t["gc1"], axis=0, out=grads[f"{b}.c1"])
+            np.matmul(g_t.T, t["gc1"], out=grads[f"{b}.E"])
+            for k in ("g1", "s1", "g2", "s2"):
+                np.sum(t["g" + k], axis=0, out=grads[f"{b}.{k}"])
+            if f"{b}.W" in grads:
+                np.sum(t["gW"], axis=0, out=grads[f"{b}.W"])
+
+    def block_backward_chunk(self, p, s, b, l, cin, cout, UT, c, lo, hi, exact):
+        """Images lo:hi of block b's backward from s[b]["gout"]: its gradients into chunk c's sums and each
+        image's bias sums; returns the buffer whose rows lo:hi hold ∂L/∂(the block's input)."""
+        t = s[b]
+        inp = s[f"d{self.levels - 1}"]["out"] if b == "m" else t["inp"]
+        go, gin = t["gout"], t["gin"]
+        cpu_conv.image_channel_sums(go, lo, hi, t["gc2"])
+        if f"{b}.W" in p:
+            np.matmul(inp[lo:hi].reshape(-1, cin).T, go[lo:hi].reshape(-1, cout), out=t["gW"][c])
+            np.matmul(go[lo:hi].reshape(-1, cout), p[f"{b}.W"].T, out=gin[lo:hi].reshape(-1, cin))
+        else:
+            gin[lo:hi] = go[lo:hi]
+        conv_backward(go, UT[f"{b}.K2"], s["V"][f"{b}.K2"], s[f"M{l}.{cout}"], s[f"gV{l}.{cout}"],
+                      s["gU"][f"{b}.K2"][c], t["ga2"], lo, hi)
+        for k in ("gg1", "gs1", "gg2", "gs2"):
+            t[k][c] = 0.0
+        gn_silu_backward(t["ga2"], t["z1"], t["st2"], p[f"{b}.g2"], p[f"{b}.s2"], t["gz1"], False, t["gg2"][c],
+                         t["gs2"][c], lo, hi, exact)
+        cpu_conv.image_channel_sums(t["gz1"], lo, hi, t["gc1"])
+        conv_backward(t["gz1"], UT[f"{b}.K1"], s["V"][f"{b}.K1"], s[f"M{l}.{cout}"], s[f"gV{l}.{cin}"],
+                      s["gU"][f"{b}.K1"][c], t["ga1"], lo, hi)
+        gn_silu_backward(t["ga1"], inp, t["st1"], p[f"{b}.g1"], p[f"{b}.s1"], gin, True, t["gg1"][c], t["gs1"][c],
+                         lo, hi, exact)
+        return gin
+
+
+cpu_image.FAST[net_unet.UNetImageNet] = FastUNet
