@@ -21,6 +21,9 @@ random unit-variance patches: deadleaves_train_step_b64 (ms; with patches/s), de
 (the direct convolution's FLOPs, image_step_flops, whatever the algorithm), and deadleaves_sample_64 (ms
 per reverse step of 64 patches). numba: cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py,
 adam.py) in float32. They take --repeat / 10 steps each (at least 3; the twin's at most 5).
+
+mnist_unet_* and deadleaves_unet_* time net_unet's U-Net (--unet 3, not the paper's network) in the same way
+(unet_bench).
 """
 import argparse
 import json
@@ -35,6 +38,7 @@ import numpy as np
 import cli
 import datasets
 import gaussian
+import net_unet
 from adam import Adam
 
 COMPARISON = dict(datasets.SWISSROLL.model, M=0, T=40)  # no Fourier features, the paper's T: the model compared with PyTorch
@@ -268,7 +272,12 @@ def image_step_flops(cfg, n):
     D, P, L, H, F = cfg["D"], cfg["P"], cfg.get("dense_layers", 0), cfg.get("H", 0), cfg.get("pixel_features", 0)
     convs, C, N = cfg.get("conv_layers", 0), cfg.get("channels", 0), cfg.get("scales", 1)
     conv = sum(D // 4 ** s * 9 * (1 if k == 0 else C) * C for k in range(convs) for s in range(N))
-    if convs:                                    # net_conv: the dense pathway only where dense_layers > 0
+    if cfg.get("unet"):                          # net_unet: every block's two convolutions and 1 × 1 skip
+        conv = D * 9 * C + D * 9 * C * C + sum(D // 4 ** l * (9 * cin * cout + 9 * cout * cout
+                                                              + cin * cout * (cin != cout))
+                                               for _, l, cin, cout in net_unet.UNetImageNet(cfg).blocks)
+        dense, F = 0, C
+    elif convs:                                  # net_conv: the dense pathway only where dense_layers > 0
         dense = D * H + (L - 1) * H * H + H * D * F if L else 0
         F = C + (F if L else 0)
     else:                                        # net_image: dense_layers = 0 maps the image straight to f
@@ -277,9 +286,35 @@ def image_step_flops(cfg, n):
     return 2 * n * 3 * (conv + dense + pixel)
 
 
+def unet_bench(backend, a, want, emit):
+    """The *_unet_* rows: mnist_unet_train_step_b128 and deadleaves_unet_train_step_b64 (ms, and GFLOP/s of the
+    direct convolutions' count, image_step_flops) for net_unet's U-Net (--unet 3: MNIST at 16, 32, 32 channels
+    and 28, 14, 7 pixels; dead leaves at 32, 64, 64 and 16, 8, 4), on random images."""
+    import cpu_image
+    for row, cfg, bs in (("mnist", dict(datasets.MNIST.model, unet=3, channels=16), 128),
+                         ("deadleaves", dict(datasets.DEADLEAVES.model, unet=3, channels=32), 64)):
+        name, gname = f"{row}_unet_train_step_b{bs}", f"{row}_unet_train_step_gflops_b{bs}"
+        if not (want(name) or want(gname)):
+            continue
+        rng = np.random.default_rng(0)
+        consts = gaussian.Gaussian(cfg, net_unet.UNetImageNet)
+        params = consts.init(rng)
+        params["W3"] += (0.05 * rng.standard_normal(params["W3"].shape)).astype(params["W3"].dtype)
+        step, trainer = step_fn(backend, consts, params, rng.standard_normal((2048, cfg["D"])), bs, rng,
+                                cpu_image.Trainer, 1e-4)
+        ms = timed(step, max(3, a.repeat // 10) if backend == "numba" else 3, 2) * 1e3
+        if want(name):
+            emit(stats(name, ms, "ms", backend=backend, images_per_s=round(bs / float(np.median(ms)) * 1e3, 1)))
+        if want(gname):
+            peak, how = peak_gflops()
+            flops = image_step_flops(cfg, bs)
+            emit(stats(gname, flops / (ms * 1e-3) / 1e9, "GFLOP/s", backend=backend, flop_per_step=flops,
+                       peak_gflops=peak, peak_is=how))
+
+
 def mnist_bench(backend, a, want, emit):
     """The mnist_* rows (see the module docstring)."""
-    if not any(want(name) for name in CPU_NAMES if name.startswith("mnist_")):
+    if not any(want(name) for name in CPU_NAMES if name.startswith("mnist_") and "_unet_" not in name):
         return
     import cpu_image
     cfg = datasets.MNIST.model                   # train.py's MNIST network
@@ -318,7 +353,7 @@ DEADLEAVES = datasets.DEADLEAVES.model      # train.py's dead-leaves network
 
 def deadleaves_bench(backend, a, want, emit):
     """The deadleaves_* rows (see the module docstring)."""
-    if not any(want(name) for name in CPU_NAMES if name.startswith("deadleaves_")):
+    if not any(want(name) for name in CPU_NAMES if name.startswith("deadleaves_") and "_unet_" not in name):
         return
     import cpu_conv
     import cpu_image
@@ -355,7 +390,9 @@ def deadleaves_bench(backend, a, want, emit):
 CPU_NAMES = ("train_step_b512", "train_step_b4096", "train_step_gflops", "eval_K_20000", "sample_100000",
              "cold_start_cold_cache", "cold_start_warm_cache", "mnist_train_step_b128", "mnist_train_step_b512",
              "mnist_train_step_gflops_b128", "mnist_train_step_gflops_b512", "mnist_sample_64",
-             "deadleaves_train_step_b64", "deadleaves_train_step_gflops_b64", "deadleaves_sample_64")
+             "deadleaves_train_step_b64", "deadleaves_train_step_gflops_b64", "deadleaves_sample_64",
+             "mnist_unet_train_step_b128", "mnist_unet_train_step_gflops_b128", "deadleaves_unet_train_step_b64",
+             "deadleaves_unet_train_step_gflops_b64")
 
 
 def main(argv=None):
@@ -417,6 +454,7 @@ def main(argv=None):
             emit(stats("cold_start_warm_cache", warm, "s", what="process start to the end of train.py's first step"))
     mnist_bench(b, a, want, emit)
     deadleaves_bench(b, a, want, emit)
+    unet_bench(b, a, want, emit)
     return 0
 
 

@@ -222,8 +222,8 @@ HEARTBEAT = Dataset(
 
 
 def image_net(cfg):
-    """The image network a cfg asks for: net_unet.UNetImageNet where unet is 1 (channels and scales are its
-    width and levels), else net_conv.ConvImageNet where it has convolution layers (with its dense pathway where
+    """The image network a cfg asks for: net_unet.UNetImageNet where unet (its levels) is 1 or more (channels its
+    width), else net_conv.ConvImageNet where it has convolution layers (with its dense pathway where
     dense_layers > 0), else net_image.DenseImageNet (the dense pathway alone)."""
     if cfg.get("unet"):
         return net_unet.UNetImageNet
@@ -250,7 +250,9 @@ def _mnist_check(cfg):
     """What the rules cannot say of an MNIST cfg: some pathway to give the per-pixel MLP its features, and
     scales that divide the 28 × 28 image."""
     if not (cfg["conv_layers"] or cfg["dense_layers"] or cfg["unet"]):
-        raise ValueError("the network needs convolution layers or dense layers (or both), or unet 1")
+        raise ValueError("the network needs convolution layers or dense layers (or both), or unet levels")
+    if cfg["unet"] and 28 % 2 ** (cfg["unet"] - 1):
+        raise ValueError(f"unet {cfg['unet']}: the image side, 28, must divide by 2^(unet - 1)")
     if cfg["time_bias"] and not cfg["conv_layers"]:
         raise ValueError("time_bias gives t to the convolution layers: it needs conv_layers of 1 or more")
     if cfg["conv_layers"] and 28 % 2 ** (cfg["scales"] - 1):
@@ -286,7 +288,7 @@ MNIST = Dataset(
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 4096), "D": (int, 784, 784),
            "dense_layers": (int, 0, 8), "pixel_features": (int, 1, 16), "P": (int, 1, 256),
            "conv_layers": (int, 0, 8), "channels": (int, 1, 256), "scales": (int, 1, 3), "time_bias": (int, 0, 1),
-           "unet": (int, 0, 1), "hybrid": (int, 0, 1),
+           "unet": (int, 0, 3), "hybrid": (int, 0, 1),
            "beta1": (float, 0, 1), "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6)},
     backends=("numba", "numpy"),
     train_set=lambda a: images.mnist_train(a.data_dir),
@@ -327,12 +329,12 @@ def _leaves_report(x, condition, text, noise, rng, cfg):
 
 
 def _leaves_check(cfg):
-    """What the rules cannot say of a dead-leaves cfg: square patches that the scales divide, cut from the
-    generated images, and r_min < r_max."""
-    side = math.isqrt(cfg["D"])
-    if side * side != cfg["D"] or side % 2 ** (cfg["scales"] - 1) or side > cfg["leaves_size"]:
+    """What the rules cannot say of a dead-leaves cfg: square patches that the scales (or the U-Net's levels)
+    divide, cut from the generated images, and r_min < r_max."""
+    side, levels = math.isqrt(cfg["D"]), cfg["unet"] or cfg["scales"]
+    if side * side != cfg["D"] or side % 2 ** (levels - 1) or side > cfg["leaves_size"]:
         raise ValueError(f"the patch side ({cfg['D']} pixels) must be a whole number, at most leaves_size "
-                         f"({cfg['leaves_size']}), that divides by 2^(scales - 1) = {2 ** (cfg['scales'] - 1)}")
+                         f"({cfg['leaves_size']}), that divides by 2^(levels - 1) = {2 ** (levels - 1)}")
     if cfg["r_min"] >= cfg["r_max"]:
         raise ValueError(f"r_min ({cfg['r_min']}) must be below r_max ({cfg['r_max']})")
 
@@ -359,7 +361,7 @@ DEADLEAVES = Dataset(
            "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"], "margin": data.LEAVES["margin"]},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "D": (int, 4, 4096), "conv_layers": (int, 1, 8),
            "channels": (int, 1, 256), "scales": (int, 1, 6), "P": (int, 1, 256), "dense_layers": (int, 0, 8),
-           "time_bias": (int, 0, 1), "unet": (int, 0, 1), "hybrid": (int, 0, 1),
+           "time_bias": (int, 0, 1), "unet": (int, 0, 6), "hybrid": (int, 0, 1),
            "H": (int, 1, 4096), "pixel_features": (int, 1, 16), "beta1": (float, 0, 1),
            "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6),
            "leaves_size": (int, 2, 4096), "r_min": (float, 0, 1e6), "r_max": (float, 0, 1e6),

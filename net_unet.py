@@ -1,13 +1,14 @@
-"""A U-Net for the image data sets (train.py --unet 1): not the paper's network (App. D.2.1's is net_image.py and
+"""A U-Net for the image data sets (train.py --unet LEVELS): not the paper's network (App. D.2.1's is net_image.py and
 net_conv.py) but Ho et al. (2020)'s at a small size, whose samples draw whole MNIST strokes and large dead-leaves
 discs where the paper's do not (README, MNIST and dead leaves, "What mattered"). Its features f feed the same
 per-pixel MLP and temporal readout of Eqs. 64–65 (net_image.DenseImageNet.pixel_forward), so the reverse
 kernel, the bound K and the sampler are those of every other network. Plain NumPy, forward and backward by hand:
 the twin and test oracle of a Numba version.
 
-Images are channels-last, (n, S, S, C). `levels` resolutions S, S/2, ... (MNIST 28/14/7), widths C at the
-finest and 2C below; a residual block at each level going down, one in the middle, one at each level coming up
-on the upsampled path concatenated with the same level's block output going down (the skip):
+Images are channels-last, (n, S, S, C). L = cfg["unet"] levels, resolutions S, S/2, ... (MNIST 28/14/7 for L =
+3), widths C (cfg["channels"]) at the finest and 2C below; a residual block at each level going down, one in the
+middle, one at each level coming up on the upsampled path concatenated with the same level's block output going
+down (the skip):
 
     block(h)  a₁ = silu(GN(h));  z₁ = conv3x3(a₁, K₁) + c₁ + g(t) E;  a₂ = silu(GN(z₁));
               z₂ = conv3x3(a₂, K₂) + c₂;  out = z₂ + h (h W where the widths differ, a 1 × 1 convolution)
@@ -77,12 +78,12 @@ def silu_backward(g, z, s):
 # ---------------------------------------------------------------- the network
 
 class UNetImageNet(net_image.DenseImageNet):
-    """The U-Net above (channels C, `scales` levels), then the per-pixel MLP (P wide) and readout of
+    """The U-Net above (channels C, cfg["unet"] levels), then the per-pixel MLP (P wide) and readout of
     net_image.DenseImageNet (forward, backward, pixel_forward, pixel_backward are its)."""
 
     def __init__(self, cfg):
         self.T, self.D, self.J, self.P = cfg["T"], cfg["D"], cfg["J"], cfg["P"]
-        self.C, self.levels = cfg["channels"], cfg["scales"]
+        self.C, self.levels = cfg["channels"], cfg["unet"]
         self.S = math.isqrt(self.D)
         if self.S * self.S != self.D or self.S % 2 ** (self.levels - 1):
             raise ValueError(f"D = {self.D} must be a square whose side divides by 2^(levels − 1) = "

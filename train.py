@@ -64,9 +64,8 @@ def parse(argv):
     p.add_argument("--time-bias", type=int, choices=(0, 1),
                    help="mnist, deadleaves: 1 gives each convolution layer a bias that depends on t through the "
                         "readout's bumps (not the paper's network; default 1 for deadleaves, 0 for mnist)")
-    p.add_argument("--unet", type=int, choices=(0, 1),
-                   help="mnist, deadleaves: 1 replaces the paper's network by net_unet.py's U-Net (--channels its "
-                        "width, --scales its levels; not the paper's network)")
+    p.add_argument("--unet", type=int, help="mnist, deadleaves: N > 0 replaces the paper's network by net_unet.py's "
+                                             "U-Net of N levels (--channels its width; not the paper's network)")
     p.add_argument("--hybrid", type=int, choices=(0, 1),
                    help="mnist, deadleaves: 1 trains the mean by L_simple and the variance and schedule by the "
                         "bound (Nichol & Dhariwal 2021; not the paper's objective); K is still the bound")
@@ -106,7 +105,7 @@ def parse(argv):
         raise UsageError(f"--batch-size x the network's width would not fit in memory "
                          f"(at most {datasets.MAX_ELEMENTS} numbers)")
     if (getattr(args, "unet", 0) or getattr(args, "hybrid", 0)) and args.device == "cuda":
-        raise UsageError("--unet 1 and --hybrid 1 have no CUDA kernels yet: train them on the CPU")
+        raise UsageError("--unet and --hybrid 1 have no CUDA kernels yet: train them on the CPU")
     if args.device == "cuda":
         check_cuda(args, ds)
     args.out = args.out or os.path.join("runs", args.data)

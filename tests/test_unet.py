@@ -11,7 +11,7 @@ import gaussian
 import net_unet
 from conftest import run_train
 
-TINY = {"T": 6, "J": 3, "D": 16, "channels": 2, "scales": 2, "P": 3, "beta1": 1e-3, "beta_T": 0.5}
+TINY = {"T": 6, "J": 3, "D": 16, "channels": 2, "unet": 2, "P": 3, "beta1": 1e-3, "beta_T": 0.5}
 H = 1e-5
 
 
@@ -128,7 +128,7 @@ def test_numba_network_matches_the_twin(dtype, tol):
     entry: to rounding in float64, and within float32's (the Winograd transforms and the rational tanh) in
     float32. 16 channels (groups of two, so that the biases before a normalisation have a gradient) at three
     levels of an 8 × 8 image, 13 images in two chunks."""
-    cfg = dict(TINY, T=10, D=64, channels=16, scales=3, P=5)
+    cfg = dict(TINY, T=10, D=64, channels=16, unet=3, P=5)
     twin, fast = net_unet.UNetImageNet(cfg), cpu_unet.FastUNet(cfg, threads=2)
     assert cpu_image.fast_class(twin) is cpu_unet.FastUNet
     rng = np.random.default_rng(1)
@@ -146,8 +146,8 @@ def test_train_and_sample(tmp_path, capsys):
     0.08), on the numba backend as on the NumPy one; --device cuda, which has no U-Net kernels yet, is refused
     in one line."""
     import json
-    small = ["--data", "deadleaves", "--unet", "1", "--T", "20", "--patch", "8", "--leaves-size", "16",
-             "--channels", "4", "--scales", "2", "--train-patches", "400", "--batch-size", "16", "--heldout", "50"]
+    small = ["--data", "deadleaves", "--unet", "2", "--T", "20", "--patch", "8", "--leaves-size", "16",
+             "--channels", "4", "--train-patches", "400", "--batch-size", "16", "--heldout", "50"]
     for backend in ("numpy", "numba"):
         assert run_train(tmp_path, *small, "--backend", backend, "--steps", "150", out=backend) == 0
         m = json.loads((tmp_path / backend / "metrics.json").read_text())
