@@ -28,6 +28,18 @@ def central(f, x):
     return g
 
 
+def check_entries(f, p, g, rng):
+    """g against central differences of f(params) at two random entries of every array of p and every entry
+    of the schedule's c."""
+    for name, v in p.items():
+        for i in (range(v.size) if name == "c" else rng.choice(v.size, min(2, v.size), replace=False)):
+            up, down = ({k: a.copy() for k, a in p.items()} for _ in range(2))
+            up[name].flat[i] += H
+            down[name].flat[i] -= H
+            fd = (f(up) - f(down)) / (2 * H)
+            assert abs(fd - g[name].flat[i]) <= 1e-6 * (1 + abs(fd)), (name, i, fd, g[name].flat[i])
+
+
 @pytest.mark.parametrize("C", [4, 16])      # 16: 8 groups of two channels
 def test_group_norm_and_silu_gradients(C):
     rng = np.random.default_rng(C)
@@ -61,13 +73,7 @@ def test_loss_and_input_gradients_match_central_differences():
     def loss(q):
         return gaussian.loss_and_grads(q, consts, x0, eps, t)[0]
 
-    for name, v in p.items():
-        for i in (range(v.size) if name == "c" else rng.choice(v.size, min(2, v.size), replace=False)):
-            up, down = ({k: a.copy() for k, a in p.items()} for _ in range(2))
-            up[name].flat[i] += H
-            down[name].flat[i] -= H
-            fd = (loss(up) - loss(down)) / (2 * H)
-            assert abs(fd - g[name].flat[i]) <= 1e-6 * (1 + abs(fd)), (name, i, fd, g[name].flat[i])
+    check_entries(loss, p, g, rng)
     w = rng.standard_normal((3, 32))
     out, cache = consts.net.forward(p, x0, t)
     _, g_x = consts.net.backward(p, cache, w)
@@ -106,13 +112,7 @@ def test_hybrid_gradient_is_its_surrogates():
 
     bound = gaussian.Gaussian(TINY, net_unet.UNetImageNet)
     assert np.isclose(loss, gaussian.loss_and_grads(p, bound, x0, eps, t)[0])     # the loss is the bound
-    for name, v in p.items():
-        for i in (range(v.size) if name == "c" else rng.choice(v.size, min(2, v.size), replace=False)):
-            up, down = ({k: a.copy() for k, a in p.items()} for _ in range(2))
-            up[name].flat[i] += H
-            down[name].flat[i] -= H
-            fd = (surrogate(up) - surrogate(down)) / (2 * H)
-            assert abs(fd - g[name].flat[i]) <= 1e-6 * (1 + abs(fd)), (name, i, fd, g[name].flat[i])
+    check_entries(surrogate, p, g, rng)
 
 
 def test_untrained_network_is_the_forward_kernel():
