@@ -104,7 +104,7 @@ def parse(argv):
     if args.batch_size * ds.width(ds.cfg(args)) > datasets.MAX_ELEMENTS:
         raise UsageError(f"--batch-size x the network's width would not fit in memory "
                          f"(at most {datasets.MAX_ELEMENTS} numbers)")
-    if (getattr(args, "unet", 0) or getattr(args, "hybrid", 0)) and args.device == "cuda":
+    if (args.unet or args.hybrid) and args.device == "cuda":
         raise UsageError("--unet and --hybrid 1 have no CUDA kernels yet: train them on the CPU")
     if args.device == "cuda":
         check_cuda(args, ds)
