@@ -8,12 +8,13 @@ train_step_* time the comparison model, whatever train.py's defaults are: 2 → 
 (inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40 (the
 paper's; train.py's default is 80), Adam; one step = drawing the minibatch, forward, backward and the Adam update.
 
-mnist_* time train.py's MNIST network (datasets.MNIST.model: 2 convolution layers of 16 channels beside a dense
-pathway of 3 layers of 128 with 2 features per pixel, a 40-wide per-pixel MLP, T = 1000), as the PyTorch
-comparison in README has it, on random images: mnist_train_step_b128 and _b512 (ms; with images/s),
-mnist_train_step_gflops_b128 and _b512 (image_step_flops), and mnist_sample_64 (ms per reverse step of 64
-images). numba: cpu_image.py and cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py and
-net_image.py, adam.py) in float32, as train.py runs it. They take --repeat / 6 steps each (at least 3).
+mnist_* time MNIST's network before the U-Net (MNIST_CONV: train.py --data mnist --unet 0 --hybrid 0, the one
+the GPU trains: 2 convolution layers of 16 channels beside a dense pathway of 3 layers of 128 with 2 features
+per pixel, a 40-wide per-pixel MLP, T = 1000), as the PyTorch comparison in README has it, on random images:
+mnist_train_step_b128 and _b512 (ms; with images/s), mnist_train_step_gflops_b128 and _b512
+(image_step_flops), and mnist_sample_64 (ms per reverse step of 64 images). numba: cpu_image.py and
+cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py and net_image.py, adam.py) in float32, as
+train.py runs it. They take --repeat / 6 steps each (at least 3).
 
 deadleaves_* time the dead-leaves network (net_conv.ConvImageNet) at its defaults (DEADLEAVES below: 4
 multi-scale layers of 32 channels at 3 scales on 16 × 16 patches, a 32-wide per-pixel MLP, T = 1000) on
@@ -22,8 +23,8 @@ random unit-variance patches: deadleaves_train_step_b64 (ms; with patches/s), de
 per reverse step of 64 patches). numba: cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py,
 adam.py) in float32. They take --repeat / 10 steps each (at least 3; the twin's at most 5).
 
-mnist_unet_* and deadleaves_unet_* time net_unet's U-Net (--unet 3, not the paper's network) in the same way
-(unet_bench).
+mnist_unet_* and deadleaves_unet_* time net_unet's U-Net (--unet 3, not the paper's network; MNIST's default,
+dead leaves' with --unet 3) in the same way (unet_bench).
 """
 import argparse
 import json
@@ -146,9 +147,12 @@ def cuda_peak_gflops(dev):
 # What bench.py --device cuda times (the tests shrink it to run the code in the simulator). images: (name, model,
 # training batches, sampled images); image_repeat and image_warmup: steps timed and untimed per training row;
 # image_T: the T of the sampling rows (a reverse step costs the same whatever T is).
+# MNIST's network before the U-Net (train.py --unet 0 --hybrid 0): the convolutions beside the paper's dense pathway
+MNIST_CONV = dict(datasets.MNIST.model, unet=0, hybrid=0)
+
 CUDA_SIZES = {"cfg": datasets.SWISSROLL.model, "train": (512, 65_536), "repeat": (300, 100), "sample": 1_000_000,
               "eval": 20_000, "timed": 5, "hb_cfg": None, "hb_train": 512, "hb_sample": 10_000,
-              "images": (("mnist", datasets.MNIST.model, (128, 512), 1000),
+              "images": (("mnist", MNIST_CONV, (128, 512), 1000),
                          ("deadleaves", datasets.DEADLEAVES.model, (64, 256), 1000)),
               "image_repeat": 50, "image_warmup": 3, "image_T": 20, "image_sample_repeat": (2, 1), "gemm": 4096,
               "conv": (256, 16, 32)}
@@ -291,7 +295,7 @@ def unet_bench(backend, a, want, emit):
     direct convolutions' count, image_step_flops) for net_unet's U-Net (--unet 3: MNIST at 16, 32, 32 channels
     and 28, 14, 7 pixels; dead leaves at 32, 64, 64 and 16, 8, 4), on random images."""
     import cpu_image
-    for row, cfg, bs in (("mnist", dict(datasets.MNIST.model, unet=3, channels=16), 128),
+    for row, cfg, bs in (("mnist", datasets.MNIST.model, 128),               # train.py's MNIST default
                          ("deadleaves", dict(datasets.DEADLEAVES.model, unet=3, channels=32), 64)):
         name, gname = f"{row}_unet_train_step_b{bs}", f"{row}_unet_train_step_gflops_b{bs}"
         if not (want(name) or want(gname)):
@@ -317,7 +321,7 @@ def mnist_bench(backend, a, want, emit):
     if not any(want(name) for name in CPU_NAMES if name.startswith("mnist_") and "_unet_" not in name):
         return
     import cpu_image
-    cfg = datasets.MNIST.model                   # train.py's MNIST network
+    cfg = MNIST_CONV
     rng = np.random.default_rng(0)
     consts = gaussian.Gaussian(cfg, datasets.image_net(cfg))
     params = consts.init(rng)

@@ -783,6 +783,17 @@ def evaluate(params, consts, x0, rng, n_draws=4):
     return gaussian.evaluate(params, fast_consts(consts), x0, rng, n_draws)
 
 
+def entropy_check(params, consts, x0, rng):
+    """gaussian.entropy_check (§2.6) on the Numba network, which runs it in float64 as the twin does (equal to
+    it to rounding: tests/test_cpu_image.py, tests/test_unet.py), at a fraction of the twin's time."""
+    return gaussian.entropy_check(params, fast_consts(consts), x0, rng)
+
+
+def sample_conditioned(params, consts, n, rng, condition):
+    """gaussian.sample_conditioned (§2.5's r_t = r chain) on the Numba network, with the same RNG draws."""
+    return gaussian.sample_conditioned(params, fast_consts(consts), n, rng, condition)
+
+
 def sample(params, consts, n, rng, keep=(), start=None, temperature=1.0):
     """gaussian.sample on the Numba network (Eq. 5, then Eq. 44), with the same RNG draws."""
     return gaussian.sample(params, fast_consts(consts), n, rng, keep, start, temperature)

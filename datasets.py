@@ -271,19 +271,21 @@ def _mnist_report(x, condition, text, noise, rng, cfg):
 MNIST = Dataset(
     name="mnist",
     kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, image_net(cfg)),
-    # App. D.2.1's network (net_image.py): H units in each of dense_layers dense layers, pixel_features features
-    # per pixel, a per-pixel MLP P wide (40, twice the official code's 20: README "What mattered"); beside it, as
-    # the official code had, conv_layers convolution layers of `channels` channels at `scales` scales (net_conv.py;
-    # 0: the dense pathway alone, the paper's Fig. D.1 caption); scale and shift are the training set's
-    # (images.pixel_scaling)
+    # By default net_unet's U-Net of `unet` levels, `channels` wide, trained by the hybrid objective (hybrid;
+    # README "What mattered": whole digits, not the paper's network). With unet 0 (and hybrid 0, the paper's
+    # objective), App. D.2.1's network (net_image.py): H units in each of dense_layers dense layers,
+    # pixel_features features per pixel, and beside it, as the official code had, conv_layers convolution layers
+    # of `channels` channels at `scales` scales (net_conv.py; 0: the dense pathway alone, the paper's Fig. D.1
+    # caption). Either way a per-pixel MLP P wide (40, twice the official code's 20) and the readout of
+    # Eqs. 64-65; scale and shift are the training set's (images.pixel_scaling)
     model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 40,
-           "conv_layers": 2, "channels": 16, "scales": 1, "time_bias": 0, "unet": 0, "hybrid": 0,
+           "conv_layers": 2, "channels": 16, "scales": 1, "time_bias": 0, "unet": 3, "hybrid": 1,
            "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
     cfg=lambda a: _image_cfg(MNIST.model, a), check=_mnist_check,
     # checkpoints from before the convolutions (the dense pathway alone) and before time_bias
     before={"conv_layers": 0, "time_bias": 0, "unet": 0, "hybrid": 0},
-    train={"steps": 20_000, "lr": 1e-3, "lr_decay_steps": 20_000, "eval_every": 5000, "quick_eval": 100,
-           "heldout": 1000, "draws": 1, "backend": "numba", "batch_size": 128,
+    train={"steps": 5000, "lr": 1e-3, "lr_decay_steps": 5000, "eval_every": 2500, "quick_eval": 100,
+           "heldout": 200, "draws": 1, "backend": "numba", "batch_size": 128,
            "data_dir": os.path.join("data", "mnist")},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 4096), "D": (int, 784, 784),
            "dense_layers": (int, 0, 8), "pixel_features": (int, 1, 16), "P": (int, 1, 256),
@@ -297,13 +299,14 @@ MNIST = Dataset(
     cpu=cpu_image, log_weights=None, cuda_trainer=lambda: cuda_images().ImageTrainer,
     cuda_sample=lambda: cuda_images().sample,
     table2=images.table2,                  # evaluate.py's Parzen estimate (Table 2); None: Eq. 9 instead
-    parse_condition=images.parse_condition, conditioned=gaussian.sample_conditioned,
-    smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
+    parse_condition=images.parse_condition, conditioned=cpu_image.sample_conditioned,     # the Numba network
+    smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, cpu_image.fast_consts(consts), n, rng,
+                                                                     cond, particles)[:2],
     output=lambda x, cfg: (images.to_levels(x, cfg).astype(np.float32), None), csv=False,  # 0..255 units
     limit_bits=lambda cfg, noise: None,
     ceiling_bits=lambda cfg, noise: images.ceiling_bits(cfg),
     quality=lambda x, x_heldout, noise, cfg: images.mnist_quality(x, x_heldout, cfg),
-    entropy=gaussian.entropy_check, entropy_points=100,
+    entropy=cpu_image.entropy_check, entropy_points=20,
     entropy_names=("lower bound H(β̃_t)", "upper bound H(β_t)"),
     extra_metrics=lambda params, consts, m: dict(_schedule_metrics(*consts.schedule(params), consts.cfg["beta1"]),
                                                  **images.per_pixel_metrics(m, consts.cfg)),
@@ -372,13 +375,14 @@ DEADLEAVES = Dataset(
     width=image_width, final_samples=100,
     cpu=cpu_image, log_weights=None, cuda_trainer=lambda: cuda_images().ImageTrainer,
     cuda_sample=lambda: cuda_images().sample, table2=None, check=_leaves_check,
-    parse_condition=images.parse_condition, conditioned=gaussian.sample_conditioned,
-    smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, consts, n, rng, cond, particles)[:2],
+    parse_condition=images.parse_condition, conditioned=cpu_image.sample_conditioned,     # the Numba network
+    smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, cpu_image.fast_consts(consts), n, rng,
+                                                                     cond, particles)[:2],
     output=lambda x, cfg: (images.to_levels(x, cfg).astype(np.float32), None), csv=False,  # 0..255 units
     limit_bits=lambda cfg, noise: None,
     ceiling_bits=lambda cfg, noise: images.ceiling_bits(cfg),
     quality=lambda x, x_heldout, noise, cfg: images.leaves_quality(x, x_heldout, cfg),
-    entropy=gaussian.entropy_check, entropy_points=100,
+    entropy=cpu_image.entropy_check, entropy_points=100,
     entropy_names=("lower bound H(β̃_t)", "upper bound H(β_t)"),
     extra_metrics=lambda params, consts, m: dict(_schedule_metrics(*consts.schedule(params), consts.cfg["beta1"]),
                                                  **images.per_pixel_metrics(m, consts.cfg)),

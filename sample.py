@@ -125,6 +125,8 @@ def main(argv=None):
             raise UsageError(f"{name} {n} would not fit in memory: at most {MAX_NUMBERS // consts.D:,} for {ds.name}")
     if not ds.csv and args.out.endswith(".csv"):
         raise UsageError(f"{ds.name} samples are written as .npy only")
+    if args.device == "cuda" and consts.cfg.get("unet"):
+        raise UsageError("--device cuda: the U-Net (--unet) has no CUDA kernels yet: sample it on the CPU")
     rng = np.random.default_rng(args.seed)
     condition = start = None
     data_dir = args.data_dir or meta.get("data_dir")

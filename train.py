@@ -105,7 +105,8 @@ def parse(argv):
         raise UsageError(f"--batch-size x the network's width would not fit in memory "
                          f"(at most {datasets.MAX_ELEMENTS} numbers)")
     if (args.unet or args.hybrid) and args.device == "cuda":
-        raise UsageError("--unet and --hybrid 1 have no CUDA kernels yet: train them on the CPU")
+        raise UsageError("--unet and --hybrid 1 (MNIST's defaults) have no CUDA kernels yet: train them on the CPU, "
+                         "or pass --unet 0 --hybrid 0 for the network before the U-Net")
     if args.device == "cuda":
         check_cuda(args, ds)
     args.out = args.out or os.path.join("runs", args.data)

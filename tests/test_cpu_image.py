@@ -17,7 +17,8 @@ TOL = {np.float64: 1e-12, np.float32: 1e-5}
 
 
 def config(**kw):
-    return dict(datasets.MNIST.model, **dict(dict(D=12, H=6, P=5, J=3, T=8, dense_layers=2, pixel_features=2), **kw))
+    small = dict(D=12, H=6, P=5, J=3, T=8, dense_layers=2, pixel_features=2, unet=0, hybrid=0)
+    return dict(datasets.MNIST.model, **dict(small, **kw))
 
 
 def perturbed(cfg, rng, dtype, scale=0.3):

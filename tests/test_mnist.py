@@ -143,7 +143,7 @@ def mnist_dir(tmp_path_factory):
 
 SMALL = ["--data", "mnist", "--T", "20", "--hidden", "24", "--channels", "4", "--pixel-hidden", "8", "--batch-size", "32",
          "--heldout", "60"]
-PAPER_NET = ["--conv-layers", "0"]           # the dense pathway alone (the paper's Fig. D.1 caption)
+PAPER_NET = ["--unet", "0", "--hybrid", "0", "--conv-layers", "0"]   # the dense pathway alone (Fig. D.1's caption)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def mnist_runs(mnist_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("net", ["", "dense"])
 def test_training_raises_the_heldout_bound(mnist_runs, net):
-    """The default network (convolutions beside the dense pathway) and the paper's (--conv-layers 0)."""
+    """The default network (net_unet's U-Net, trained by the hybrid objective) and the paper's."""
     before = json.load(open(mnist_runs / f"{net}s1" / "metrics.json"))
     after = json.load(open(mnist_runs / f"{net}s300" / "metrics.json"))
     gain = after["K_minus_L_null_bits_per_pixel"] - before["K_minus_L_null_bits_per_pixel"]
@@ -264,15 +264,16 @@ def test_table2_from_sample_files(mnist_runs, mnist_dir, tmp_path, capsys):
 
 
 def test_checkpoint_from_before_the_convolutions_loads_as_the_dense_network(mnist_runs, tmp_path):
-    """A checkpoint whose settings predate conv_layers (the paper's network was then the only one) and
-    time_bias is read as --conv-layers 0, not given the new default's convolutions."""
+    """A checkpoint whose settings predate conv_layers (the paper's network was then the only one), time_bias,
+    unet and hybrid is read as the paper's network, not given the new default's U-Net."""
     import ckpt
-    import net_conv
+    import net_unet
     meta, arrays = ckpt.load(str(mnist_runs / "denses300" / "checkpoint.npz"))
     assert meta["cfg"].pop("conv_layers") == 0 and meta["cfg"].pop("time_bias") == 0
+    assert meta["cfg"].pop("unet") == 0 and meta["cfg"].pop("hybrid") == 0
     old = tmp_path / "checkpoint.npz"
     ckpt.save(str(old), {k: v for k, v in meta.items() if k != "version"}, arrays)
     _, params, consts, _ = ckpt.load_run(str(old), "mnist")
     assert type(consts.net) is net_image.DenseImageNet and consts.cfg["conv_layers"] == 0
     _, _, consts, _ = ckpt.load_run(str(mnist_runs / "s300"), "mnist")
-    assert type(consts.net) is net_conv.ConvImageNet and consts.cfg["P"] == 8 and consts.net.P == 8  # --pixel-hidden
+    assert type(consts.net) is net_unet.UNetImageNet and consts.cfg["P"] == 8 and consts.net.P == 8  # --pixel-hidden

@@ -9,7 +9,7 @@ import cpu_unet
 import dpm
 import gaussian
 import net_unet
-from conftest import run_train
+from conftest import run_sample, run_train
 
 TINY = {"T": 6, "J": 3, "D": 16, "channels": 2, "unet": 2, "P": 3, "beta1": 1e-3, "beta_T": 0.5}
 H = 1e-5
@@ -141,10 +141,41 @@ def test_numba_network_matches_the_twin(dtype, tol):
         assert np.abs(a - b).max() <= tol * np.abs(a).max(), name
 
 
+def test_entropy_check_on_the_numba_network_is_the_twins():
+    """cpu_image.entropy_check (train.py's, for the image data sets) against gaussian.entropy_check on the twin:
+    the same draws, the learned kernel's entropy to rounding, the same t outside §2.6's bounds."""
+    cfg = dict(TINY, D=64, channels=4, unet=3)
+    consts = gaussian.Gaussian(cfg, net_unet.UNetImageNet)
+    rng = np.random.default_rng(2)
+    p = {k: (v + 0.3 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in consts.init(rng).items()}
+    x0 = rng.standard_normal((3, 64))
+    twin = gaussian.entropy_check(p, consts, x0, np.random.default_rng(5))     # float32 weights, as trained
+    fast = cpu_image.entropy_check(p, consts, x0, np.random.default_rng(5))
+    assert np.abs(twin[2] - fast[2])[2:].max() <= 1e-9 * np.abs(twin[2][2:]).max()
+    assert twin[3] == fast[3] and np.array_equal(twin[0], fast[0])
+
+
+def test_conditioned_sampling_runs_on_the_numba_network():
+    """sample.py --condition and --particles for the image data sets (datasets' conditioned and smc) run the
+    Numba network, with the twin's draws: in float64 their samples are the twin's to rounding."""
+    import datasets
+    import smc
+    consts = gaussian.Gaussian(dict(TINY, D=64, channels=4, unet=3), net_unet.UNetImageNet)
+    rng = np.random.default_rng(3)
+    p = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in consts.init(rng).items()}   # float64 (promoted)
+    cond = ("clamp", {i: 0.5 for i in range(0, 64, 3)})
+    a = datasets.MNIST.conditioned(p, consts, 4, np.random.default_rng(9), cond)
+    b = gaussian.sample_conditioned(p, consts, 4, np.random.default_rng(9), cond)
+    assert np.abs(a - b).max() <= 1e-9 * np.abs(b).max()
+    a, ess = datasets.MNIST.smc(p, consts, 3, np.random.default_rng(9), cond, 5)
+    b, ess_twin, _ = smc.gaussian(p, consts, 3, np.random.default_rng(9), cond, 5)
+    assert np.abs(a - b).max() <= 1e-9 * np.abs(b).max() and ess == pytest.approx(ess_twin, rel=1e-9)
+
+
 def test_train_and_sample(tmp_path, capsys):
     """A short dead-leaves run trains (the held-out bound after one step is 0.09 ± 0.04 bits; after 150, 0.89 ±
     0.08), on the numba backend as on the NumPy one; --device cuda, which has no U-Net kernels yet, is refused
-    in one line."""
+    in one line by train.py and by sample.py."""
     import json
     small = ["--data", "deadleaves", "--unet", "2", "--T", "20", "--patch", "8", "--leaves-size", "16",
              "--channels", "4", "--train-patches", "400", "--batch-size", "16", "--heldout", "50"]
@@ -156,3 +187,6 @@ def test_train_and_sample(tmp_path, capsys):
     assert run_train(tmp_path, *small, "--device", "cuda", "--steps", "60", out="refused") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDA" in err[0]
+    assert run_sample(tmp_path / "numba", "-n", "2", "--out", tmp_path / "s.npy", "--device", "cuda") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA" in err[0] and not (tmp_path / "s.npy").exists()
