@@ -60,6 +60,31 @@ def test_group_norm_and_silu_gradients(C):
     assert np.allclose(xhat.mean(axis=(1, 3)), 0) and np.allclose(xhat.var(axis=(1, 3)), 1, atol=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 7, 32), (2, 5, 5, 16), (2, 2, 2, 64)])   # blocks of R pixels and tails
+def test_group_norm_kernels_match_the_twin(shape):
+    """cpu_unet.gn_silu (with each image's bias) and gn_silu_backward (set and added) against net_unet's
+    group_norm, silu and their backward, in float64, on images lo:hi of a batch."""
+    rng = np.random.default_rng(shape[3])
+    n, C = shape[0], shape[3]
+    h0 = rng.standard_normal(shape) * 2 + 1
+    bias, scale, shift = rng.standard_normal((n, C)), rng.standard_normal(C), rng.standard_normal(C)
+    h, a, stats = h0.copy(), np.zeros(shape), np.zeros((n, net_unet.groups(C), 2))
+    cpu_unet.gn_silu(h, bias, scale, shift, a, stats, 1, n, True)
+    hb = h0[1:] + bias[1:, None, None, :]
+    y, cache = net_unet.group_norm(hb, scale, shift)
+    want, sg = net_unet.silu(y)
+    assert np.abs(h[1:] - hb).max() < 1e-12 and np.array_equal(h[0], h0[0])
+    assert np.abs(a[1:] - want).max() <= 1e-12 * np.abs(want).max() and not a[0].any()
+    g = rng.standard_normal(shape)
+    gh, gscale, gshift = net_unet.group_norm_backward(net_unet.silu_backward(g[1:], y, sg), cache, scale)
+    for add in (False, True):
+        out, gs, gb = np.ones(shape), np.zeros(C), np.zeros(C)
+        cpu_unet.gn_silu_backward(g, h, stats, scale, shift, out, add, gs, gb, 1, n, True)
+        assert np.abs(out[1:] - add - gh).max() <= 1e-12 * np.abs(gh).max() and np.all(out[0] == 1)
+        assert np.abs(gs - gscale).max() <= 1e-12 * np.abs(gscale).max()
+        assert np.abs(gb - gshift).max() <= 1e-12 * np.abs(gshift).max()
+
+
 def test_loss_and_input_gradients_match_central_differences():
     """Two entries of every parameter array (every block's filters, biases, E, GN scales and shifts, skip
     weights, the features' and the per-pixel MLP's), every entry of the schedule's c, and ∂out/∂x⁽ᵗ⁾."""
