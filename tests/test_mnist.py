@@ -150,7 +150,7 @@ PAPER_NET = ["--unet", "0", "--hybrid", "0", "--conv-layers", "0"]   # the dense
 def mnist_runs(mnist_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("mnist_runs")
     for name, more in (("", []), ("dense", PAPER_NET)):
-        for steps in (1, 300):
+        for steps in (1, 150):
             assert run_train(d, *SMALL, *more, "--data-dir", str(mnist_dir), "--steps", str(steps),
                              "--eval-every", "1000", out=f"{name}s{steps}") == 0
     return d
@@ -160,7 +160,7 @@ def mnist_runs(mnist_dir, tmp_path_factory):
 def test_training_raises_the_heldout_bound(mnist_runs, net):
     """The default network (net_unet's U-Net, trained by the hybrid objective) and the paper's."""
     before = json.load(open(mnist_runs / f"{net}s1" / "metrics.json"))
-    after = json.load(open(mnist_runs / f"{net}s300" / "metrics.json"))
+    after = json.load(open(mnist_runs / f"{net}s150" / "metrics.json"))
     gain = after["K_minus_L_null_bits_per_pixel"] - before["K_minus_L_null_bits_per_pixel"]
     assert gain > 10 * math.hypot(after["K_minus_L_null_stderr_bits_per_pixel"],
                                   before["K_minus_L_null_stderr_bits_per_pixel"])
@@ -188,7 +188,7 @@ def decode_png(blob):
 
 
 def test_samples_in_pixel_units_and_figure(mnist_runs, tmp_path, capsys):
-    run = mnist_runs / "s300"
+    run = mnist_runs / "s150"
     assert run_sample(run, "-n", "4", "--out", tmp_path / "s.npy", "--figure", tmp_path / "f.png") == 0
     assert "% of samples" in capsys.readouterr().out.split("in one piece")[1]
     x = np.load(tmp_path / "s.npy")
@@ -201,7 +201,7 @@ def test_samples_in_pixel_units_and_figure(mnist_runs, tmp_path, capsys):
 @pytest.mark.parametrize("kind, more", [("inpaint:3", []), ("denoise:2", []), ("inpaint:3", ["--particles", "6"])])
 def test_conditioned_images(mnist_runs, mnist_dir, tmp_path, kind, more):
     """Fig. 5's and Fig. 3's protocols through §2.5's r_t = r chain, and inpainting through smc.gaussian."""
-    run = mnist_runs / "s300"
+    run = mnist_runs / "s150"
     assert run_sample(run, "-n", "3", "--out", tmp_path / "c.npy", "--condition", kind,
                       "--figure", tmp_path / "c.png", *more) == 0
     x = np.load(tmp_path / "c.npy")
@@ -216,13 +216,13 @@ def test_conditioned_images(mnist_runs, mnist_dir, tmp_path, kind, more):
 
 
 def test_csv_refused_and_missing_data_one_line(mnist_runs, tmp_path, capsys):
-    assert run_sample(mnist_runs / "s300", "-n", "2", "--out", tmp_path / "s.csv") == 2
+    assert run_sample(mnist_runs / "s150", "-n", "2", "--out", tmp_path / "s.csv") == 2
     assert ".npy only" in one_error_line(capsys)
     assert run_train(tmp_path, *SMALL, "--data-dir", str(tmp_path / "nowhere"), "--steps", "2", out="r") == 2
     err = one_error_line(capsys)
     assert "train-images-idx3-ubyte" in err and "yann.lecun.com" in err
     assert not os.path.exists(tmp_path / "r")
-    assert run_sample(mnist_runs / "s300", "-n", "2", "--from-heldout", "5", "--data-dir", tmp_path / "nowhere",
+    assert run_sample(mnist_runs / "s150", "-n", "2", "--from-heldout", "5", "--data-dir", tmp_path / "nowhere",
                       "--out", tmp_path / "f.npy") == 2
     assert "t10k-images-idx3-ubyte" in one_error_line(capsys) and not os.path.exists(tmp_path / "f.npy")
     assert run_train(tmp_path, *SMALL, *PAPER_NET, "--time-bias", "1", "--steps", "2", out="r") == 2
@@ -245,7 +245,7 @@ def test_parzen_known_answer():
 def test_table2_from_sample_files(mnist_runs, mnist_dir, tmp_path, capsys):
     import cli
     import evaluate
-    run = mnist_runs / "s300"
+    run = mnist_runs / "s150"
     assert run_sample(run, "-n", "20", "--out", tmp_path / "s.npy") == 0
     assert cli.cli(evaluate.main, "evaluate.py", [str(run), "--parzen", str(tmp_path / "s.npy")]) == 0
     out = json.load(open(run / "table2.json"))
@@ -268,12 +268,12 @@ def test_checkpoint_from_before_the_convolutions_loads_as_the_dense_network(mnis
     unet and hybrid is read as the paper's network, not given the new default's U-Net."""
     import ckpt
     import net_unet
-    meta, arrays = ckpt.load(str(mnist_runs / "denses300" / "checkpoint.npz"))
+    meta, arrays = ckpt.load(str(mnist_runs / "denses150" / "checkpoint.npz"))
     assert meta["cfg"].pop("conv_layers") == 0 and meta["cfg"].pop("time_bias") == 0
     assert meta["cfg"].pop("unet") == 0 and meta["cfg"].pop("hybrid") == 0
     old = tmp_path / "checkpoint.npz"
     ckpt.save(str(old), {k: v for k, v in meta.items() if k != "version"}, arrays)
     _, params, consts, _ = ckpt.load_run(str(old), "mnist")
     assert type(consts.net) is net_image.DenseImageNet and consts.cfg["conv_layers"] == 0
-    _, _, consts, _ = ckpt.load_run(str(mnist_runs / "s300"), "mnist")
+    _, _, consts, _ = ckpt.load_run(str(mnist_runs / "s150"), "mnist")
     assert type(consts.net) is net_unet.UNetImageNet and consts.cfg["P"] == 8 and consts.net.P == 8  # --pixel-hidden
