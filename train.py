@@ -202,9 +202,18 @@ class Run:
     def restore(self, path):
         meta, arrays = ckpt.load(path)
         for key, value in self.settings().items():
-            if meta.get(key, "cpu" if key == "device" else None) != value:
+            old = meta.get(key, "cpu" if key == "device" else None)
+            if key == "cfg" and isinstance(old, dict):
+                old = {**self.ds.before, **old}          # settings the checkpoint predates: their old values
+                if old != value:
+                    differ = [k for k in value if old.get(k) != value[k]] + [k for k in old if k not in value]
+                    raise ckpt.CheckpointError(
+                        f"{path} was trained with " + ", ".join(f"{k}={old.get(k)!r}" for k in differ)
+                        + ", not " + ", ".join(f"{k}={value.get(k)!r}" for k in differ)
+                        + "; resume with the same flags")
+            elif old != value:
                 raise ckpt.CheckpointError(
-                    f"{path} was trained with {key}={meta.get(key)!r}, not {value!r}; resume with the same flags")
+                    f"{path} was trained with {key}={old!r}, not {value!r}; resume with the same flags")
         try:
             stores = self.state()
             for name in stores[0]:

@@ -263,9 +263,11 @@ def test_table2_from_sample_files(mnist_runs, mnist_dir, tmp_path, capsys):
     assert "--parzen" in one_error_line(capsys)
 
 
-def test_checkpoint_from_before_the_convolutions_loads_as_the_dense_network(mnist_runs, tmp_path):
+def test_checkpoint_from_before_the_convolutions_loads_as_the_dense_network(mnist_runs, mnist_dir, tmp_path,
+                                                                              capsys):
     """A checkpoint whose settings predate conv_layers (the paper's network was then the only one), time_bias,
-    unet and hybrid is read as the paper's network, not given the new default's U-Net."""
+    unet and hybrid is read as the paper's network, not given the new default's U-Net; train.py resumes it
+    with the paper's flags, and without them says in one line which settings differ."""
     import ckpt
     import net_unet
     meta, arrays = ckpt.load(str(mnist_runs / "denses150" / "checkpoint.npz"))
@@ -275,5 +277,10 @@ def test_checkpoint_from_before_the_convolutions_loads_as_the_dense_network(mnis
     ckpt.save(str(old), {k: v for k, v in meta.items() if k != "version"}, arrays)
     _, params, consts, _ = ckpt.load_run(str(old), "mnist")
     assert type(consts.net) is net_image.DenseImageNet and consts.cfg["conv_layers"] == 0
+    resume = [*SMALL, "--data-dir", str(mnist_dir), "--resume", "--steps", "152"]
+    assert run_train(tmp_path.parent, *resume, out=tmp_path.name) == 2
+    assert "conv_layers=0, unet=0, hybrid=0, not conv_layers=2, unet=3, hybrid=1;" in one_error_line(capsys)
+    assert run_train(tmp_path.parent, *resume, *PAPER_NET, out=tmp_path.name) == 0
+    assert ckpt.load(str(old))[0]["step"] == 152
     _, _, consts, _ = ckpt.load_run(str(mnist_runs / "s150"), "mnist")
     assert type(consts.net) is net_unet.UNetImageNet and consts.cfg["P"] == 8 and consts.net.P == 8  # --pixel-hidden
