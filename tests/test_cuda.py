@@ -257,7 +257,19 @@ def model_trainer(consts, n):
     return cpu_train.Trainer(consts, n, np.float32)
 
 
-def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch, capsys):
+def assert_same_run(a, b):
+    """Two checkpoints' arrays: the RNG streams equal, the parameters and Adam's moments equal to float rounding.
+    cuda_train's per-t sums are atomic additions, whose order follows the threads' scheduling (the simulator's
+    Python threads as a GPU's warps), so their last bits may differ between two runs of the same steps."""
+    for key in a:
+        if a[key].dtype.kind != "f":
+            assert np.array_equal(a[key], b[key]), key
+        else:
+            assert np.abs(a[key] - b[key]).max() <= 1e-5 * max(np.abs(a[key]).max(), 1e-30), key
+    return True
+
+
+def test_train_py_on_cuda_resumes_and_stops_on_nan(tmp_path, monkeypatch, capsys):
     import ckpt
     import train
     from conftest import one_error_line, run_sample
@@ -271,7 +283,7 @@ def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch
     _, a = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
     _, b = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
     assert a.keys() == b.keys() and "rng/xoroshiro" in a
-    assert all(np.array_equal(a[key], b[key]) for key in a)
+    assert_same_run(a, b)
     assert run_sample(tmp_path / "a", "-n", "10", "--out", tmp_path / "s.npy") == 0       # a CPU sampler reads it
     capsys.readouterr()
     assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "a"), *tiny[:-2], "--steps", "18",
@@ -300,7 +312,7 @@ def test_train_py_on_cuda_resumes_exactly_and_stops_on_nan(tmp_path, monkeypatch
         assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h2"), *hb, "--steps", "10"]) == 0
     _, a = ckpt.load(str(tmp_path / "h1" / "checkpoint.npz"))
     _, b = ckpt.load(str(tmp_path / "h2" / "checkpoint.npz"))
-    assert all(np.array_equal(a[key], b[key]) for key in a) and "rng/xoroshiro" in a
+    assert_same_run(a, b) and "rng/xoroshiro" in a
     assert json.load(open(tmp_path / "h1" / "metrics.json"))["device"] == "cuda"
     monkeypatch.setattr(cs, "available", lambda: False)
     assert run("d") == 2

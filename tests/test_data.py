@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import data
 import datasets
@@ -23,6 +23,7 @@ def test_sets_from_different_seeds_differ_and_same_seed_repeats():
     assert not np.allclose(data.swissroll(10, 1), data.swissroll(10, 2))
 
 
+@settings(max_examples=15)          # each example runs the 2,000,001-point oracle (0.27 s)
 @given(st.lists(st.tuples(st.floats(-3, 3), st.floats(-3, 3)), min_size=1, max_size=4),
        st.sampled_from([None, 1e-4, 0.05]))
 def test_jitted_log_density_equals_its_numpy_twin(points, var):
