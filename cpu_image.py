@@ -36,6 +36,7 @@ import cpu_train
 import dpm
 import gaussian
 import net_image
+import smc
 from cpu_train import _BlasHeld, _share
 from jitopts import kernel, scalar
 
@@ -792,6 +793,12 @@ def entropy_check(params, consts, x0, rng):
 def sample_conditioned(params, consts, n, rng, condition):
     """gaussian.sample_conditioned (§2.5's r_t = r chain) on the Numba network, with the same RNG draws."""
     return gaussian.sample_conditioned(params, fast_consts(consts), n, rng, condition)
+
+
+def smc_sample(params, consts, n, rng, condition, particles):
+    """smc.gaussian (sequential Monte Carlo from p·r) on the Numba network, with the same RNG draws: (samples,
+    the final effective sample size)."""
+    return smc.gaussian(params, fast_consts(consts), n, rng, condition, particles)[:2]
 
 
 def sample(params, consts, n, rng, keep=(), start=None, temperature=1.0):

@@ -299,9 +299,7 @@ MNIST = Dataset(
     cpu=cpu_image, log_weights=None, cuda_trainer=lambda: cuda_images().ImageTrainer,
     cuda_sample=lambda: cuda_images().sample,
     table2=images.table2,                  # evaluate.py's Parzen estimate (Table 2); None: Eq. 9 instead
-    parse_condition=images.parse_condition, conditioned=cpu_image.sample_conditioned,     # the Numba network
-    smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, cpu_image.fast_consts(consts), n, rng,
-                                                                     cond, particles)[:2],
+    parse_condition=images.parse_condition, conditioned=cpu_image.sample_conditioned, smc=cpu_image.smc_sample,
     output=lambda x, cfg: (images.to_levels(x, cfg).astype(np.float32), None), csv=False,  # 0..255 units
     limit_bits=lambda cfg, noise: None,
     ceiling_bits=lambda cfg, noise: images.ceiling_bits(cfg),
@@ -375,9 +373,7 @@ DEADLEAVES = Dataset(
     width=image_width, final_samples=100,
     cpu=cpu_image, log_weights=None, cuda_trainer=lambda: cuda_images().ImageTrainer,
     cuda_sample=lambda: cuda_images().sample, table2=None, check=_leaves_check,
-    parse_condition=images.parse_condition, conditioned=cpu_image.sample_conditioned,     # the Numba network
-    smc=lambda params, consts, n, rng, cond, particles: smc.gaussian(params, cpu_image.fast_consts(consts), n, rng,
-                                                                     cond, particles)[:2],
+    parse_condition=images.parse_condition, conditioned=cpu_image.sample_conditioned, smc=cpu_image.smc_sample,
     output=lambda x, cfg: (images.to_levels(x, cfg).astype(np.float32), None), csv=False,  # 0..255 units
     limit_bits=lambda cfg, noise: None,
     ceiling_bits=lambda cfg, noise: images.ceiling_bits(cfg),

@@ -206,7 +206,7 @@ class Run:
             if key == "cfg" and isinstance(old, dict):
                 old = {**self.ds.before, **old}          # settings the checkpoint predates: their old values
                 if old != value:
-                    differ = [k for k in value if old.get(k) != value[k]] + [k for k in old if k not in value]
+                    differ = [k for k in {**value, **old} if old.get(k) != value.get(k)]
                     raise ckpt.CheckpointError(
                         f"{path} was trained with " + ", ".join(f"{k}={old.get(k)!r}" for k in differ)
                         + ", not " + ", ".join(f"{k}={value.get(k)!r}" for k in differ)
