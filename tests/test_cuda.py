@@ -232,14 +232,14 @@ def test_training_on_the_device_draws_batches_and_refuses_nan():
 
 
 def test_a_short_gpu_run_gives_the_cpu_runs_K():
-    """20 steps on the same minibatches through cuda_train.Trainer and cpu_train.Trainer (both float32): the
+    """10 steps on the same minibatches through cuda_train.Trainer and cpu_train.Trainer (both float32): the
     parameters agree to float rounding and so does the held-out K (gaussian.evaluate, float64, same noise)."""
     cfg, consts, p, rng = small_gauss(9)
     gpu, cpu = ct.Trainer(consts, 12, np.zeros((1, 2))), model_trainer(consts, 12)
     gpu.load(p)
     cpu.load(p)
     x_train = data.swissroll(2000, [0, 0])
-    for step in range(20):
+    for step in range(10):
         x0, t, eps = gaussian.draw_batch(rng, x_train, 12, consts.T)
         cpu.step(x0, eps, t, 3e-3)
         gpu.apply(gpu.loss_and_grads(x0, eps, t), 3e-3)
@@ -274,19 +274,19 @@ def test_train_py_on_cuda_resumes_and_stops_on_nan(tmp_path, monkeypatch, capsys
     import train
     from conftest import one_error_line, run_sample
     tiny = ["--hidden", "4", "--fourier", "1", "--T", "4", "--batch-size", "8", "--heldout", "20", "--draws", "1",
-            "--eval-every", "6", "--device", "cuda"]
+            "--eval-every", "3", "--device", "cuda"]
     run = lambda out, *a: cli.cli(train.main, "train.py", ["--out", str(tmp_path / out), *tiny, *a])
     with np.errstate(over="ignore"):
-        assert run("a", "--steps", "6") == 0
-        assert run("a", "--steps", "12", "--resume") == 0
-        assert run("b", "--steps", "12") == 0
+        assert run("a", "--steps", "3") == 0
+        assert run("a", "--steps", "6", "--resume") == 0
+        assert run("b", "--steps", "6") == 0
     _, a = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
     _, b = ckpt.load(str(tmp_path / "b" / "checkpoint.npz"))
     assert a.keys() == b.keys() and "rng/xoroshiro" in a
     assert_same_run(a, b)
     assert run_sample(tmp_path / "a", "-n", "10", "--out", tmp_path / "s.npy") == 0       # a CPU sampler reads it
     capsys.readouterr()
-    assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "a"), *tiny[:-2], "--steps", "18",
+    assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "a"), *tiny[:-2], "--steps", "9",
                                               "--resume"]) == 2                         # a cpu resume of a cuda run
     assert "device" in one_error_line(capsys)
     real, calls = ct.Trainer._loss_and_grads, {"n": 0}
@@ -294,22 +294,22 @@ def test_train_py_on_cuda_resumes_and_stops_on_nan(tmp_path, monkeypatch, capsys
     def poisoned(self):
         calls["n"] += 1
         loss = real(self)
-        return loss if calls["n"] <= 8 else float("nan")
+        return loss if calls["n"] <= 4 else float("nan")
     monkeypatch.setattr(ct.Trainer, "_loss_and_grads", poisoned)
     with np.errstate(over="ignore"):
-        assert run("c", "--steps", "20") == 3
+        assert run("c", "--steps", "9") == 3
     assert "diverged" in one_error_line(capsys)
     meta, _ = ckpt.load(str(tmp_path / "c" / "checkpoint.npz"))
-    assert meta["step"] == 6
+    assert meta["step"] == 3
     for bad in (["--backend", "numpy"], ["--hidden", "300"], ["--fourier", "100"]):
         assert run("d", *bad) == 2
         one_error_line(capsys)
     hb = ["--data", "heartbeat", "--T", "6", "--hidden", "3", "--batch-size", "8", "--heldout", "16",
-          "--eval-every", "5", "--device", "cuda"]
+          "--eval-every", "3", "--device", "cuda"]
     with np.errstate(over="ignore"):
-        assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "5"]) == 0
-        assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "10", "--resume"]) == 0
-        assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h2"), *hb, "--steps", "10"]) == 0
+        assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "3"]) == 0
+        assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h1"), *hb, "--steps", "6", "--resume"]) == 0
+        assert cli.cli(train.main, "train.py", ["--out", str(tmp_path / "h2"), *hb, "--steps", "6"]) == 0
     _, a = ckpt.load(str(tmp_path / "h1" / "checkpoint.npz"))
     _, b = ckpt.load(str(tmp_path / "h2" / "checkpoint.npz"))
     assert_same_run(a, b) and "rng/xoroshiro" in a
