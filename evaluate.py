@@ -29,8 +29,9 @@ def parse(argv):
     p.add_argument("--samples", default="1,10,100,1000", help="comma-separated N (trajectories per point)")
     p.add_argument("--points", type=positive(int, 10**5), default=1000, help="held-out points")
     p.add_argument("--seed", type=cli.seed, default=0)
-    p.add_argument("--parzen", default=None, metavar="SAMPLES.npy",
-                   help="images: Table 2's Parzen-window estimate from these samples (sample.py's .npy, 0..255 units)")
+    p.add_argument("--parzen", default=None, metavar="SAMPLES.npy[,...]",
+                   help="images: Table 2's Parzen-window estimate from these samples (sample.py's .npy, 0..255 "
+                        "units; several comma-separated files are joined)")
     p.add_argument("--data-dir", default=None, help="images: the data folder (default: the run's)")
     args = p.parse_args(argv)
     try:
@@ -60,16 +61,20 @@ def table2(args, meta, consts, ds):
     if not args.parzen:
         raise UsageError(f"evaluate.py on a {ds.name} run needs --parzen SAMPLES.npy: Table 2's estimate from "
                          f"samples of sample.py (the paper: 10,000)")
-    try:
-        x = np.load(args.parzen, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--parzen {args.parzen}: not a readable .npy file ({type(e).__name__})") from None
-    if x.ndim != 2 or x.shape[1] != consts.D or not 2 <= len(x) <= 10**5 or x.dtype.kind != "f":
-        raise UsageError(f"--parzen {args.parzen}: expected 2 to 100,000 samples of {consts.D} float pixels, "
-                         f"got {x.dtype} {x.shape}")
-    x = np.array(x)
-    if not np.all(np.isfinite(x)):
-        raise UsageError(f"--parzen {args.parzen}: holds non-finite values")
+    parts = []
+    for path in args.parzen.split(","):              # several files (sample.py runs with different seeds): joined
+        try:
+            x = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--parzen {path}: not a readable .npy file ({type(e).__name__})") from None
+        if x.ndim != 2 or x.shape[1] != consts.D or x.dtype.kind != "f":
+            raise UsageError(f"--parzen {path}: expected samples of {consts.D} float pixels, got {x.dtype} {x.shape}")
+        parts.append(np.array(x))
+        if not np.all(np.isfinite(parts[-1])):
+            raise UsageError(f"--parzen {path}: holds non-finite values")
+    x = np.concatenate(parts)
+    if not 2 <= len(x) <= 10**5:
+        raise UsageError(f"--parzen: expected 2 to 100,000 samples in all, got {len(x):,}")
     try:
         out = ds.table2(x, args.data_dir or meta.get("data_dir"))
     except ValueError as e:

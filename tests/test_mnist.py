@@ -256,9 +256,17 @@ def test_table2_from_sample_files(mnist_runs, mnist_dir, tmp_path, capsys):
     # image's nearest training image is itself
     assert out["training_images"]["width"] == pytest.approx(0.1)
     assert out["nearest_training_distance"]["heldout_median"] == pytest.approx(0.0, abs=1e-6)
+    x = np.load(tmp_path / "s.npy")                 # the same samples in two files, joined: the same estimate
+    np.save(tmp_path / "a.npy", x[:7])
+    np.save(tmp_path / "b.npy", x[7:])
+    joined = f"{tmp_path / 'a.npy'},{tmp_path / 'b.npy'}"
+    assert cli.cli(evaluate.main, "evaluate.py", [str(run), "--parzen", joined]) == 0
+    assert json.load(open(run / "table2.json")) == out
     np.save(tmp_path / "bad.npy", np.zeros((3, 5), np.float32))
     assert cli.cli(evaluate.main, "evaluate.py", [str(run), "--parzen", str(tmp_path / "bad.npy")]) == 2
     assert "expected" in one_error_line(capsys)
+    assert cli.cli(evaluate.main, "evaluate.py", [str(run), "--parzen", f"{tmp_path / 'a.npy'},{tmp_path}/no.npy"]) == 2
+    assert "no.npy" in one_error_line(capsys)
     assert cli.cli(evaluate.main, "evaluate.py", [str(run)]) == 2
     assert "--parzen" in one_error_line(capsys)
 
