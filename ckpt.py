@@ -156,16 +156,10 @@ def load_run(path, expect_data=None):
         want = consts.init(np.random.default_rng(0))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has a malformed or out-of-range setting ({e})") from None
-    # under train.py --ema the model is the parameters' average (a/, float64), in the trained ones' dtypes
-    avg = bool(meta.get("ema"))
-    _, arrays = load(path_in(path), names=[f"{s}/{name}" for name in want for s in ("pa" if avg else "p")])
+    _, arrays = load(path_in(path), names=[f"p/{name}" for name in want])
     params = {name: arrays[f"p/{name}"] for name in want}
     for name, arr in params.items():
         if arr.shape != want[name].shape or arr.dtype.kind != "f":
             raise CheckpointError(f"{path}: {name} has shape {arr.shape} ({arr.dtype}), expected {want[name].shape}")
-        if avg:
-            if arrays[f"a/{name}"].shape != arr.shape:
-                raise CheckpointError(f"{path}: a/{name} has shape {arrays[f'a/{name}'].shape}, expected {arr.shape}")
-            params[name] = arrays[f"a/{name}"].astype(arr.dtype)
     meta["noise"] = noise
     return meta, params, consts, ds

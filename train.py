@@ -6,7 +6,6 @@ Writes <out>/checkpoint.npz (atomically, at every evaluation, on Ctrl-C and at t
 and <out>/entropy.svg. --steps is the run's total: --resume continues the run in --out up to it.
 Every default comes from the data set's row in datasets.py; a flag given here wins.
 """
-import argparse
 import math
 import os
 import signal
@@ -40,10 +39,6 @@ def parse(argv):
     p.add_argument("--lr-decay-steps", type=positive(int),
                    help="the learning rate falls tenfold every this many steps, floor lr/1000")
     p.add_argument("--seed", type=cli.seed, default=0)
-    p.add_argument("--ema", type=ema_decay, default=0.0,
-                   help="keep an exponential moving average of the parameters with this decay (0: none; e.g. "
-                        "0.999): the held-out bound, the samples and sample.py then use the average (not the "
-                        "paper's; Polyak averaging, as Ho et al. 2020)")
     p.add_argument("--T", type=positive(int, 10**6), help="diffusion steps")
     p.add_argument("--hidden", type=positive(int, 2048), help="hidden units per layer (images: of the dense pathway)")
     p.add_argument("--noise", type=float, help="swissroll: the roll's noise σ, before standardising")
@@ -109,8 +104,6 @@ def parse(argv):
     if args.batch_size * ds.width(ds.cfg(args)) > datasets.MAX_ELEMENTS:
         raise UsageError(f"--batch-size x the network's width would not fit in memory "
                          f"(at most {datasets.MAX_ELEMENTS} numbers)")
-    if args.ema and args.device == "cuda":
-        raise UsageError("--ema runs on the CPU only: leave it out with --device cuda")
     if (args.unet or args.hybrid) and args.device == "cuda":
         raise UsageError("--unet and --hybrid 1 (MNIST's defaults) have no CUDA kernels yet: train them on the CPU, "
                          "or pass --unet 0 --hybrid 0 for the network before the U-Net")
@@ -118,17 +111,6 @@ def parse(argv):
         check_cuda(args, ds)
     args.out = args.out or os.path.join("runs", args.data)
     return args, ds
-
-
-def ema_decay(text):
-    """An argparse type: the average's decay, a number in [0, 1)."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1), got {text!r}")
-    return v
 
 
 def check_cuda(args, ds):
@@ -178,8 +160,6 @@ class Run:
         else:
             self.opt = Adam(params)
             self.params = params
-        # the parameters' moving average (--ema), from θ₀ as trained, in float64 whatever the network's dtype
-        self.avg = {k: np.array(v, np.float64) for k, v in self.params.items()} if args.ema else None
         self.step, self.wall = 0, 0.0
         self.saved_step = None                # the step of the checkpoint on disk, if any
 
@@ -188,7 +168,7 @@ class Run:
         a = self.args
         return {"data": a.data, "noise": a.noise, "seed": a.seed, "cfg": self.cfg, "lr": a.lr,
                 "lr_decay_steps": a.lr_decay_steps, "batch_size": a.batch_size, "backend": a.backend,
-                "device": a.device, "ema": a.ema}
+                "device": a.device}
 
     def state(self):
         """(params, Adam's m, Adam's v) as host dicts: the training arrays themselves, or copies from the GPU."""
@@ -198,21 +178,6 @@ class Run:
 
     def host_params(self):
         return self.state()[0]
-
-    def model_params(self):
-        """The parameters that the bound and the samples use: the moving average under --ema (in the
-        parameters' dtypes), else the trained ones."""
-        params = self.host_params()
-        if self.avg is None:
-            return params
-        return {k: self.avg[k].astype(v.dtype) for k, v in params.items()}
-
-    def average(self):
-        """--ema's update after a step: avg ← d·avg + (1 − d)·θ."""
-        d = self.args.ema
-        for k, v in self.host_params().items():
-            self.avg[k] *= d
-            self.avg[k] += (1 - d) * v.astype(np.float64)
 
     def finite(self):
         """Whether every parameter is a finite number (what a checkpoint may hold)."""
@@ -227,8 +192,6 @@ class Run:
         arrays = {f"p/{k}": v_ for k, v_ in params.items()}
         arrays.update({f"m/{k}": v_ for k, v_ in m.items()})
         arrays.update({f"v/{k}": v_ for k, v_ in v.items()})
-        if self.avg is not None:
-            arrays.update({f"a/{k}": v_ for k, v_ in self.avg.items()})
         if self.args.device == "cuda":        # the GPU's RNG streams, so that a resumed run is exact
             arrays["rng/xoroshiro"] = self.opt.states.copy_to_host().view(np.uint64).reshape(-1, 2)
         meta = dict(self.settings(), data_dir=self.args.data_dir, step=self.step, wall_seconds=self.wall, adam_n=self.opt.n,
@@ -239,7 +202,7 @@ class Run:
     def restore(self, path):
         meta, arrays = ckpt.load(path)
         for key, value in self.settings().items():
-            old = meta.get(key, {"device": "cpu", "ema": 0.0}.get(key))   # what a checkpoint predating it had
+            old = meta.get(key, "cpu" if key == "device" else None)
             if key == "cfg" and isinstance(old, dict):
                 old = {**self.ds.before, **old}          # settings the checkpoint predates: their old values
                 if old != value:
@@ -259,10 +222,6 @@ class Run:
                     if arr.shape != store[name].shape:
                         raise ckpt.CheckpointError(f"{path}: {prefix}/{name} has shape {arr.shape}")
                     store[name][...] = arr          # in place: the numba backend's arrays are views
-                if self.avg is not None:
-                    if arrays[f"a/{name}"].shape != self.avg[name].shape:
-                        raise ckpt.CheckpointError(f"{path}: a/{name} has shape {arrays[f'a/{name}'].shape}")
-                    self.avg[name][...] = arrays[f"a/{name}"]
             if self.args.device == "cuda":
                 self.opt.load(*stores)
                 rng = arrays["rng/xoroshiro"]
@@ -295,8 +254,6 @@ def train_step(run):
     run.step += 1
     if a.device == "cpu" and not run.finite():       # on the GPU this is checked when a checkpoint is saved
         raise FloatingPointError(f"the parameters are not finite after step {run.step}")
-    if run.avg is not None:
-        run.average()
     return loss
 
 
@@ -305,7 +262,7 @@ def heldout_bound(run, x_heldout, n_draws):
     Its own RNG, seeded by the step, so evaluating never moves the training stream."""
     rng = np.random.default_rng([run.args.seed, 2, run.step])
     evaluate = run.ds.cpu.evaluate if run.args.backend == "numba" else run.ds.kind.evaluate
-    per_point, kl_t = evaluate(run.model_params(), run.consts, x_heldout, rng, n_draws)
+    per_point, kl_t = evaluate(run.host_params(), run.consts, x_heldout, rng, n_draws)
     return dpm.bits(per_point), dpm.bits(kl_t)
 
 
@@ -320,7 +277,7 @@ def finish(run, x_heldout):
     kmn, kl_t = heldout_bound(run, x_heldout, a.draws)
     l_null = dpm.bits(consts.log_null(x_heldout))
     K = kmn + l_null
-    params = run.model_params()         # the metrics are computed on the CPU whatever the device
+    params = run.host_params()          # the metrics are computed on the CPU whatever the device
     sample = ds.cpu.sample if a.backend == "numba" else ds.kind.sample
     samples, _ = sample(params, consts, ds.final_samples, np.random.default_rng([a.seed, 3]))
     lower, upper, learned, _, entropy = ds.entropy(params, consts, x_heldout[:ds.entropy_points],
@@ -335,7 +292,7 @@ def finish(run, x_heldout):
          "sample_quality": ds.quality(samples, x_heldout, a.noise, run.cfg),
          "kl_per_t_bits": kl_t.tolist(), "entropy_bounds_nats": entropy,
          "noise": a.noise, "seed": a.seed, "heldout_points": len(x_heldout), "noise_draws": a.draws,
-         "backend": a.backend, "device": a.device, "ema": a.ema}
+         "backend": a.backend, "device": a.device}
     m.update(ds.extra_metrics(params, consts, m))
     if not all(math.isfinite(m[k]) for k in ("K_bits", "K_stderr_bits", "K_minus_L_null_bits")):
         raise FloatingPointError(f"the held-out bound is not finite (K = {m['K_bits']}) at step {run.step}")
