@@ -9,6 +9,7 @@ import numpy as np
 
 import binomial
 import data
+import dpm
 import cpu_conv      # registers the convolutional network's Numba path with cpu_image
 import cpu_image
 import cpu_unet      # registers the U-Net's Numba path with cpu_image
@@ -46,7 +47,7 @@ def cuda_images():
 FLAG_KEYS = {"T": "T", "hidden": "H", "beta1": "beta1", "fourier": "M", "fourier_scale": "fourier_scale",
              "pixel_features": "pixel_features", "dense_layers": "dense_layers", "conv_layers": "conv_layers",
              "channels": "channels", "scales": "scales", "pixel_hidden": "P", "time_bias": "time_bias", "unet": "unet",
-             "hybrid": "hybrid"}
+             "hybrid": "hybrid", "linear_beta": "linear_beta"}
 
 
 class Dataset:
@@ -243,7 +244,8 @@ def _image_cfg(model, a):
     """The model settings of an image data set from train.py's flags."""
     return dict(model, T=a.T, beta1=a.beta1, H=a.hidden, dense_layers=a.dense_layers,
                 pixel_features=a.pixel_features, conv_layers=a.conv_layers, channels=a.channels, scales=a.scales,
-                P=a.pixel_hidden, time_bias=a.time_bias, unet=a.unet, hybrid=a.hybrid)
+                P=a.pixel_hidden, time_bias=a.time_bias, unet=a.unet, hybrid=a.hybrid, linear_beta=a.linear_beta,
+                beta_T=dpm.LINEAR_BETA_T if a.linear_beta else model["beta_T"])
 
 
 def _mnist_check(cfg):
@@ -280,17 +282,17 @@ MNIST = Dataset(
     # Eqs. 64-65; scale and shift are the training set's (images.pixel_scaling)
     model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 40,
            "conv_layers": 2, "channels": 16, "scales": 1, "time_bias": 0, "unet": 3, "hybrid": 1,
-           "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
+           "linear_beta": 0, "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
     cfg=lambda a: _image_cfg(MNIST.model, a), check=_mnist_check,
     # checkpoints from before the convolutions (the dense pathway alone) and before time_bias
-    before={"conv_layers": 0, "time_bias": 0, "unet": 0, "hybrid": 0},
+    before={"conv_layers": 0, "time_bias": 0, "unet": 0, "hybrid": 0, "linear_beta": 0},
     train={"steps": 5000, "lr": 1e-3, "lr_decay_steps": 5000, "eval_every": 2500, "quick_eval": 100,
            "heldout": 200, "draws": 1, "backend": "numba", "batch_size": 128,
            "data_dir": os.path.join("data", "mnist")},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "H": (int, 1, 4096), "D": (int, 784, 784),
            "dense_layers": (int, 0, 8), "pixel_features": (int, 1, 16), "P": (int, 1, 256),
            "conv_layers": (int, 0, 8), "channels": (int, 1, 256), "scales": (int, 1, 3), "time_bias": (int, 0, 1),
-           "unet": (int, 0, 3), "hybrid": (int, 0, 1),
+           "unet": (int, 0, 3), "hybrid": (int, 0, 1), "linear_beta": (int, 0, 1),
            "beta1": (float, 0, 1), "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6)},
     backends=("numba", "numpy"),
     train_set=lambda a: images.mnist_train(a.data_dir),
@@ -348,12 +350,12 @@ DEADLEAVES = Dataset(
     # H (none by default) giving pixel_features features per pixel, a per-pixel MLP P wide; the generator's
     # settings (data.deadleaves), kept so the held-out set can be made again
     model={"T": 1000, "J": 10, "D": 256, "conv_layers": 4, "channels": 32, "scales": 3, "P": 32, "time_bias": 1,
-           "unet": 0, "hybrid": 0,
+           "unet": 0, "hybrid": 0, "linear_beta": 0,
            "dense_layers": 0, "H": 128, "pixel_features": 2,
            "beta1": 1e-6, "beta_T": 0.5, "scale": 1.0, "shift": 0.0,
            "leaves_size": data.LEAVES["size"], "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"],
            "margin": data.LEAVES["margin"]},
-    before={"time_bias": 0, "unet": 0, "hybrid": 0},    # checkpoints from before time_bias: the paper's layers
+    before={"time_bias": 0, "unet": 0, "hybrid": 0, "linear_beta": 0},    # checkpoints from before time_bias: the paper's layers
     cfg=lambda a: dict(_image_cfg(DEADLEAVES.model, a), D=a.patch ** 2, leaves_size=a.leaves_size, r_min=a.r_min,
                        r_max=a.r_max, margin=a.margin),
     train={"steps": 35_000, "lr": 2e-3, "lr_decay_steps": 35_000, "eval_every": 5000, "quick_eval": 100,
@@ -362,7 +364,7 @@ DEADLEAVES = Dataset(
            "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"], "margin": data.LEAVES["margin"]},
     rules={"T": (int, 3, 100_000), "J": (int, 1, 100), "D": (int, 4, 4096), "conv_layers": (int, 1, 8),
            "channels": (int, 1, 256), "scales": (int, 1, 6), "P": (int, 1, 256), "dense_layers": (int, 0, 8),
-           "time_bias": (int, 0, 1), "unet": (int, 0, 6), "hybrid": (int, 0, 1),
+           "time_bias": (int, 0, 1), "unet": (int, 0, 6), "hybrid": (int, 0, 1), "linear_beta": (int, 0, 1),
            "H": (int, 1, 4096), "pixel_features": (int, 1, 16), "beta1": (float, 0, 1),
            "beta_T": (float, 0, 1), "scale": (float, 0, 1e6), "shift": (float, -1e6, 1e6),
            "leaves_size": (int, 2, 4096), "r_min": (float, 0, 1e6), "r_max": (float, 0, 1e6),

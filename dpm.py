@@ -41,10 +41,14 @@ def temporal_basis(T, J):
     return out
 
 
-def baseline_beta(T, beta1, beta_T):
-    """The fixed part of the schedule: geometric from beta1 to beta_T over t = 1..T."""
+LINEAR_BETA_T = 0.02     # Ho et al. 2020's last β of the linear schedule (T = 1000)
+
+
+def baseline_beta(T, beta1, beta_T, linear=False):
+    """The fixed part of the schedule: geometric from beta1 to beta_T over t = 1..T (linear where linear: Ho et
+    al. 2020's schedule, which train.py --linear-beta 1 keeps fixed)."""
     beta = np.zeros(T + 1)
-    beta[1:] = np.geomspace(beta1, beta_T, T)
+    beta[1:] = (np.linspace if linear else np.geomspace)(beta1, beta_T, T)
     return beta
 
 

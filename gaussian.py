@@ -23,7 +23,8 @@ class Gaussian:
         self.net = Net(cfg)
         self.basis = self.net.basis                              # (J, T + 1)
         self.F = getattr(self.net, "F", None)                    # FourierMLP's fixed frequencies (D, M)
-        self.base = dpm.baseline_beta(cfg["T"], cfg["beta1"], cfg["beta_T"])
+        self.base = dpm.baseline_beta(cfg["T"], cfg["beta1"], cfg["beta_T"], cfg.get("linear_beta", 0))
+        self.learn_beta = not cfg.get("linear_beta", 0)
 
     def init(self, rng):
         params = self.net.init(rng)
@@ -99,7 +100,7 @@ def loss_and_grads(params, consts, x0, eps, t):
     g_beta = np.bincount(t, g_bt, T + 1)
     g_ab = np.bincount(t, g_abt, T + 1) + np.bincount(t - 1, g_abp, T + 1)
     g_ab[T] -= np.mean(dpm.prior_and_edge_terms_grad_ab_T(x0, ab[T]))
-    grads["c"] = dpm.schedule_backward(g_beta, g_ab, beta, consts.basis, consts.base)
+    grads["c"] = dpm.schedule_backward(g_beta, g_ab, beta, consts.basis, consts.base) * consts.learn_beta
     return loss, grads
 
 

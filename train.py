@@ -27,7 +27,7 @@ from cli import UsageError, positive
 
 MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir", "pixel_features", "patch",
                "train_patches", "leaves_size", "r_min", "r_max", "margin", "dense_layers", "conv_layers", "channels", "scales",
-               "pixel_hidden", "time_bias", "unet", "hybrid")
+               "pixel_hidden", "time_bias", "unet", "hybrid", "linear_beta")
 
 
 def parse(argv):
@@ -69,6 +69,9 @@ def parse(argv):
     p.add_argument("--hybrid", type=int, choices=(0, 1),
                    help="mnist, deadleaves: 1 trains the mean by L_simple and the variance and schedule by the "
                         "bound (Nichol & Dhariwal 2021; not the paper's objective); K is still the bound")
+    p.add_argument("--linear-beta", type=int, choices=(0, 1),
+                   help="mnist, deadleaves: 1 fixes the schedule at β_t linear from β₁ to 0.02 (Ho et al. 2020's; "
+                        "not learned, not the paper's)")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")
@@ -104,9 +107,9 @@ def parse(argv):
     if args.batch_size * ds.width(ds.cfg(args)) > datasets.MAX_ELEMENTS:
         raise UsageError(f"--batch-size x the network's width would not fit in memory "
                          f"(at most {datasets.MAX_ELEMENTS} numbers)")
-    if (args.unet or args.hybrid) and args.device == "cuda":
-        raise UsageError("--unet and --hybrid 1 (MNIST's defaults) have no CUDA kernels yet: train them on the CPU, "
-                         "or pass --unet 0 --hybrid 0 for the network before the U-Net")
+    if (args.unet or args.hybrid or getattr(args, "linear_beta", 0)) and args.device == "cuda":
+        raise UsageError("--unet, --hybrid 1 (MNIST's defaults) and --linear-beta 1 have no CUDA kernels yet: train "
+                         "them on the CPU, or pass --unet 0 --hybrid 0 for the network before the U-Net")
     if args.device == "cuda":
         check_cuda(args, ds)
     args.out = args.out or os.path.join("runs", args.data)

@@ -9,6 +9,7 @@ import pytest
 
 import cpu_image
 import datasets
+import dpm
 import gaussian
 import net_image
 from adam import Adam
@@ -105,11 +106,13 @@ def batches(cfg, rng, n, k):
              rng.integers(2, cfg["T"] + 1, n)) for _ in range(k)]
 
 
-@pytest.mark.parametrize("dtype, hybrid", [(np.float64, 0), (np.float32, 0), (np.float64, 1)])
-def test_trainer_steps_match_the_twin_and_adam(dtype, hybrid):
+@pytest.mark.parametrize("dtype, hybrid, linear", [(np.float64, 0, 0), (np.float32, 0, 0), (np.float64, 1, 0),
+                                                   (np.float64, 1, 1)])
+def test_trainer_steps_match_the_twin_and_adam(dtype, hybrid, linear):
     """Three Adam steps of the trainer against gaussian.loss_and_grads and adam.Adam, on the bound and on the
-    hybrid objective."""
-    cfg = dict(config(), hybrid=hybrid)
+    hybrid objective, with the learned schedule and with the fixed linear one (train.py --linear-beta 1), which
+    the steps leave as it was."""
+    cfg = dict(config(), hybrid=hybrid, linear_beta=linear, beta_T=dpm.LINEAR_BETA_T if linear else 0.5)
     rng = np.random.default_rng(1)
     p = perturbed(cfg, rng, dtype)
     bs = batches(cfg, rng, 5, 3)
@@ -125,6 +128,11 @@ def test_trainer_steps_match_the_twin_and_adam(dtype, hybrid):
         for mine, theirs in ((tr.params[k], p_twin[k]), (tr.m[k], opt.m[k]), (tr.v[k], opt.v[k])):
             scale = max(np.max(np.abs(theirs)), 1e-2)
             assert np.max(np.abs(mine - theirs)) < TOL[dtype] * 100 * scale, k
+    if linear:                                        # c (zero from consts.init) does not move: β stays linear
+        assert np.array_equal(tr.params["c"], p["c"])
+        assert np.allclose(tr.consts.base[1:], np.linspace(cfg["beta1"], 0.02, cfg["T"]), rtol=1e-12, atol=0)
+    else:
+        assert np.all(tr.params["c"] != p["c"])
 
 
 def test_trainer_arrays_are_the_ones_it_updates():

@@ -1,6 +1,8 @@
 """Dead leaves (§3.2, App. D.2.1): the generator against its NumPy twin and its known statistics, the
 multi-scale convolution's pieces against their definitions (adjoints by the inner-product identity), and the
 whole network's gradients against central differences in float64."""
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -180,8 +182,22 @@ def test_time_bias_run_resumes_and_samples(tmp_path, capsys):
     assert not consts.net.time_bias and "E1" not in params
 
 
+def test_linear_beta_run_keeps_its_schedule(tmp_path):
+    """--linear-beta 1: Ho et al.'s linear β from β₁ to 0.02, saved in the checkpoint's settings and never
+    learned (c stays at zero), so metrics.json's β is that line."""
+    import ckpt
+    from conftest import run_train
+    assert run_train(tmp_path, *SMALL, "--linear-beta", "1", "--steps", "3", out="a") == 0
+    meta, arrays = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
+    assert meta["cfg"]["linear_beta"] == 1 and meta["cfg"]["beta_T"] == 0.02
+    assert np.all(arrays["p/c"] == 0.0)
+    beta = json.load(open(tmp_path / "a" / "metrics.json"))["beta"]
+    assert np.allclose(beta[1:], np.linspace(meta["cfg"]["beta1"], 0.02, 20), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("flags, words", [(["--patch", "10", "--scales", "3"], "divides by"),
-                                          (["--r-min", "40"], "r_min"), (["--fourier", "4"], "does not apply")])
+                                          (["--r-min", "40"], "r_min"), (["--fourier", "4"], "does not apply"),
+                                          (["--linear-beta", "1", "--device", "cuda"], "--linear-beta 1 have no CUDA")])
 def test_bad_settings_one_line(tmp_path, capsys, flags, words):
     from conftest import one_error_line, run_train
     assert run_train(tmp_path, "--data", "deadleaves", *flags, "--steps", "1", out="r") == 2
