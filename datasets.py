@@ -284,7 +284,8 @@ MNIST = Dataset(
            "conv_layers": 2, "channels": 16, "scales": 1, "time_bias": 0, "unet": 3, "hybrid": 1,
            "linear_beta": 0, "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
     cfg=lambda a: _image_cfg(MNIST.model, a), check=_mnist_check,
-    # checkpoints from before the convolutions (the dense pathway alone) and before time_bias
+    # checkpoints from before the convolutions (the dense pathway alone) and before time_bias, unet, hybrid and
+    # linear_beta
     before={"conv_layers": 0, "time_bias": 0, "unet": 0, "hybrid": 0, "linear_beta": 0},
     train={"steps": 5000, "lr": 1e-3, "lr_decay_steps": 5000, "eval_every": 2500, "quick_eval": 100,
            "heldout": 200, "draws": 1, "backend": "numba", "batch_size": 128,
@@ -355,7 +356,8 @@ DEADLEAVES = Dataset(
            "beta1": 1e-6, "beta_T": 0.5, "scale": 1.0, "shift": 0.0,
            "leaves_size": data.LEAVES["size"], "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"],
            "margin": data.LEAVES["margin"]},
-    before={"time_bias": 0, "unet": 0, "hybrid": 0, "linear_beta": 0},    # checkpoints from before time_bias: the paper's layers
+    # checkpoints from before time_bias (the paper's layers), unet, hybrid and linear_beta
+    before={"time_bias": 0, "unet": 0, "hybrid": 0, "linear_beta": 0},
     cfg=lambda a: dict(_image_cfg(DEADLEAVES.model, a), D=a.patch ** 2, leaves_size=a.leaves_size, r_min=a.r_min,
                        r_max=a.r_max, margin=a.margin),
     train={"steps": 35_000, "lr": 2e-3, "lr_decay_steps": 35_000, "eval_every": 5000, "quick_eval": 100,

@@ -16,7 +16,8 @@ from net_fourier import FourierMLP
 
 class Gaussian:
     """The constants of a Gaussian diffusion model. cfg (saved in every checkpoint): T, J, D, beta1, beta_T
-    and the network's own settings (FourierMLP: H, M, fourier_scale)."""
+    and the network's own settings (FourierMLP: H, M, fourier_scale); with linear_beta (images), the schedule is
+    the linear baseline, never learned (the gradient of c is zero)."""
 
     def __init__(self, cfg, Net=FourierMLP):
         self.cfg, self.T, self.D, self.J = cfg, cfg["T"], cfg["D"], cfg["J"]
