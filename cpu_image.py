@@ -748,8 +748,7 @@ class Trainer:
         g_beta = np.bincount(t, g_bt, T + 1)
         g_ab = np.bincount(t, g_abt, T + 1) + np.bincount(t - 1, g_abp, T + 1)
         g_ab[T] -= np.mean(dpm.prior_and_edge_terms_grad_ab_T(x0, ab[T]))
-        grads["c"][...] = consts.learn_beta * dpm.schedule_backward(g_beta, g_ab, beta, consts.basis,
-                                                                     consts.base)
+        grads["c"][...] = consts.schedule_grad(g_beta, g_ab, beta)
         edge = dpm.prior_and_edge_terms(x0, consts.cfg["beta1"], ab[T])
         return float((T - 1) * b["kl"].mean() - edge.mean())
 

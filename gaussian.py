@@ -25,7 +25,6 @@ class Gaussian:
         self.basis = self.net.basis                              # (J, T + 1)
         self.F = getattr(self.net, "F", None)                    # FourierMLP's fixed frequencies (D, M)
         self.base = dpm.baseline_beta(cfg["T"], cfg["beta1"], cfg["beta_T"], cfg.get("linear_beta", 0))
-        self.learn_beta = not cfg.get("linear_beta", 0)
 
     def init(self, rng):
         params = self.net.init(rng)
@@ -35,6 +34,13 @@ class Gaussian:
     def schedule(self, params):
         beta = dpm.beta_schedule(params["c"], self.basis, self.base)
         return beta, dpm.alpha_bar(beta)
+
+    def schedule_grad(self, g_beta, g_ab, beta):
+        """∂loss/∂c from ∂loss/∂β_t and ∂loss/∂ᾱ_t (dpm.schedule_backward); zero where linear_beta fixes the
+        schedule."""
+        if self.cfg.get("linear_beta", 0):
+            return np.zeros(self.J)
+        return dpm.schedule_backward(g_beta, g_ab, beta, self.basis, self.base)
 
     def log_null(self, x0):
         return dpm.log_null(x0)
@@ -101,7 +107,7 @@ def loss_and_grads(params, consts, x0, eps, t):
     g_beta = np.bincount(t, g_bt, T + 1)
     g_ab = np.bincount(t, g_abt, T + 1) + np.bincount(t - 1, g_abp, T + 1)
     g_ab[T] -= np.mean(dpm.prior_and_edge_terms_grad_ab_T(x0, ab[T]))
-    grads["c"] = dpm.schedule_backward(g_beta, g_ab, beta, consts.basis, consts.base) * consts.learn_beta
+    grads["c"] = consts.schedule_grad(g_beta, g_ab, beta)
     return loss, grads
 
 

@@ -107,7 +107,7 @@ def parse(argv):
     if args.batch_size * ds.width(ds.cfg(args)) > datasets.MAX_ELEMENTS:
         raise UsageError(f"--batch-size x the network's width would not fit in memory "
                          f"(at most {datasets.MAX_ELEMENTS} numbers)")
-    if (args.unet or args.hybrid or getattr(args, "linear_beta", 0)) and args.device == "cuda":
+    if (args.unet or args.hybrid or args.linear_beta) and args.device == "cuda":
         raise UsageError("--unet, --hybrid 1 (MNIST's defaults) and --linear-beta 1 have no CUDA kernels yet: train "
                          "them on the CPU, or pass --unet 0 --hybrid 0 for the network before the U-Net")
     if args.device == "cuda":
