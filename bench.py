@@ -8,9 +8,10 @@ train_step_* time the comparison model, whatever train.py's defaults are: 2 → 
 (inputs x⁽ᵗ⁾ and the 10 bump weights g(t)), the temporal-basis readout with 10 bumps, learned β, T = 40 (the
 paper's; train.py's default is 80), Adam; one step = drawing the minibatch, forward, backward and the Adam update.
 
-mnist_* time MNIST's network before the U-Net (MNIST_CONV: train.py --data mnist --unet 0 --hybrid 0, the one
-the GPU trains: 2 convolution layers of 16 channels beside a dense pathway of 3 layers of 128 with 2 features
-per pixel, a 40-wide per-pixel MLP, T = 1000), as the PyTorch comparison in README has it, on random images:
+mnist_* time MNIST's network before the U-Net (MNIST_CONV: train.py --data mnist --unet 0 --hybrid 0
+--linear-beta 0, the one the GPU trains: 2 convolution layers of 16 channels beside a dense pathway of 3 layers
+of 128 with 2 features per pixel, a 40-wide per-pixel MLP, T = 1000), as the PyTorch comparison in README has
+it, on random images:
 mnist_train_step_b128 and _b512 (ms; with images/s), mnist_train_step_gflops_b128 and _b512
 (image_step_flops), and mnist_sample_64 (ms per reverse step of 64 images). numba: cpu_image.py and
 cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py and net_image.py, adam.py) in float32, as
@@ -38,6 +39,7 @@ import numpy as np
 
 import cli
 import datasets
+import dpm
 import gaussian
 import net_unet
 from adam import Adam
@@ -147,8 +149,9 @@ def cuda_peak_gflops(dev):
 # What bench.py --device cuda times (the tests shrink it to run the code in the simulator). images: (name, model,
 # training batches, sampled images); image_repeat and image_warmup: steps timed and untimed per training row;
 # image_T: the T of the sampling rows (a reverse step costs the same whatever T is).
-# MNIST's network before the U-Net (train.py --unet 0 --hybrid 0): the convolutions beside the paper's dense pathway
-MNIST_CONV = dict(datasets.MNIST.model, unet=0, hybrid=0)
+# MNIST's network before the U-Net (train.py --unet 0 --hybrid 0 --linear-beta 0): the convolutions beside the
+# paper's dense pathway, β learned
+MNIST_CONV = dict(datasets.MNIST.model, unet=0, hybrid=0, linear_beta=0, beta_T=dpm.GEOMETRIC_BETA_T)
 
 CUDA_SIZES = {"cfg": datasets.SWISSROLL.model, "train": (512, 65_536), "repeat": (300, 100), "sample": 1_000_000,
               "eval": 20_000, "timed": 5, "hb_cfg": None, "hb_train": 512, "hb_sample": 10_000,

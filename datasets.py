@@ -245,7 +245,7 @@ def _image_cfg(model, a):
     return dict(model, T=a.T, beta1=a.beta1, H=a.hidden, dense_layers=a.dense_layers,
                 pixel_features=a.pixel_features, conv_layers=a.conv_layers, channels=a.channels, scales=a.scales,
                 P=a.pixel_hidden, time_bias=a.time_bias, unet=a.unet, hybrid=a.hybrid, linear_beta=a.linear_beta,
-                beta_T=dpm.LINEAR_BETA_T if a.linear_beta else model["beta_T"])
+                beta_T=dpm.LINEAR_BETA_T if a.linear_beta else dpm.GEOMETRIC_BETA_T)
 
 
 def _mnist_check(cfg):
@@ -273,8 +273,9 @@ def _mnist_report(x, condition, text, noise, rng, cfg):
 MNIST = Dataset(
     name="mnist",
     kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, image_net(cfg)),
-    # By default net_unet's U-Net of `unet` levels, `channels` wide, trained by the hybrid objective (hybrid;
-    # README "What mattered": whole digits, not the paper's network). With unet 0 (and hybrid 0, the paper's
+    # By default net_unet's U-Net of `unet` levels, `channels` wide, trained by the hybrid objective (hybrid)
+    # on Ho et al.'s fixed linear schedule (linear_beta; 0: β₂..T learned, §2.4.1) (README "What mattered": whole
+    # digits; not the paper's network, objective or schedule). With unet 0 (and hybrid 0, the paper's
     # objective), App. D.2.1's network (net_image.py): H units in each of dense_layers dense layers,
     # pixel_features features per pixel, and beside it, as the official code had, conv_layers convolution layers
     # of `channels` channels at `scales` scales (net_conv.py; 0: the dense pathway alone, the paper's Fig. D.1
@@ -282,7 +283,7 @@ MNIST = Dataset(
     # Eqs. 64-65; scale and shift are the training set's (images.pixel_scaling)
     model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 40,
            "conv_layers": 2, "channels": 16, "scales": 1, "time_bias": 0, "unet": 3, "hybrid": 1,
-           "linear_beta": 0, "beta1": 1e-4, "beta_T": 0.5, "scale": 1.0, "shift": 0.0},
+           "linear_beta": 1, "beta1": 1e-4, "beta_T": dpm.LINEAR_BETA_T, "scale": 1.0, "shift": 0.0},
     cfg=lambda a: _image_cfg(MNIST.model, a), check=_mnist_check,
     # checkpoints from before the convolutions (the dense pathway alone) and before time_bias, unet, hybrid and
     # linear_beta

@@ -42,6 +42,7 @@ def temporal_basis(T, J):
 
 
 LINEAR_BETA_T = 0.02     # Ho et al. 2020's last β of the linear schedule (T = 1000)
+GEOMETRIC_BETA_T = 0.5   # where the geometric baseline of a learned schedule ends (train.py --linear-beta 0)
 
 
 def baseline_beta(T, beta1, beta_T, linear=False):

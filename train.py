@@ -71,7 +71,7 @@ def parse(argv):
                         "bound (Nichol & Dhariwal 2021; not the paper's objective); K is still the bound")
     p.add_argument("--linear-beta", type=int, choices=(0, 1),
                    help="mnist, deadleaves: 1 fixes the schedule at β_t linear from β₁ to 0.02 (Ho et al. 2020's; "
-                        "not learned, not the paper's)")
+                        "not learned, not the paper's; default 1 for mnist, 0 for deadleaves)")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")
@@ -108,8 +108,8 @@ def parse(argv):
         raise UsageError(f"--batch-size x the network's width would not fit in memory "
                          f"(at most {datasets.MAX_ELEMENTS} numbers)")
     if (args.unet or args.hybrid or args.linear_beta) and args.device == "cuda":
-        raise UsageError("--unet, --hybrid 1 (MNIST's defaults) and --linear-beta 1 have no CUDA kernels yet: train "
-                         "them on the CPU, or pass --unet 0 --hybrid 0 for the network before the U-Net")
+        raise UsageError("--unet, --hybrid 1 and --linear-beta 1 (MNIST's defaults) have no CUDA kernels yet: train "
+                         "them on the CPU, or pass --unet 0 --hybrid 0 --linear-beta 0 for the network before the U-Net")
     if args.device == "cuda":
         check_cuda(args, ds)
     args.out = args.out or os.path.join("runs", args.data)

@@ -18,7 +18,8 @@ TOL = {np.float64: 1e-12, np.float32: 1e-5}
 
 
 def config(**kw):
-    small = dict(D=12, H=6, P=5, J=3, T=8, dense_layers=2, pixel_features=2, unet=0, hybrid=0)
+    small = dict(D=12, H=6, P=5, J=3, T=8, dense_layers=2, pixel_features=2, unet=0, hybrid=0, linear_beta=0,
+                 beta_T=dpm.GEOMETRIC_BETA_T)
     return dict(datasets.MNIST.model, **dict(small, **kw))
 
 
@@ -112,7 +113,7 @@ def test_trainer_steps_match_the_twin_and_adam(dtype, hybrid, linear):
     """Three Adam steps of the trainer against gaussian.loss_and_grads and adam.Adam, on the bound and on the
     hybrid objective, with the learned schedule and with the fixed linear one (train.py --linear-beta 1), which
     the steps leave as it was."""
-    cfg = dict(config(), hybrid=hybrid, linear_beta=linear, beta_T=dpm.LINEAR_BETA_T if linear else 0.5)
+    cfg = dict(config(), hybrid=hybrid, linear_beta=linear, beta_T=dpm.LINEAR_BETA_T if linear else dpm.GEOMETRIC_BETA_T)
     rng = np.random.default_rng(1)
     p = perturbed(cfg, rng, dtype)
     bs = batches(cfg, rng, 5, 3)

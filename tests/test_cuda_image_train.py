@@ -13,6 +13,7 @@ import pytest
 from numba import cuda
 
 import cli
+import dpm
 import gaussian
 import images
 import net_conv
@@ -169,12 +170,13 @@ def test_train_py_and_sample_py_on_cuda_for_an_image_model(tmp_path, capsys, mon
 @pytest.mark.skipif(SIM, reason="a real GPU only: the simulator would take hours at these sizes")
 @pytest.mark.parametrize("name", ["mnist", "deadleaves"])
 def test_real_gpu_step_of_the_default_networks_matches_loss_and_grads(name):
-    """train.py's MNIST (--unet 0 --hybrid 0) and default dead-leaves networks at full size (784 and 256 pixels,
-    T = 1000): one GPU step's loss and gradients against the float64 NumPy reference, as the small networks above
+    """train.py's MNIST (--unet 0 --hybrid 0 --linear-beta 0) and default dead-leaves networks at full size (784
+    and 256 pixels, T = 1000): one GPU step's loss and gradients against the float64 NumPy reference, as the small networks above
     in the simulator, to 2e-5 of each gradient's largest entry (the CPU's float32 path at these sizes,
     cpu_image.Trainer: at most 1.3e-6)."""
     import datasets
-    cfg = dict(getattr(datasets, name.upper()).model, unet=0, hybrid=0)    # the U-Net has no CUDA kernels yet
+    cfg = dict(getattr(datasets, name.upper()).model, unet=0, hybrid=0,    # the U-Net has no CUDA kernels yet,
+               linear_beta=0, beta_T=dpm.GEOMETRIC_BETA_T)                 # nor the fixed schedule
     consts = gaussian.Gaussian(cfg, datasets.image_net(cfg))
     rng = np.random.default_rng(4)
     p = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in consts.init(rng).items()}

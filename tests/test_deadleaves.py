@@ -197,7 +197,8 @@ def test_linear_beta_run_keeps_its_schedule(tmp_path):
 
 @pytest.mark.parametrize("flags, words", [(["--patch", "10", "--scales", "3"], "divides by"),
                                           (["--r-min", "40"], "r_min"), (["--fourier", "4"], "does not apply"),
-                                          (["--linear-beta", "1", "--device", "cuda"], "--linear-beta 1 have no CUDA")])
+                                          (["--linear-beta", "1", "--device", "cuda"],
+                                           "--linear-beta 1 (MNIST's defaults) have no CUDA")])
 def test_bad_settings_one_line(tmp_path, capsys, flags, words):
     from conftest import one_error_line, run_train
     assert run_train(tmp_path, "--data", "deadleaves", *flags, "--steps", "1", out="r") == 2

@@ -143,7 +143,7 @@ def mnist_dir(tmp_path_factory):
 
 SMALL = ["--data", "mnist", "--T", "20", "--hidden", "24", "--channels", "4", "--pixel-hidden", "8", "--batch-size", "32",
          "--heldout", "60"]
-PAPER_NET = ["--unet", "0", "--hybrid", "0", "--conv-layers", "0"]   # the dense pathway alone (Fig. D.1's caption)
+PAPER_NET = ["--unet", "0", "--hybrid", "0", "--linear-beta", "0", "--conv-layers", "0"]   # Fig. D.1's caption
 
 
 @pytest.fixture(scope="module")
@@ -274,20 +274,21 @@ def test_table2_from_sample_files(mnist_runs, mnist_dir, tmp_path, capsys):
 def test_checkpoint_from_before_the_convolutions_loads_as_the_dense_network(mnist_runs, mnist_dir, tmp_path,
                                                                               capsys):
     """A checkpoint whose settings predate conv_layers (the paper's network was then the only one), time_bias,
-    unet and hybrid is read as the paper's network, not given the new default's U-Net; train.py resumes it
-    with the paper's flags, and without them says in one line which settings differ."""
+    unet, hybrid and linear_beta is read as the paper's network, not given the new default's U-Net; train.py
+    resumes it with the paper's flags, and without them says in one line which settings differ."""
     import ckpt
     import net_unet
     meta, arrays = ckpt.load(str(mnist_runs / "denses150" / "checkpoint.npz"))
     assert meta["cfg"].pop("conv_layers") == 0 and meta["cfg"].pop("time_bias") == 0
-    assert meta["cfg"].pop("unet") == 0 and meta["cfg"].pop("hybrid") == 0
+    assert meta["cfg"].pop("unet") == 0 and meta["cfg"].pop("hybrid") == 0 and meta["cfg"].pop("linear_beta") == 0
     old = tmp_path / "checkpoint.npz"
     ckpt.save(str(old), {k: v for k, v in meta.items() if k != "version"}, arrays)
     _, params, consts, _ = ckpt.load_run(str(old), "mnist")
     assert type(consts.net) is net_image.DenseImageNet and consts.cfg["conv_layers"] == 0
     resume = [*SMALL, "--data-dir", str(mnist_dir), "--resume", "--steps", "152"]
     assert run_train(tmp_path.parent, *resume, out=tmp_path.name) == 2
-    assert "conv_layers=0, unet=0, hybrid=0, not conv_layers=2, unet=3, hybrid=1;" in one_error_line(capsys)
+    assert ("conv_layers=0, unet=0, hybrid=0, linear_beta=0, beta_T=0.5, not conv_layers=2, unet=3, hybrid=1, "
+            "linear_beta=1, beta_T=0.02;") in one_error_line(capsys)
     assert run_train(tmp_path.parent, *resume, *PAPER_NET, out=tmp_path.name) == 0
     assert ckpt.load(str(old))[0]["step"] == 152
     _, _, consts, _ = ckpt.load_run(str(mnist_runs / "s150"), "mnist")
