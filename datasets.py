@@ -274,8 +274,8 @@ MNIST = Dataset(
     name="mnist",
     kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, image_net(cfg)),
     # By default net_unet's U-Net of `unet` levels, `channels` wide, trained by the hybrid objective (hybrid)
-    # on Ho et al.'s fixed linear schedule (linear_beta; 0: β₂..T learned, §2.4.1) (README "What mattered": whole
-    # digits; not the paper's network, objective or schedule). With unet 0 (and hybrid 0, the paper's
+    # on Ho et al.'s fixed linear schedule (linear_beta; 0 learns β₂..T, §2.4.1): whole digits (README "What
+    # mattered"), though neither the paper's network, objective nor schedule. With unet 0 (and hybrid 0, the paper's
     # objective), App. D.2.1's network (net_image.py): H units in each of dense_layers dense layers,
     # pixel_features features per pixel, and beside it, as the official code had, conv_layers convolution layers
     # of `channels` channels at `scales` scales (net_conv.py; 0: the dense pathway alone, the paper's Fig. D.1

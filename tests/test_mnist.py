@@ -158,9 +158,15 @@ def mnist_runs(mnist_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("net", ["", "dense"])
 def test_training_raises_the_heldout_bound(mnist_runs, net):
-    """The default network (net_unet's U-Net, trained by the hybrid objective) and the paper's."""
+    """The default network (net_unet's U-Net, trained by the hybrid objective on the fixed linear schedule) and
+    the paper's (β₂..T learned, §2.4.1)."""
     before = json.load(open(mnist_runs / f"{net}s1" / "metrics.json"))
     after = json.load(open(mnist_runs / f"{net}s150" / "metrics.json"))
+    beta = np.array(after["beta"][1:])
+    if net:      # the paper's network learns β₂..T: they have left their geometric baseline
+        assert not np.allclose(beta, dpm.baseline_beta(20, 1e-4, dpm.GEOMETRIC_BETA_T)[1:], rtol=1e-3, atol=0)
+    else:        # the default keeps Ho et al.'s linear schedule
+        assert np.allclose(beta, np.linspace(1e-4, dpm.LINEAR_BETA_T, 20), rtol=1e-12, atol=0)
     gain = after["K_minus_L_null_bits_per_pixel"] - before["K_minus_L_null_bits_per_pixel"]
     assert gain > 10 * math.hypot(after["K_minus_L_null_stderr_bits_per_pixel"],
                                   before["K_minus_L_null_stderr_bits_per_pixel"])
