@@ -108,8 +108,9 @@ def parse(argv):
         raise UsageError(f"--batch-size x the network's width would not fit in memory "
                          f"(at most {datasets.MAX_ELEMENTS} numbers)")
     if (args.unet or args.hybrid or args.linear_beta) and args.device == "cuda":
-        raise UsageError("--unet, --hybrid 1 and --linear-beta 1 (MNIST's defaults) have no CUDA kernels yet: train "
-                         "them on the CPU, or pass --unet 0 --hybrid 0 --linear-beta 0 for the network before the U-Net")
+        raise UsageError("--unet, --hybrid 1 and --linear-beta 1 (MNIST's defaults) have no CUDA kernels yet: "
+                         "train them on the CPU, or pass --unet 0 --hybrid 0 --linear-beta 0 for the network before "
+                         "the U-Net")
     if args.device == "cuda":
         check_cuda(args, ds)
     args.out = args.out or os.path.join("runs", args.data)

@@ -113,7 +113,8 @@ def test_trainer_steps_match_the_twin_and_adam(dtype, hybrid, linear):
     """Three Adam steps of the trainer against gaussian.loss_and_grads and adam.Adam, on the bound and on the
     hybrid objective, with the learned schedule and with the fixed linear one (train.py --linear-beta 1), which
     the steps leave as it was."""
-    cfg = dict(config(), hybrid=hybrid, linear_beta=linear, beta_T=dpm.LINEAR_BETA_T if linear else dpm.GEOMETRIC_BETA_T)
+    cfg = dict(config(), hybrid=hybrid, linear_beta=linear,
+               beta_T=dpm.LINEAR_BETA_T if linear else dpm.GEOMETRIC_BETA_T)
     rng = np.random.default_rng(1)
     p = perturbed(cfg, rng, dtype)
     bs = batches(cfg, rng, 5, 3)

@@ -171,9 +171,9 @@ def test_train_py_and_sample_py_on_cuda_for_an_image_model(tmp_path, capsys, mon
 @pytest.mark.parametrize("name", ["mnist", "deadleaves"])
 def test_real_gpu_step_of_the_default_networks_matches_loss_and_grads(name):
     """train.py's MNIST (--unet 0 --hybrid 0 --linear-beta 0) and default dead-leaves networks at full size (784
-    and 256 pixels, T = 1000): one GPU step's loss and gradients against the float64 NumPy reference, as the small networks above
-    in the simulator, to 2e-5 of each gradient's largest entry (the CPU's float32 path at these sizes,
-    cpu_image.Trainer: at most 1.3e-6)."""
+    and 256 pixels, T = 1000): one GPU step's loss and gradients against the float64 NumPy reference, as the
+    small networks above in the simulator, to 2e-5 of each gradient's largest entry (the CPU's float32 path at
+    these sizes, cpu_image.Trainer: at most 1.3e-6)."""
     import datasets
     cfg = dict(getattr(datasets, name.upper()).model, unet=0, hybrid=0,    # the U-Net has no CUDA kernels yet,
                linear_beta=0, beta_T=dpm.GEOMETRIC_BETA_T)                 # nor the fixed schedule
