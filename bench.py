@@ -17,15 +17,15 @@ mnist_train_step_b128 and _b512 (ms; with images/s), mnist_train_step_gflops_b12
 cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py and net_image.py, adam.py) in float32, as
 train.py runs it. They take --repeat / 6 steps each (at least 3).
 
-deadleaves_* time the dead-leaves network (net_conv.ConvImageNet) at its defaults (DEADLEAVES below: 4
+deadleaves_* time the dead-leaves network before the U-Net (net_conv.ConvImageNet; DEADLEAVES_CONV below: 4
 multi-scale layers of 32 channels at 3 scales on 16 × 16 patches, a 32-wide per-pixel MLP, T = 1000) on
 random unit-variance patches: deadleaves_train_step_b64 (ms; with patches/s), deadleaves_train_step_gflops_b64
 (the direct convolution's FLOPs, image_step_flops, whatever the algorithm), and deadleaves_sample_64 (ms
 per reverse step of 64 patches). numba: cpu_conv.py (float32); numpy: the twin (gaussian.py on net_conv.py,
 adam.py) in float32. They take --repeat / 10 steps each (at least 3; the twin's at most 5).
 
-mnist_unet_* and deadleaves_unet_* time net_unet's U-Net (--unet 3, not the paper's network; MNIST's default,
-dead leaves' with --unet 3) in the same way (unet_bench).
+mnist_unet_* and deadleaves_unet_* time net_unet's U-Net (--unet 3, not the paper's network; the default of
+both) in the same way (unet_bench).
 """
 import argparse
 import json
@@ -151,12 +151,14 @@ def cuda_peak_gflops(dev):
 # image_T: the T of the sampling rows (a reverse step costs the same whatever T is).
 # MNIST's network before the U-Net (train.py --unet 0 --hybrid 0 --linear-beta 0): the convolutions beside the
 # paper's dense pathway, β learned
-MNIST_CONV = dict(datasets.MNIST.model, unet=0, hybrid=0, linear_beta=0, beta_T=dpm.GEOMETRIC_BETA_T)
+MNIST_CONV = dict(datasets.MNIST.model, **datasets.BEFORE_UNET)
+# dead leaves' network before the U-Net (the same flags): 4 multi-scale layers told t, β learned
+DEADLEAVES_CONV = dict(datasets.DEADLEAVES.model, **datasets.BEFORE_UNET)
 
 CUDA_SIZES = {"cfg": datasets.SWISSROLL.model, "train": (512, 65_536), "repeat": (300, 100), "sample": 1_000_000,
               "eval": 20_000, "timed": 5, "hb_cfg": None, "hb_train": 512, "hb_sample": 10_000,
               "images": (("mnist", MNIST_CONV, (128, 512), 1000),
-                         ("deadleaves", datasets.DEADLEAVES.model, (64, 256), 1000)),
+                         ("deadleaves", DEADLEAVES_CONV, (64, 256), 1000)),
               "image_repeat": 50, "image_warmup": 3, "image_T": 20, "image_sample_repeat": (2, 1), "gemm": 4096,
               "conv": (256, 16, 32)}
 
@@ -299,7 +301,7 @@ def unet_bench(backend, a, want, emit):
     and 28, 14, 7 pixels; dead leaves at 32, 64, 64 and 16, 8, 4), on random images."""
     import cpu_image
     for row, cfg, bs in (("mnist", datasets.MNIST.model, 128),               # train.py's MNIST default
-                         ("deadleaves", dict(datasets.DEADLEAVES.model, unet=3, channels=32), 64)):
+                         ("deadleaves", datasets.DEADLEAVES.model, 64)):          # and dead leaves'
         name, gname = f"{row}_unet_train_step_b{bs}", f"{row}_unet_train_step_gflops_b{bs}"
         if not (want(name) or want(gname)):
             continue
@@ -355,9 +357,6 @@ def mnist_bench(backend, a, want, emit):
                    what=f"one reverse step of 64 images (sample with T = {scfg['T']}, per step)"))
 
 
-DEADLEAVES = datasets.DEADLEAVES.model      # train.py's dead-leaves network
-
-
 def deadleaves_bench(backend, a, want, emit):
     """The deadleaves_* rows (see the module docstring)."""
     if not any(want(name) for name in CPU_NAMES if name.startswith("deadleaves_") and "_unet_" not in name):
@@ -365,7 +364,7 @@ def deadleaves_bench(backend, a, want, emit):
     import cpu_conv
     import cpu_image
     import net_conv
-    cfg, bs = DEADLEAVES, 64
+    cfg, bs = DEADLEAVES_CONV, 64
     rng = np.random.default_rng(0)
     consts = gaussian.Gaussian(cfg, net_conv.ConvImageNet)
     params = consts.init(rng)

@@ -47,7 +47,7 @@ def cuda_images():
 FLAG_KEYS = {"T": "T", "hidden": "H", "beta1": "beta1", "fourier": "M", "fourier_scale": "fourier_scale",
              "pixel_features": "pixel_features", "dense_layers": "dense_layers", "conv_layers": "conv_layers",
              "channels": "channels", "scales": "scales", "pixel_hidden": "P", "time_bias": "time_bias", "unet": "unet",
-             "hybrid": "hybrid", "linear_beta": "linear_beta"}
+             "hybrid": "hybrid", "linear_beta": "linear_beta", "beta_ramp": "beta_ramp"}
 
 
 class Dataset:
@@ -245,12 +245,22 @@ def _image_cfg(model, a):
     return dict(model, T=a.T, beta1=a.beta1, H=a.hidden, dense_layers=a.dense_layers,
                 pixel_features=a.pixel_features, conv_layers=a.conv_layers, channels=a.channels, scales=a.scales,
                 P=a.pixel_hidden, time_bias=a.time_bias, unet=a.unet, hybrid=a.hybrid, linear_beta=a.linear_beta,
-                beta_T=dpm.LINEAR_BETA_T if a.linear_beta else dpm.GEOMETRIC_BETA_T)
+                beta_ramp=a.beta_ramp, beta_T=dpm.LINEAR_BETA_T if a.linear_beta else dpm.GEOMETRIC_BETA_T)
+
+
+def _ramp_check(cfg):
+    """beta_ramp (dpm.baseline_beta) is a number in [0, 1), above 0 only on the fixed linear schedule."""
+    r = cfg["beta_ramp"]
+    if not (isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1):
+        raise ValueError(f"beta_ramp must be a number in [0, 1), got {r!r}")
+    if r and not cfg["linear_beta"]:
+        raise ValueError("beta_ramp shapes the fixed linear schedule's start: it needs linear_beta 1")
 
 
 def _mnist_check(cfg):
     """What the rules cannot say of an MNIST cfg: some pathway to give the per-pixel MLP its features, and
     scales that divide the 28 × 28 image."""
+    _ramp_check(cfg)
     if not (cfg["conv_layers"] or cfg["dense_layers"] or cfg["unet"]):
         raise ValueError("the network needs convolution layers or dense layers (or both), or unet levels")
     if cfg["unet"] and 28 % 2 ** (cfg["unet"] - 1):
@@ -283,11 +293,12 @@ MNIST = Dataset(
     # Eqs. 64-65; scale and shift are the training set's (images.pixel_scaling)
     model={"T": 1000, "J": 10, "D": 784, "H": 128, "dense_layers": 3, "pixel_features": 2, "P": 40,
            "conv_layers": 2, "channels": 16, "scales": 1, "time_bias": 0, "unet": 3, "hybrid": 1,
-           "linear_beta": 1, "beta1": 1e-4, "beta_T": dpm.LINEAR_BETA_T, "scale": 1.0, "shift": 0.0},
+           "linear_beta": 1, "beta_ramp": 0.0, "beta1": 1e-4, "beta_T": dpm.LINEAR_BETA_T, "scale": 1.0,
+           "shift": 0.0},
     cfg=lambda a: _image_cfg(MNIST.model, a), check=_mnist_check,
-    # checkpoints from before the convolutions (the dense pathway alone) and before time_bias, unet, hybrid and
-    # linear_beta
-    before={"conv_layers": 0, "time_bias": 0, "unet": 0, "hybrid": 0, "linear_beta": 0},
+    # checkpoints from before the convolutions (the dense pathway alone) and before time_bias, unet, hybrid,
+    # linear_beta and beta_ramp
+    before={"conv_layers": 0, "time_bias": 0, "unet": 0, "hybrid": 0, "linear_beta": 0, "beta_ramp": 0.0},
     train={"steps": 5000, "lr": 1e-3, "lr_decay_steps": 5000, "eval_every": 2500, "quick_eval": 100,
            "heldout": 200, "draws": 1, "backend": "numba", "batch_size": 128,
            "data_dir": os.path.join("data", "mnist")},
@@ -336,6 +347,7 @@ def _leaves_report(x, condition, text, noise, rng, cfg):
 def _leaves_check(cfg):
     """What the rules cannot say of a dead-leaves cfg: square patches that the scales (or the U-Net's levels)
     divide, cut from the generated images, and r_min < r_max."""
+    _ramp_check(cfg)
     side, levels = math.isqrt(cfg["D"]), cfg["unet"] or cfg["scales"]
     if side * side != cfg["D"] or side % 2 ** (levels - 1) or side > cfg["leaves_size"]:
         raise ValueError(f"the patch side ({cfg['D']} pixels) must be a whole number, at most leaves_size "
@@ -347,21 +359,25 @@ def _leaves_check(cfg):
 DEADLEAVES = Dataset(
     name="deadleaves",
     kind=gaussian, Consts=lambda cfg: gaussian.Gaussian(cfg, image_net(cfg)),
-    # the network of net_conv.py: conv_layers multi-scale layers of `channels` channels at `scales` scales,
-    # each told t through its bias (time_bias; 0: the paper's layers), beside them dense_layers dense layers of
-    # H (none by default) giving pixel_features features per pixel, a per-pixel MLP P wide; the generator's
-    # settings (data.deadleaves), kept so the held-out set can be made again
+    # By default, as MNIST's, net_unet's U-Net of `unet` levels, `channels` wide, trained by the hybrid objective
+    # (hybrid) on Ho et al.'s fixed linear schedule (linear_beta) started geometrically (beta_ramp): flat
+    # regions and large discs (README "What mattered"), though neither the paper's network, objective nor
+    # schedule. With unet 0 (BEFORE_UNET), the network of net_conv.py: conv_layers multi-scale layers of
+    # `channels` channels at `scales` scales, each told t through its bias (time_bias; 0: the paper's layers),
+    # beside them dense_layers dense layers of H (none by default) giving pixel_features features per pixel.
+    # Either way a per-pixel MLP P wide; the generator's settings (data.deadleaves), kept so the held-out set can
+    # be made again
     model={"T": 1000, "J": 10, "D": 256, "conv_layers": 4, "channels": 32, "scales": 3, "P": 32, "time_bias": 1,
-           "unet": 0, "hybrid": 0, "linear_beta": 0,
+           "unet": 3, "hybrid": 1, "linear_beta": 1, "beta_ramp": 0.3,
            "dense_layers": 0, "H": 128, "pixel_features": 2,
-           "beta1": 1e-6, "beta_T": 0.5, "scale": 1.0, "shift": 0.0,
+           "beta1": 1e-6, "beta_T": dpm.LINEAR_BETA_T, "scale": 1.0, "shift": 0.0,
            "leaves_size": data.LEAVES["size"], "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"],
            "margin": data.LEAVES["margin"]},
-    # checkpoints from before time_bias (the paper's layers), unet, hybrid and linear_beta
-    before={"time_bias": 0, "unet": 0, "hybrid": 0, "linear_beta": 0},
+    # checkpoints from before time_bias (the paper's layers), unet, hybrid, linear_beta and beta_ramp
+    before={"time_bias": 0, "unet": 0, "hybrid": 0, "linear_beta": 0, "beta_ramp": 0.0},
     cfg=lambda a: dict(_image_cfg(DEADLEAVES.model, a), D=a.patch ** 2, leaves_size=a.leaves_size, r_min=a.r_min,
                        r_max=a.r_max, margin=a.margin),
-    train={"steps": 35_000, "lr": 2e-3, "lr_decay_steps": 35_000, "eval_every": 5000, "quick_eval": 100,
+    train={"steps": 12_000, "lr": 1e-3, "lr_decay_steps": 12_000, "eval_every": 5000, "quick_eval": 100,
            "heldout": 500, "draws": 1, "backend": "numba", "batch_size": 64,
            "patch": data.LEAVES["patch"], "train_patches": 20_000, "leaves_size": data.LEAVES["size"],
            "r_min": data.LEAVES["r_min"], "r_max": data.LEAVES["r_max"], "margin": data.LEAVES["margin"]},
@@ -392,6 +408,9 @@ DEADLEAVES = Dataset(
         params, consts, drawn, rng, sample,
         beside=data.deadleaves(100, HELDOUT_SEED, **images.leaves_settings(consts.cfg))),
 )
+
+# the settings that give MNIST's and dead leaves' networks before the U-Net (and their learned schedule)
+BEFORE_UNET = {"unet": 0, "hybrid": 0, "linear_beta": 0, "beta_ramp": 0.0, "beta_T": dpm.GEOMETRIC_BETA_T}
 
 DATASETS = {d.name: d for d in (SWISSROLL, HEARTBEAT, MNIST, DEADLEAVES)}
 

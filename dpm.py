@@ -45,11 +45,17 @@ LINEAR_BETA_T = 0.02     # Ho et al. 2020's last β of the linear schedule (T = 
 GEOMETRIC_BETA_T = 0.5   # where the geometric baseline of a learned schedule ends (train.py --linear-beta 0)
 
 
-def baseline_beta(T, beta1, beta_T, linear=False):
+def baseline_beta(T, beta1, beta_T, linear=False, ramp=0.0):
     """The fixed part of the schedule: geometric from beta1 to beta_T over t = 1..T (linear where linear: Ho et
-    al. 2020's schedule, which train.py --linear-beta 1 keeps fixed)."""
+    al. 2020's schedule, which train.py --linear-beta 1 keeps fixed). Where ramp > 0 the line's start is
+    geometric instead: from beta1 up to the line's own β at t_j = 1 + round(ramp (T − 1)), the line after, so
+    that β grows by one factor a step over the first fraction ramp of the steps rather than jumping from β₁ to
+    the line's β₂ (train.py --beta-ramp; below the line there, as a convex curve under its chord)."""
     beta = np.zeros(T + 1)
     beta[1:] = (np.linspace if linear else np.geomspace)(beta1, beta_T, T)
+    if ramp:
+        tj = 1 + round(ramp * (T - 1))
+        beta[1:tj + 1] = np.geomspace(beta1, beta[tj], tj)
     return beta
 
 

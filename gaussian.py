@@ -17,14 +17,15 @@ from net_fourier import FourierMLP
 class Gaussian:
     """The constants of a Gaussian diffusion model. cfg (saved in every checkpoint): T, J, D, beta1, beta_T
     and the network's own settings (FourierMLP: H, M, fourier_scale); with linear_beta (images), the schedule is
-    the linear baseline, never learned (the gradient of c is zero)."""
+    the linear baseline (its start geometric where beta_ramp > 0), never learned (the gradient of c is zero)."""
 
     def __init__(self, cfg, Net=FourierMLP):
         self.cfg, self.T, self.D, self.J = cfg, cfg["T"], cfg["D"], cfg["J"]
         self.net = Net(cfg)
         self.basis = self.net.basis                              # (J, T + 1)
         self.F = getattr(self.net, "F", None)                    # FourierMLP's fixed frequencies (D, M)
-        self.base = dpm.baseline_beta(cfg["T"], cfg["beta1"], cfg["beta_T"], cfg.get("linear_beta", 0))
+        self.base = dpm.baseline_beta(cfg["T"], cfg["beta1"], cfg["beta_T"], cfg.get("linear_beta", 0),
+                                      cfg.get("beta_ramp", 0.0))
 
     def init(self, rng):
         params = self.net.init(rng)

@@ -27,7 +27,7 @@ from cli import UsageError, positive
 
 MODEL_FLAGS = ("T", "hidden", "noise", "beta1", "fourier", "fourier_scale", "data_dir", "pixel_features", "patch",
                "train_patches", "leaves_size", "r_min", "r_max", "margin", "dense_layers", "conv_layers", "channels", "scales",
-               "pixel_hidden", "time_bias", "unet", "hybrid", "linear_beta")
+               "pixel_hidden", "time_bias", "unet", "hybrid", "linear_beta", "beta_ramp")
 
 
 def parse(argv):
@@ -72,6 +72,10 @@ def parse(argv):
     p.add_argument("--linear-beta", type=int, choices=(0, 1),
                    help="mnist, deadleaves: 1 fixes the schedule at β_t linear from β₁ to 0.02 (Ho et al. 2020's; "
                         "not learned, not the paper's; default 1 for mnist, 0 for deadleaves)")
+    p.add_argument("--beta-ramp", type=float,
+                   help="mnist, deadleaves, with --linear-beta 1: R in (0, 1) makes β rise geometrically from β₁ "
+                        "over the first fraction R of the steps to join the line there, instead of the line's jump "
+                        "from β₁ to β₂ (0: the plain line; default 0.3 for deadleaves, 0 for mnist)")
     p.add_argument("--fourier", type=int, help="swissroll: random Fourier input features sin/cos(x F), "
                                                "F: 2 x this (0: none)")
     p.add_argument("--fourier-scale", type=positive(float), help="swissroll: the entries of F's standard deviation")
@@ -92,6 +96,8 @@ def parse(argv):
     for name in MODEL_FLAGS:
         if name not in ds.train and getattr(args, name) is not None:
             raise UsageError(f"--{name.replace('_', '-')} does not apply to {ds.name}")
+    if args.linear_beta == 0 and args.beta_ramp is None:     # the ramp shapes the fixed line: none with β learned
+        args.beta_ramp = 0.0
     for name, value in ds.train.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -108,7 +114,7 @@ def parse(argv):
         raise UsageError(f"--batch-size x the network's width would not fit in memory "
                          f"(at most {datasets.MAX_ELEMENTS} numbers)")
     if (args.unet or args.hybrid or args.linear_beta) and args.device == "cuda":
-        raise UsageError("--unet, --hybrid 1 and --linear-beta 1 (MNIST's defaults) have no CUDA kernels yet: "
+        raise UsageError("--unet, --hybrid 1 and --linear-beta 1 (the image defaults) have no CUDA kernels yet: "
                          "train them on the CPU, or pass --unet 0 --hybrid 0 --linear-beta 0 for the network before "
                          "the U-Net")
     if args.device == "cuda":

@@ -38,7 +38,7 @@ def test_bench_on_cuda_runs_its_code_in_the_simulator_and_refuses_without_a_gpu(
                                               "repeat": (2, 2), "sample": 12, "eval": 10, "timed": 1,
                                               "hb_cfg": dict(datasets.HEARTBEAT.model, T=5, H=3), "hb_train": 6,
                                               "hb_sample": 7,
-                                              "images": (("deadleaves", dict(datasets.DEADLEAVES.model, T=4, D=16,
+                                              "images": (("deadleaves", dict(bench.DEADLEAVES_CONV, T=4, D=16,
                                                                              channels=2, conv_layers=1, scales=2, P=3),
                                                           (2,), 3),),
                                               "image_repeat": 1, "image_warmup": 0, "image_T": 3, "image_sample_repeat": (1, 0),

@@ -13,7 +13,6 @@ import pytest
 from numba import cuda
 
 import cli
-import dpm
 import gaussian
 import images
 import net_conv
@@ -139,7 +138,7 @@ def test_draws_follow_their_distributions_and_a_nan_step_changes_nothing():
 
 
 def test_train_py_and_sample_py_on_cuda_for_an_image_model(tmp_path, capsys, monkeypatch):
-    """train.py --data deadleaves --device cuda (its default network: the layers told t, time_bias): a run resumed
+    """train.py --data deadleaves --device cuda (its network before the U-Net: the layers told t): a run resumed
     after 1 step ends with the checkpoint (parameters, Adam's moments, the GPU's RNG streams) of an uninterrupted
     one, the layer's E moved off its zero start in the second step (the first reaches only the readout, itself
     zero at the start); sample.py --device cuda reads it and writes samples in 0..255 units, two images per call
@@ -149,7 +148,8 @@ def test_train_py_and_sample_py_on_cuda_for_an_image_model(tmp_path, capsys, mon
     from conftest import run_sample
     tiny = ["--data", "deadleaves", "--T", "3", "--patch", "4", "--leaves-size", "8", "--channels", "3",
             "--conv-layers", "1", "--scales", "1", "--pixel-hidden", "4", "--train-patches", "30", "--batch-size", "2",
-            "--heldout", "10", "--eval-every", "2", "--device", "cuda"]
+            "--heldout", "10", "--eval-every", "2", "--unet", "0", "--hybrid", "0", "--linear-beta", "0",
+            "--device", "cuda"]
     run = lambda out, *a: cli.cli(train.main, "train.py", ["--out", str(tmp_path / out), *tiny, *a])
     assert run("a", "--steps", "1") == 0
     assert run("a", "--steps", "2", "--resume") == 0
@@ -170,13 +170,13 @@ def test_train_py_and_sample_py_on_cuda_for_an_image_model(tmp_path, capsys, mon
 @pytest.mark.skipif(SIM, reason="a real GPU only: the simulator would take hours at these sizes")
 @pytest.mark.parametrize("name", ["mnist", "deadleaves"])
 def test_real_gpu_step_of_the_default_networks_matches_loss_and_grads(name):
-    """train.py's MNIST (--unet 0 --hybrid 0 --linear-beta 0) and default dead-leaves networks at full size (784
-    and 256 pixels, T = 1000): one GPU step's loss and gradients against the float64 NumPy reference, as the
-    small networks above in the simulator, to 2e-5 of each gradient's largest entry (the CPU's float32 path at
-    these sizes, cpu_image.Trainer: at most 1.3e-6)."""
+    """train.py's MNIST and dead-leaves networks before the U-Net (--unet 0 --hybrid 0 --linear-beta 0) at full
+    size (784 and 256 pixels, T = 1000): one GPU step's loss and gradients against the float64 NumPy reference,
+    as the small networks above in the simulator, to 2e-5 of each gradient's largest entry (the CPU's float32
+    path at these sizes, cpu_image.Trainer: at most 1.3e-6)."""
     import datasets
-    cfg = dict(getattr(datasets, name.upper()).model, unet=0, hybrid=0,    # the U-Net has no CUDA kernels yet,
-               linear_beta=0, beta_T=dpm.GEOMETRIC_BETA_T)                 # nor the fixed schedule
+    cfg = dict(getattr(datasets, name.upper()).model,                     # the U-Net has no CUDA kernels yet,
+               **datasets.BEFORE_UNET)                                     # nor the fixed schedule
     consts = gaussian.Gaussian(cfg, datasets.image_net(cfg))
     rng = np.random.default_rng(4)
     p = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in consts.init(rng).items()}

@@ -121,7 +121,7 @@ def test_untrained_network_is_the_forward_kernel():
 
 SMALL = ["--data", "deadleaves", "--T", "20", "--patch", "8", "--leaves-size", "16", "--channels", "4",
          "--scales", "2", "--conv-layers", "2", "--train-patches", "400", "--batch-size", "16", "--heldout", "20",
-         "--eval-every", "1000"]
+         "--eval-every", "1000", "--unet", "0", "--hybrid", "0", "--linear-beta", "0"]    # the network before the U-Net
 
 
 @pytest.fixture(scope="module")
@@ -187,18 +187,28 @@ def test_linear_beta_run_keeps_its_schedule(tmp_path):
     learned (c stays at zero), so metrics.json's β is that line."""
     import ckpt
     from conftest import run_train
-    assert run_train(tmp_path, *SMALL, "--linear-beta", "1", "--steps", "3", out="a") == 0
+    assert run_train(tmp_path, *SMALL, "--linear-beta", "1", "--beta-ramp", "0", "--steps", "3", out="a") == 0
     meta, arrays = ckpt.load(str(tmp_path / "a" / "checkpoint.npz"))
     assert meta["cfg"]["linear_beta"] == 1 and meta["cfg"]["beta_T"] == 0.02
     assert np.all(arrays["p/c"] == 0.0)
     beta = json.load(open(tmp_path / "a" / "metrics.json"))["beta"]
     assert np.allclose(beta[1:], np.linspace(meta["cfg"]["beta1"], 0.02, 20), rtol=1e-12, atol=0)
+    # the default ramp: the line's start geometric (t_j = 1 + round(0.3 · 19) = 7), saved with the run, and the
+    # schedule that sample.py rebuilds from the checkpoint
+    assert run_train(tmp_path, *SMALL, "--linear-beta", "1", "--steps", "3", out="b") == 0
+    meta, _, consts, _ = ckpt.load_run(str(tmp_path / "b" / "checkpoint.npz"), "deadleaves")
+    assert meta["cfg"]["beta_ramp"] == 0.3
+    beta = np.array(json.load(open(tmp_path / "b" / "metrics.json"))["beta"])
+    line = np.linspace(meta["cfg"]["beta1"], 0.02, 20)
+    assert np.all(beta[2:7] < line[1:6]) and np.allclose(beta[7:], line[6:], rtol=1e-12, atol=0)
+    assert np.allclose(beta, consts.base, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("flags, words", [(["--patch", "10", "--scales", "3"], "divides by"),
                                           (["--r-min", "40"], "r_min"), (["--fourier", "4"], "does not apply"),
                                           (["--linear-beta", "1", "--device", "cuda"],
-                                           "--linear-beta 1 (MNIST's defaults) have no CUDA")])
+                                           "--linear-beta 1 (the image defaults) have no CUDA"),
+                                          (["--linear-beta", "0", "--beta-ramp", "0.05"], "it needs linear_beta 1")])
 def test_bad_settings_one_line(tmp_path, capsys, flags, words):
     from conftest import one_error_line, run_train
     assert run_train(tmp_path, "--data", "deadleaves", *flags, "--steps", "1", out="r") == 2

@@ -133,3 +133,19 @@ def test_temporal_basis_sums_to_one_and_schedule_respects_beta1():
     beta = dpm.beta_schedule(np.linspace(-1, 1, 10), basis, base)
     assert beta[1] == 1e-5 and np.all((beta[2:] > 0) & (beta[2:] < 1))
     assert beta[-1] != base[-1]
+
+
+@given(st.floats(1e-7, 1e-3), st.floats(0.0, 0.99), st.integers(3, 2000))
+def test_ramp_rises_geometrically_then_is_the_line(beta1, ramp, T):
+    """baseline_beta's ramp: β₁ kept, one factor a step up to the line's own β at t_j = 1 + round(ramp (T − 1)),
+    below the line until there (a convex curve under its chord), and the line itself from t_j on."""
+    line = dpm.baseline_beta(T, beta1, 0.02, linear=True)
+    beta = dpm.baseline_beta(T, beta1, 0.02, linear=True, ramp=ramp)
+    tj = 1 + round(ramp * (T - 1))
+    assert beta[0] == 0.0 and beta[1] == beta1
+    assert np.array_equal(beta[tj:], line[tj:])
+    if tj > 2:
+        ratio = beta[2:tj + 1] / beta[1:tj]
+        assert np.allclose(ratio, ratio[0], rtol=1e-9, atol=0) and ratio[0] > 1
+        assert np.all(beta[2:tj] < line[2:tj])
+    assert np.all(np.diff(beta[1:]) > 0)
