@@ -3,7 +3,8 @@ kernels and float32 BLAS products (one scale each, no tanh but the last), group 
 in Numba kernels here, the per-pixel MLP, KL, trainer, evaluate and sample cpu_image.py's (importing this
 module registers FastUNet in cpu_image.FAST). Both cores, as cpu_conv: an image's path through the whole
 network is independent of the other images', so the forward is one phase of image chunks (cpu_conv.conv_chunks)
-and the backward another, each chunk keeping its own sums of the weights' gradients, added in chunk order.
+and the backward another, each chunk keeping its own sums of the weights' gradients, added in chunk order; the
+filters' ∂U = Vᵀ ∂M, one product per convolution over the whole batch, come after the chunks (filter_grad).
 
 Twins and test oracles (tests/test_unet.py): net_unet.py's pieces (group_norm, silu and their backward; pool,
 up and their adjoints; the channel concatenation of the up path) and net_unet.UNetImageNet for the network.
@@ -280,13 +281,13 @@ def conv(a, U, out, V, M, lo, hi, bias=None, exact=False):
                       bias is not None, exact)
 
 
-def conv_backward(g, UT, V, gM, gV, gU, ga, lo, hi):
-    """Images lo:hi of conv's backward from g = ∂L/∂out (before any tanh): ∂U of these images into gU (36, Cin,
-    C; set), ∂L/∂a into ga (set). UT: Uᵀ (36, C, Cin)."""
+def conv_backward(g, UT, gM, gV, ga, lo, hi):
+    """Images lo:hi of conv's backward from g = ∂L/∂out (before any tanh): their ∂M (the conv's own gM, kept
+    for its ∂U, which filter_grads takes over the whole batch at once) and ∂L/∂a into ga (set). UT: Uᵀ (36, C,
+    Cin)."""
     T2 = tiles(g.shape[1]) ** 2
     rl, rh = lo * T2, hi * T2
     cpu_conv.wino_gout(g, gM, _none(g.dtype), lo, hi)
-    np.matmul(V[:, rl:rh].transpose(0, 2, 1), gM[:, rl:rh], out=gU)
     np.matmul(gM[:, rl:rh], UT, out=gV[:, rl:rh])
     cpu_conv.wino_gin(gV, _none(g.dtype), ga, ga, lo, hi, False)
 
@@ -307,7 +308,8 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
     def feature_scratch(self, n, dt):
         """Every block's input (pooled or concatenated), GN inputs' statistics, silu outputs, second
         convolution's input and output, and its tiles; the products and their gradients per (level, width);
-        the backward's ∂ buffers; each chunk's sums of the weights' gradients; each image's ∂ of each bias."""
+        the backward's ∂ buffers; each chunk's sums of the weights' gradients; each image's ∂ of each bias (and,
+        made by the first backward, each convolution's ∂M)."""
         S, C, L = self.S, self.C, self.levels
         z = lambda *s: np.zeros(s, dt)
         side = lambda l: S >> l
@@ -325,7 +327,6 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         s["f"] = {"st": z(n, net_unet.groups(C), 2), "a": z(n, S, S, C), "out": z(n, S, S, C), "ga": z(n, S, S, C),
                   "gc": z(n, C), "gg": z(nc, C), "gs": z(nc, C)}
         s["V"] = {k: tile_buffer(n * tiles(side(l)) ** 2, cin, dt) for k, l, cin, _ in self.convs()}
-        s["gU"] = {k: z(nc, 36, cin, cout) for k, l, cin, cout in self.convs()}
         for k, l, cin, cout in self.convs():
             for name, c in (("M", cout), ("gV", cin)):
                 s.setdefault(f"{name}{l}.{c}", tile_buffer(n * tiles(side(l)) ** 2, c, dt))
@@ -386,12 +387,15 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         UT = {k: np.ascontiguousarray(u.transpose(0, 2, 1)) for k, u in U.items()}
         exact = p["W1"].dtype == np.float64
         gf = s["gf"].reshape(n, S, S, C)
+        # each convolution's own ∂M, so that its ∂U = Vᵀ ∂M is one product over the whole batch after the
+        # chunks rather than one per chunk of 8 to 128 tiles (made here: forward-only batch sizes never need it)
+        if "gM" not in s:
+            s["gM"] = {k: tile_buffer(n * tiles(S >> l) ** 2, cout, gf.dtype) for k, l, _, cout in self.convs()}
 
         def chunk(c, lo, hi):
             t = s["f"]
             cpu_conv.image_channel_sums(gf, lo, hi, t["gc"])
-            conv_backward(gf, UT["f.K"], s["V"]["f.K"], s[f"M0.{C}"], s[f"gV0.{C}"], s["gU"]["f.K"][c],
-                          t["ga"], lo, hi)
+            conv_backward(gf, UT["f.K"], s["gM"]["f.K"], s[f"gV0.{C}"], t["ga"], lo, hi)
             gh = s["u0"]["gout"]
             t["gg"][c] = 0.0
             t["gs"][c] = 0.0
@@ -418,8 +422,11 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         gx += s["gx"].reshape(n, self.D)
         grads["in.K"][...] = s["gK_in"].sum(axis=0).reshape(3, 3, 1, C)
         np.sum(s["gc_in"], axis=0, out=grads["in.c"])
-        for k, _, _, _ in self.convs():
-            grads[k][...] = wino_to_filters(s["gU"][k].sum(axis=0))
+        def filter_grad(k, l):
+            R = n * tiles(S >> l) ** 2
+            grads[k][...] = wino_to_filters(np.matmul(s["V"][k][:, :R].transpose(0, 2, 1), s["gM"][k][:, :R]))
+
+        self.run([partial(filter_grad, k, l) for k, l, _, _ in self.convs()])
         t = s["f"]
         np.sum(t["gc"], axis=0, out=grads["f.c"])
         np.sum(t["gg"], axis=0, out=grads["f.g"])
@@ -446,15 +453,13 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
             np.matmul(go[lo:hi].reshape(-1, cout), p[f"{b}.W"].T, out=gin[lo:hi].reshape(-1, cin))
         else:
             gin[lo:hi] = go[lo:hi]
-        conv_backward(go, UT[f"{b}.K2"], s["V"][f"{b}.K2"], s[f"M{l}.{cout}"], s[f"gV{l}.{cout}"],
-                      s["gU"][f"{b}.K2"][c], t["ga2"], lo, hi)
+        conv_backward(go, UT[f"{b}.K2"], s["gM"][f"{b}.K2"], s[f"gV{l}.{cout}"], t["ga2"], lo, hi)
         for k in ("gg1", "gs1", "gg2", "gs2"):
             t[k][c] = 0.0
         gn_silu_backward(t["ga2"], t["z1"], t["st2"], p[f"{b}.g2"], p[f"{b}.s2"], t["gz1"], False, t["gg2"][c],
                          t["gs2"][c], lo, hi, exact)
         cpu_conv.image_channel_sums(t["gz1"], lo, hi, t["gc1"])
-        conv_backward(t["gz1"], UT[f"{b}.K1"], s["V"][f"{b}.K1"], s[f"M{l}.{cout}"], s[f"gV{l}.{cin}"],
-                      s["gU"][f"{b}.K1"][c], t["ga1"], lo, hi)
+        conv_backward(t["gz1"], UT[f"{b}.K1"], s["gM"][f"{b}.K1"], s[f"gV{l}.{cin}"], t["ga1"], lo, hi)
         gn_silu_backward(t["ga1"], inp, t["st1"], p[f"{b}.g1"], p[f"{b}.s1"], gin, True, t["gg1"][c], t["gs1"][c],
                          lo, hi, exact)
         return gin
