@@ -283,7 +283,7 @@ def conv(a, U, out, V, M, lo, hi, bias=None, exact=False):
 
 def conv_backward(g, UT, gM, gV, ga, lo, hi):
     """Images lo:hi of conv's backward from g = ∂L/∂out (before any tanh): their ∂M (the conv's own gM, kept
-    for its ∂U, which filter_grads takes over the whole batch at once) and ∂L/∂a into ga (set). UT: Uᵀ (36, C,
+    for its ∂U, which filter_grad takes over the whole batch at once) and ∂L/∂a into ga (set). UT: Uᵀ (36, C,
     Cin)."""
     T2 = tiles(g.shape[1]) ** 2
     rl, rh = lo * T2, hi * T2
@@ -422,6 +422,7 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         gx += s["gx"].reshape(n, self.D)
         grads["in.K"][...] = s["gK_in"].sum(axis=0).reshape(3, 3, 1, C)
         np.sum(s["gc_in"], axis=0, out=grads["in.c"])
+
         def filter_grad(k, l):
             R = n * tiles(S >> l) ** 2
             grads[k][...] = wino_to_filters(np.matmul(s["V"][k][:, :R].transpose(0, 2, 1), s["gM"][k][:, :R]))
