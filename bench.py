@@ -39,7 +39,6 @@ import numpy as np
 
 import cli
 import datasets
-import dpm
 import gaussian
 import net_unet
 from adam import Adam
