@@ -2,8 +2,9 @@
 kernels and float32 BLAS products (one scale each, no tanh but the last), group normalisation and silu fused
 in Numba kernels here, the per-pixel MLP, KL, trainer, evaluate and sample cpu_image.py's (importing this
 module registers FastUNet in cpu_image.FAST). Both cores, as cpu_conv: an image's path through the whole
-network is independent of the other images', so the forward is one phase of image chunks (cpu_conv.conv_chunks)
-and the backward another, each chunk keeping its own sums of the weights' gradients, added in chunk order; the
+network is independent of the other images', so the forward is three phases of image chunks (FastUNet.phases:
+the finest level's blocks in chunks of 8 images, the coarser ones in chunks of 32) and the backward three more,
+each chunk keeping its own sums of the weights' gradients, added in chunk order; the
 filters' ∂U = Vᵀ ∂M, one product per convolution over the whole batch, come after the chunks (filter_grad).
 
 Twins and test oracles (tests/test_unet.py): net_unet.py's pieces (group_norm, silu and their backward; pool,
@@ -29,9 +30,12 @@ import numpy as np
 
 import cpu_conv
 import cpu_image
+import cpu_train
 import net_unet
 from cpu_conv import conv_chunks, tile_buffer, tiles, filters_to_wino, wino_to_filters
 from jitopts import kernel, scalar
+
+COARSE_ROWS = 32       # images per chunk of the blocks below the finest level (FastUNet.phases)
 
 
 # ---------------------------------------------------------------- kernels
@@ -313,7 +317,7 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         S, C, L = self.S, self.C, self.levels
         z = lambda *s: np.zeros(s, dt)
         side = lambda l: S >> l
-        nc = len(conv_chunks(n))
+        nc = len(self.phases(n)[0][1])
         s = {"hin": z(n, S, S, C), "gK_in": z(nc, 1, 9, C), "gc_in": z(n, C), "gx": z(n, S, S)}
         for b, l, cin, cout in self.blocks:
             q = side(l)
@@ -331,6 +335,16 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
             for name, c in (("M", cout), ("gV", cin)):
                 s.setdefault(f"{name}{l}.{c}", tile_buffer(n * tiles(side(l)) ** 2, c, dt))
         return s
+
+    def phases(self, n):
+        """The forward's three phases (the backward's in reverse), each (its blocks' names, image chunks): d0 and
+        u0 (with the first and last convolutions) in cpu_conv.conv_chunks, the coarser blocks between them in
+        chunks of COARSE_ROWS images (no more chunks than the first: the per-chunk sums' rows), so that each of
+        their products reuses its filters over 4 to 8 times more tiles (dead leaves' step 9% faster on one core)."""
+        names = [b for b, _, _, _ in self.blocks]
+        fine = conv_chunks(n)
+        coarse = cpu_train.split(n, max(1, min(len(fine), -(-n // COARSE_ROWS))))
+        return [(names[:1], fine), (names[1:-1], coarse), (names[-1:], fine)]
 
     def block_input(self, s, b, l, lo, hi):
         """Block b's input for images lo:hi (written into its buffer, except the middle block's: d_{L−1})."""
@@ -358,9 +372,12 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         cf = np.ascontiguousarray(np.broadcast_to(p["f.c"], (n, self.C)), dt)
         none = np.zeros((0, 0), dt)
 
-        def chunk(lo, hi):
-            conv_in(x.reshape(n, S, S), p["in.K"].reshape(9, self.C), p["in.c"], s["hin"], lo, hi)
+        def chunk(names, lo, hi):
+            if "d0" in names:
+                conv_in(x.reshape(n, S, S), p["in.K"].reshape(9, self.C), p["in.c"], s["hin"], lo, hi)
             for b, l, cin, cout in self.blocks:
+                if b not in names:
+                    continue
                 t = s[b]
                 inp = self.block_input(s, b, l, lo, hi)
                 gn_silu(inp, none, p[f"{b}.g1"], p[f"{b}.s1"], t["a1"], t["st1"], lo, hi, exact)
@@ -372,11 +389,13 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
                     add_bias_skip(t["out"], p[f"{b}.c2"], t["skip"], lo, hi)
                 else:
                     add_bias_skip(t["out"], p[f"{b}.c2"], inp, lo, hi)
-            t = s["f"]
-            gn_silu(s["u0"]["out"], none, p["f.g"], p["f.s"], t["a"], t["st"], lo, hi, exact)
-            conv(t["a"], U["f.K"], t["out"], s["V"]["f.K"], s[f"M0.{self.C}"], lo, hi, cf, exact)
+            if "u0" in names:
+                t = s["f"]
+                gn_silu(s["u0"]["out"], none, p["f.g"], p["f.s"], t["a"], t["st"], lo, hi, exact)
+                conv(t["a"], U["f.K"], t["out"], s["V"]["f.K"], s[f"M0.{self.C}"], lo, hi, cf, exact)
 
-        self.run([partial(chunk, lo, hi) for lo, hi in conv_chunks(n)])
+        for names, cuts in self.phases(n):
+            self.run([partial(chunk, names, lo, hi) for lo, hi in cuts])
         return (x, U, g), s["f"]["out"].reshape(n, self.D * self.F)
 
     def features_backward(self, p, d, s, gx, grads):
@@ -392,18 +411,21 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         if "gM" not in s:
             s["gM"] = {k: tile_buffer(n * tiles(S >> l) ** 2, cout, gf.dtype) for k, l, _, cout in self.convs()}
 
-        def chunk(c, lo, hi):
-            t = s["f"]
-            cpu_conv.image_channel_sums(gf, lo, hi, t["gc"])
-            conv_backward(gf, UT["f.K"], s["gM"]["f.K"], s[f"gV0.{C}"], t["ga"], lo, hi)
-            gh = s["u0"]["gout"]
-            t["gg"][c] = 0.0
-            t["gs"][c] = 0.0
-            gn_silu_backward(t["ga"], s["u0"]["out"], t["st"], p["f.g"], p["f.s"], gh, False, t["gg"][c],
-                             t["gs"][c], lo, hi, exact)
-            for l in range(L):
-                s[f"d{l}"]["gout"][lo:hi] = 0.0
+        def chunk(names, c, lo, hi):
+            if "u0" in names:
+                t = s["f"]
+                cpu_conv.image_channel_sums(gf, lo, hi, t["gc"])
+                conv_backward(gf, UT["f.K"], s["gM"]["f.K"], s[f"gV0.{C}"], t["ga"], lo, hi)
+                gh = s["u0"]["gout"]
+                t["gg"][c] = 0.0
+                t["gs"][c] = 0.0
+                gn_silu_backward(t["ga"], s["u0"]["out"], t["st"], p["f.g"], p["f.s"], gh, False, t["gg"][c],
+                                 t["gs"][c], lo, hi, exact)
+                for l in range(L):
+                    s[f"d{l}"]["gout"][lo:hi] = 0.0
             for b, l, cin, cout in reversed(self.blocks):
+                if b not in names:
+                    continue
                 gin = self.block_backward_chunk(p, s, b, l, cin, cout, UT, c, lo, hi, exact)
                 if b[0] == "u":                    # gin → the path from below (set) and d_l's ∂ (added)
                     below = s["m"] if l == L - 1 else s[f"u{l + 1}"]
@@ -418,7 +440,8 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
                     cpu_conv.thin_layer_backward(x.reshape(n, S, S), p["in.K"].reshape(1, 9, C), gin,
                                                  s["gK_in"][c], s["gx"], lo, hi)
 
-        self.run([partial(chunk, c, lo, hi) for c, (lo, hi) in enumerate(conv_chunks(n))])
+        for names, cuts in reversed(self.phases(n)):
+            self.run([partial(chunk, names, c, lo, hi) for c, (lo, hi) in enumerate(cuts)])
         gx += s["gx"].reshape(n, self.D)
         grads["in.K"][...] = s["gK_in"].sum(axis=0).reshape(3, 3, 1, C)
         np.sum(s["gc_in"], axis=0, out=grads["in.c"])

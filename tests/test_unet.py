@@ -152,10 +152,12 @@ def test_numba_network_matches_the_twin(dtype, tol):
     """cpu_unet.FastUNet's output, ∂x and every gradient against net_unet's, relative to each array's largest
     entry: to rounding in float64, and within float32's (the Winograd transforms and the rational tanh) in
     float32. 16 channels (groups of two, so that the biases before a normalisation have a gradient) at three
-    levels of an 8 × 8 image, 13 images in two chunks."""
+    levels of an 8 × 8 image, 13 images in two chunks at the finest level and one below it (FastUNet.phases);
+    on one thread the same bits."""
     cfg = dict(TINY, T=10, D=64, channels=16, unet=3, P=5)
     twin, fast = net_unet.UNetImageNet(cfg), cpu_unet.FastUNet(cfg, threads=2)
     assert cpu_image.fast_class(twin) is cpu_unet.FastUNet
+    assert [len(cuts) for _, cuts in fast.phases(13)] == [2, 1, 2]
     rng = np.random.default_rng(1)
     p = {k: (v + 0.3 * rng.standard_normal(v.shape)).astype(dtype) for k, v in twin.init(rng, np.float64).items()}
     x, t = rng.standard_normal((13, 64)), rng.integers(2, 11, 13)
@@ -164,6 +166,10 @@ def test_numba_network_matches_the_twin(dtype, tol):
     (g1, gx1), (g2, gx2) = twin.backward(p, c1, w), fast.backward(p, c2, w)
     for name, a, b in [("out", o1, o2), ("x", gx1, gx2)] + [(k, g1[k], g2[k]) for k in g1]:
         assert np.abs(a - b).max() <= tol * np.abs(a).max(), name
+    one = cpu_unet.FastUNet(cfg, threads=1)
+    o3, c3 = one.forward(p, x, t)
+    g3, gx3 = one.backward(p, c3, w)
+    assert np.array_equal(o3, o2) and np.array_equal(gx3, gx2) and all(np.array_equal(g3[k], g2[k]) for k in g2)
 
 
 def test_entropy_check_on_the_numba_network_is_the_twins():
