@@ -47,11 +47,14 @@ COMPARISON = dict(datasets.SWISSROLL.model, M=0, T=40)  # no Fourier features, t
 
 
 def stats(name, samples, unit, **extra):
-    """One JSON line. openblas_coretype records an OPENBLAS_CORETYPE override: some machines force older,
-    slower BLAS kernels that way (Haswell's AVX2 on an AVX-512 machine), which changes every figure."""
+    """One JSON line. openblas_coretype records an OPENBLAS_CORETYPE override (some machines force older, slower
+    BLAS kernels that way: Haswell's AVX2 on an AVX-512 machine, which changes every figure), openblas_core the
+    kernels NumPy's OpenBLAS then runs."""
+    import cpu_train
     q = np.percentile(samples, [50, 10, 90])
     return dict(name=name, median=round(float(q[0]), 4), p10=round(float(q[1]), 4), p90=round(float(q[2]), 4),
-                unit=unit, n=len(samples), openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", "auto"), **extra)
+                unit=unit, n=len(samples), openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", "auto"),
+                openblas_core=cpu_train.blas_core(), **extra)
 
 
 def make_trainer(backend, cfg, batch, seed=0):

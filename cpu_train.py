@@ -47,8 +47,9 @@ def step_flops(cfg, n):
 # ---------------------------------------------------------------- both cores
 
 def _find_openblas():
-    """(set_num_threads, get_num_threads) of the OpenBLAS that NumPy's wheel bundles, or None where NumPy
-    uses another BLAS (then the chunks run one at a time on the calling thread and that BLAS keeps its threads)."""
+    """(set_num_threads, get_num_threads, get_corename) of the OpenBLAS that NumPy's wheel bundles, or None where
+    NumPy uses another BLAS (then the chunks run one at a time on the calling thread and that BLAS keeps its
+    threads). get_corename names the kernels it runs (bench.py records it), None where it has no such function."""
     root = os.path.dirname(np.__file__)
     for path in glob.glob(root + ".libs/*openblas*") + glob.glob(os.path.join(root, ".dylibs", "*openblas*")):
         try:
@@ -59,7 +60,10 @@ def _find_openblas():
             set_, get_ = (getattr(lib, f"{prefix}_{verb}_num_threads{suffix}", None) for verb in ("set", "get"))
             if set_ is not None and get_ is not None:
                 set_.argtypes, set_.restype, get_.argtypes, get_.restype = [ctypes.c_int], None, [], ctypes.c_int
-                return set_, get_
+                core = getattr(lib, f"{prefix}_get_corename{suffix}", None)
+                if core is not None:
+                    core.argtypes, core.restype = [], ctypes.c_char_p
+                return set_, get_, core
     return None
 
 
@@ -142,6 +146,14 @@ def _share(fn, n, threads):
         job.wait()
     if job.error is not None:
         raise job.error
+
+
+def blas_core():
+    """The kernels NumPy's OpenBLAS runs ("Haswell", "SkylakeX", ...: its own choice for this processor, or
+    OPENBLAS_CORETYPE's), or "unknown"."""
+    if _OPENBLAS is None or _OPENBLAS[2] is None:
+        return "unknown"
+    return _OPENBLAS[2]().decode()
 
 
 def team_size():

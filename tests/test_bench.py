@@ -25,6 +25,8 @@ def test_bench_prints_one_json_object_per_line(capsys, backend):
     for d in lines:
         assert {"name", "median", "p10", "p90", "unit"} <= d.keys()
         assert 0 < d["p10"] <= d["median"] <= d["p90"]
+        # the kernels NumPy's OpenBLAS runs, which OPENBLAS_CORETYPE names where it is set
+        assert d["openblas_core"].lower() == os.environ.get("OPENBLAS_CORETYPE", d["openblas_core"]).lower() != ""
     assert lines[0]["unit"] == "ms" and lines[1]["unit"] == "GFLOP/s" and "peak_gflops" in lines[1]
 
 

@@ -144,7 +144,7 @@ def test_training_step_holds_blas_to_one_thread():
     BLAS's setting is restored afterwards."""
     if cpu_train._OPENBLAS is None:
         pytest.skip("NumPy does not use a bundled OpenBLAS here")
-    set_threads, get_threads = cpu_train._OPENBLAS
+    set_threads, get_threads = cpu_train._OPENBLAS[:2]
     before = get_threads()
     seen, fb = [], cpu_train._Part.forward_backward
 
@@ -202,7 +202,7 @@ def test_blas_held_restores_blas_threads():
     """While chunks run, NumPy's OpenBLAS is held to one thread; afterwards it is as it was."""
     if cpu_train._OPENBLAS is None:
         pytest.skip("NumPy does not use a bundled OpenBLAS here: batches run on one thread")
-    set_threads, get_threads = cpu_train._OPENBLAS
+    set_threads, get_threads = cpu_train._OPENBLAS[:2]
     before = get_threads()
     with cpu_train._BlasHeld():
         assert get_threads() == 1
