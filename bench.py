@@ -25,7 +25,8 @@ per reverse step of 64 patches). numba: cpu_conv.py (float32); numpy: the twin (
 adam.py) in float32. They take --repeat / 10 steps each (at least 3; the twin's at most 5).
 
 mnist_unet_* and deadleaves_unet_* time net_unet's U-Net (--unet 3, not the paper's network; the default of
-both) in the same way (unet_bench).
+both) in the same way (unet_bench): the training step (ms, and GFLOP/s) and one reverse step of 64 images
+(_unet_sample_64).
 """
 import argparse
 import json
@@ -299,18 +300,29 @@ def image_step_flops(cfg, n):
 
 def unet_bench(backend, a, want, emit):
     """The *_unet_* rows: mnist_unet_train_step_b128 and deadleaves_unet_train_step_b64 (ms, and GFLOP/s of the
-    direct convolutions' count, image_step_flops) for net_unet's U-Net (--unet 3: MNIST at 16, 32, 32 channels
-    and 28, 14, 7 pixels; dead leaves at 32, 64, 64 and 16, 8, 4), on random images."""
+    direct convolutions' count, image_step_flops), and a reverse step of 64 images (*_unet_sample_64) for
+    net_unet's U-Net (--unet 3: MNIST at 16, 32, 32 channels and 28, 14, 7 pixels; dead leaves at 32, 64, 64 and
+    16, 8, 4), on random images."""
     import cpu_image
     for row, cfg, bs in (("mnist", datasets.MNIST.model, 128),               # train.py's MNIST default
                          ("deadleaves", datasets.DEADLEAVES.model, 64)):          # and dead leaves'
         name, gname = f"{row}_unet_train_step_b{bs}", f"{row}_unet_train_step_gflops_b{bs}"
-        if not (want(name) or want(gname)):
+        sname = f"{row}_unet_sample_64"
+        if not (want(name) or want(gname) or want(sname)):
             continue
         rng = np.random.default_rng(0)
         consts = gaussian.Gaussian(cfg, net_unet.UNetImageNet)
         params = consts.init(rng)
         params["W3"] += (0.05 * rng.standard_normal(params["W3"].shape)).astype(params["W3"].dtype)
+        if want(sname):
+            scfg = dict(cfg, T=20 if backend == "numba" else 4)   # a reverse step costs the same whatever T is
+            sconsts = gaussian.Gaussian(scfg, net_unet.UNetImageNet)
+            sm = cpu_image.sample if backend == "numba" else gaussian.sample
+            s = timed(lambda: sm(params, sconsts, 64, np.random.default_rng(0)), 3, 1)
+            emit(stats(sname, s / (scfg["T"] - 1) * 1e3, "ms", backend=backend, images=64,
+                       what=f"one reverse step of 64 images (sample with T = {scfg['T']}, per step)"))
+        if not (want(name) or want(gname)):
+            continue
         step, trainer = step_fn(backend, consts, params, rng.standard_normal((2048, cfg["D"])), bs, rng,
                                 cpu_image.Trainer, 1e-4)
         ms = timed(step, max(3, a.repeat // 10) if backend == "numba" else 3, 2) * 1e3
@@ -400,7 +412,7 @@ CPU_NAMES = ("train_step_b512", "train_step_b4096", "train_step_gflops", "eval_K
              "mnist_train_step_gflops_b128", "mnist_train_step_gflops_b512", "mnist_sample_64",
              "deadleaves_train_step_b64", "deadleaves_train_step_gflops_b64", "deadleaves_sample_64",
              "mnist_unet_train_step_b128", "mnist_unet_train_step_gflops_b128", "deadleaves_unet_train_step_b64",
-             "deadleaves_unet_train_step_gflops_b64")
+             "deadleaves_unet_train_step_gflops_b64", "mnist_unet_sample_64", "deadleaves_unet_sample_64")
 
 
 def main(argv=None):

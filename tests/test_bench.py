@@ -30,6 +30,13 @@ def test_bench_prints_one_json_object_per_line(capsys, backend):
     assert lines[0]["unit"] == "ms" and lines[1]["unit"] == "GFLOP/s" and "peak_gflops" in lines[1]
 
 
+def test_bench_times_a_reverse_step_of_the_default_image_network(capsys):
+    assert bench.main(["--only", "deadleaves_unet_sample_64"]) == 0
+    (d,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert d["name"] == "deadleaves_unet_sample_64" and d["unit"] == "ms" and d["images"] == 64
+    assert 0 < d["p10"] <= d["median"] <= d["p90"]
+
+
 def test_bench_on_cuda_runs_its_code_in_the_simulator_and_refuses_without_a_gpu(capsys, monkeypatch):
     """The simulator has no speed to speak of, so only the code path and the output format are checked, on a
     tiny model; without a GPU (available() False) it is one line on stderr and exit status 2."""
