@@ -197,17 +197,21 @@ def wino_in(h, m, V, lo, hi):
                 for u in range(1, m):
                     _acc(acc, hf[y * m + u])
                 src = acc
+            if m == 1:                             # index loops, not a slice per pixel: 2.6× faster at 16 channels
+                for ph in range(WIN):              # padded column WIN j + ph is pixel WIN j + ph − 1
+                    for j in range(ph == 0, (Sm - ph) // WIN + 1):
+                        d0, s0 = ph * W + j * cin, (WIN * j + ph - 1) * cin
+                        for c in range(cin):
+                            row[d0 + c] = src[s0 + c]
+                continue
             for x in range(Sm):                    # pixel x is padded column x + 1
                 j0 = ((x + 1) % WIN) * W + ((x + 1) // WIN) * cin
                 o = row[j0:j0 + cin]
-                if m == 1:
-                    _copy(src[x * cin:(x + 1) * cin], o)
-                else:
-                    _copy(src[x * m * cin:(x * m + 1) * cin], o)
-                    for v in range(1, m):
-                        _acc(o, src[(x * m + v) * cin:(x * m + v + 1) * cin])
-                    for c in range(cin):
-                        o[c] *= inv
+                _copy(src[x * m * cin:(x * m + 1) * cin], o)
+                for v in range(1, m):
+                    _acc(o, src[(x * m + v) * cin:(x * m + v + 1) * cin])
+                for c in range(cin):
+                    o[c] *= inv
         for ti in range(T):
             for v in range(TILE):
                 rows[v] = (WIN * ti + v) * L
@@ -255,19 +259,22 @@ def wino_out(M, bias, coarse, out, lo, hi, final, exact):
                 Y = WIN * ti + a
                 if Y >= Sm:
                     continue
-                orow = out[i, Y]
-                for X in range(Sm):
-                    yv, o = y[a, X % WIN, (X // WIN) * C:(X // WIN + 1) * C], orow[X]
+                of, ya = out[i, Y].reshape(Sm * C), y[a]
+                for X in range(Sm):                # index loops, not a slice per pixel (2.7× faster at 16)
+                    yb, y0, o0 = ya[X % WIN], (X // WIN) * C, X * C
                     if has_coarse:                 # each output's run of y is used once: add in place
-                        _acc(yv, coarse[i, Y // 2, X // 2])
+                        cc = coarse[i, Y // 2, X // 2]
+                        for c in range(C):
+                            yb[y0 + c] += cc[c]
                     if not final:
-                        _copy(yv, o)
+                        for c in range(C):
+                            of[o0 + c] = yb[y0 + c]
                     elif exact:
                         for c in range(C):
-                            o[c] = math.tanh(bias[i, c] + yv[c])
+                            of[o0 + c] = math.tanh(bias[i, c] + yb[y0 + c])
                     else:
                         for c in range(C):
-                            o[c] = _tanh32(bias[i, c] + yv[c])
+                            of[o0 + c] = _tanh32(bias[i, c] + yb[y0 + c])
 
 
 @kernel
@@ -298,13 +305,15 @@ def wino_gout(G, gM, coarse, lo, hi):
                 if Y >= Sm:
                     _zero(ra)
                     continue
-                grow = G[i, Y]
-                for X in range(WIN * T):
-                    j0 = (X % WIN) * TC + (X // WIN) * C
+                gf = G[i, Y].reshape(Sm * C)
+                for X in range(WIN * T):           # index loops, not a slice per pixel
+                    d0 = (X % WIN) * TC + (X // WIN) * C
                     if X < Sm:
-                        _copy(grow[X], ra[j0:j0 + C])
+                        for c in range(C):
+                            ra[d0 + c] = gf[X * C + c]
                     else:
-                        _zero(ra[j0:j0 + C])
+                        for c in range(C):
+                            ra[d0 + c] = 0.0
             for p in range(TILE):
                 _lin(t[p * L:(p + 1) * L], rr, rows, a6[p], False)
             r = (i * T * T + ti * T) * C
@@ -362,20 +371,22 @@ def wino_gin(gV, coarse, out, h, lo, hi, act):
             for v in range(TILE):
                 _lin(buf[(WIN * ti + v) * L:(WIN * ti + v + 1) * L], w, rows, b6[v], True)
         for y in range(Sm):
-            row, orow, hrow = buf[(1 + y) * L:(2 + y) * L], out[i, y], h[i, y]
-            for x in range(Sm):
-                j0 = ((x + 1) % WIN) * W + ((x + 1) // WIN) * cin
-                s, o = row[j0:j0 + cin], orow[x]
-                if has_coarse:
-                    q = coarse[i, y // 2, x // 2]
-                    for c in range(cin):
-                        o[c] = s[c] + quarter * q[c]
-                else:
-                    _copy(s, o)
-                if act:
-                    hh = hrow[x]
-                    for c in range(cin):
-                        o[c] *= ONE - hh[c] * hh[c]
+            row, of = buf[(1 + y) * L:(2 + y) * L], out[i, y].reshape(Sm * cin)
+            hf = h[i, y].reshape(Sm * cin) if act else of      # h is at the finest scale's size: read where act
+            for ph in range(WIN):                  # padded column WIN j + ph is pixel WIN j + ph − 1
+                for j in range(ph == 0, (Sm - ph) // WIN + 1):     # (index loops, as wino_in)
+                    x = WIN * j + ph - 1
+                    s0, o0 = ph * W + j * cin, x * cin
+                    if has_coarse:
+                        q = coarse[i, y // 2, x // 2]
+                        for c in range(cin):
+                            of[o0 + c] = row[s0 + c] + quarter * q[c]
+                    else:
+                        for c in range(cin):
+                            of[o0 + c] = row[s0 + c]
+                    if act:
+                        for c in range(cin):
+                            of[o0 + c] *= ONE - hf[o0 + c] * hf[o0 + c]
 
 
 # One input channel (the first layer, h_0 = x⁽ᵗ⁾): F(2×2, 3×3)'s transforms of 16 numbers per tile for one
