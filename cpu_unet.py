@@ -5,7 +5,7 @@ module registers FastUNet in cpu_image.FAST). Both cores, as cpu_conv: an image'
 network is independent of the other images', so the forward is three phases of image chunks (FastUNet.phases:
 the finest level's blocks in chunks of 8 images, the coarser ones in chunks of 32) and the backward three more,
 each chunk keeping its own sums of the weights' gradients, added in chunk order; the
-filters' ∂U = Vᵀ ∂M, one product per convolution over the whole batch, come after the chunks (filter_grad).
+filters' ∂U = Vᵀ ∂M, each over the whole batch in blocks of tiles, come after the chunks (filter_grad).
 
 Twins and test oracles (tests/test_unet.py): net_unet.py's pieces (group_norm, silu and their backward; pool,
 up and their adjoints; the channel concatenation of the up path) and net_unet.UNetImageNet for the network.
