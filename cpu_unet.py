@@ -447,9 +447,9 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         grads["in.K"][...] = s["gK_in"].sum(axis=0).reshape(3, 3, 1, C)
         np.sum(s["gc_in"], axis=0, out=grads["in.c"])
 
-        # ∂U = Vᵀ ∂M as a sum of products over blocks of B tiles: with thousands of tiles (the inner dimension)
-        # and tens of channels OpenBLAS ran one product at half its speed on blocks (scratch, one core, AVX-512
-        # kernels: 32 × 32 channels, 1,024 tiles 106 GFLOP/s whole, 196 in two blocks)
+        # ∂U = Vᵀ ∂M as a sum of products over blocks of B tiles: with thousands of tiles as the inner dimension
+        # and tens of channels, OpenBLAS ran the one long product at half the speed of the blocks (scratch, one
+        # core, AVX-512 kernels: 32 × 32 channels, 1,024 tiles 106 GFLOP/s whole, 196 in two blocks)
         def filter_grad(k, l):
             R, V, gM = n * tiles(S >> l) ** 2, s["V"][k], s["gM"][k]
             B = max(1, FILTER_MACS // (V.shape[2] * gM.shape[2]))        # tiles per product
