@@ -31,7 +31,7 @@ than F(2×2, 3×3)'s 16 for 4. The kernels:
 The scales run coarsest first forward (each adds the coarser sum, so z is written once) and finest first
 backward for ∂U (each makes the next scale's ∂Y), coarsest first for ∂a. The transforms take a whole tile
 row at a time: each image row split into its four phases (columns 4j, 4j + 1, ... of the padded row, or of
-the output row), every step of F(4×4, 3×3) is one six-point sum of shifted runs of T·C numbers (_lin; the T
+the output row), every step of F(4×4, 3×3) is one sum of shifted runs of T·C numbers (_lin; the T
 tiles of a tile row are consecutive rows of the tile buffers). The products, V @ U, ∂U = Vᵀ ∂M and ∂V = ∂M Uᵀ (36 each), are np.matmul (Cin > 1);
 U = G K Gᵀ and ∂K = Gᵀ ∂U G are one product each with G ⊗ G (36, 9). Together the kernels and products equal
 net_conv.conv3x3 and conv3x3_backward to rounding in float64 (the transforms are exact in exact arithmetic);
@@ -137,17 +137,52 @@ def _zero(o):
         o[k] = 0.0
 
 
+def _sparse(Mx):
+    """Mx (k, 6), one six-point sum per row, as _lin takes it: each row's nonzero coefficients first (zeros
+    after), the points they multiply (the unused ones the first point: in range) and how many."""
+    c, ix = np.zeros(Mx.shape), np.zeros(Mx.shape, np.int64)
+    nz = np.count_nonzero(Mx, axis=1)
+    for a, row in enumerate(Mx):
+        p = np.flatnonzero(row)
+        c[a, :len(p)], ix[a], ix[a, :len(p)] = row[p], p[0], p
+    return c, ix, nz
+
+
 @scalar
-def _lin(o, src, offs, c, acc):
-    """o = Σ_u c[u] · src[offs[u] : offs[u] + len(o)] over u < 6 (o += that where acc): one of F(4×4, 3×3)'s
-    six-point sums over whole runs, in one loop over six views of src (c[u] = 0 where a point is unused, its
-    offset still in range: one loop of six loads measured faster than skipping the zeros). Views, not
-    src[offs[u] + k]: an index that might be negative is not vectorised (the transforms 4-5× slower)."""
+def _lin(o, src, offs, c, ix, npts, acc):
+    """o = Σ_u c[u] · src[offs[ix[u]] : offs[ix[u]] + len(o)] over u < npts (o += that where acc): one of
+    F(4×4, 3×3)'s six-point sums over whole runs, its zero coefficients skipped (_sparse: c, ix), in one loop
+    over npts (1, 4, 5 or 6) views of src. These loops are bound by their loads: skipping the zeros made the
+    transforms 4-20% faster (one core, 28 × 28 × 16). npts must be a constant at each call, and a loop over
+    rows must not branch between two calls: either made the kernels about twice as slow as six loads. Views,
+    not src[offs[u] + k]: an index that might be negative is not vectorised (the transforms 4-5× slower)."""
     n = o.shape[0]
     c0, c1, c2, c3, c4, c5 = c[0], c[1], c[2], c[3], c[4], c[5]
-    s0, s1, s2 = src[offs[0]:offs[0] + n], src[offs[1]:offs[1] + n], src[offs[2]:offs[2] + n]
-    s3, s4, s5 = src[offs[3]:offs[3] + n], src[offs[4]:offs[4] + n], src[offs[5]:offs[5] + n]
-    if acc:
+    o0, o1, o2, o3, o4, o5 = offs[ix[0]], offs[ix[1]], offs[ix[2]], offs[ix[3]], offs[ix[4]], offs[ix[5]]
+    s0, s1, s2 = src[o0:o0 + n], src[o1:o1 + n], src[o2:o2 + n]
+    s3, s4, s5 = src[o3:o3 + n], src[o4:o4 + n], src[o5:o5 + n]
+    if npts == 1:
+        if acc:
+            for k in range(n):
+                o[k] += c0 * s0[k]
+        else:
+            for k in range(n):
+                o[k] = c0 * s0[k]
+    elif npts == 4:
+        if acc:
+            for k in range(n):
+                o[k] += c0 * s0[k] + c1 * s1[k] + c2 * s2[k] + c3 * s3[k]
+        else:
+            for k in range(n):
+                o[k] = c0 * s0[k] + c1 * s1[k] + c2 * s2[k] + c3 * s3[k]
+    elif npts == 5:
+        if acc:
+            for k in range(n):
+                o[k] += c0 * s0[k] + c1 * s1[k] + c2 * s2[k] + c3 * s3[k] + c4 * s4[k]
+        else:
+            for k in range(n):
+                o[k] = c0 * s0[k] + c1 * s1[k] + c2 * s2[k] + c3 * s3[k] + c4 * s4[k]
+    elif acc:
         for k in range(n):
             o[k] += c0 * s0[k] + c1 * s1[k] + c2 * s2[k] + c3 * s3[k] + c4 * s4[k] + c5 * s5[k]
     else:
@@ -155,11 +190,21 @@ def _lin(o, src, offs, c, acc):
             o[k] = c0 * s0[k] + c1 * s1[k] + c2 * s2[k] + c3 * s3[k] + c4 * s4[k] + c5 * s5[k]
 
 
+# The transforms' rows for _lin: Bᵀ (wino_in), Aᵀ (wino_out), A padded to six points (wino_gout), B (wino_gin);
+# each kernel loops over the rows of one count apart from the others, with the count written at the call
+BT_C, BT_I, BT_N = _sparse(BT_WINO)
+AT_C, AT_I, AT_N = _sparse(AT_WINO)
+A_C, A_I, A_N = _sparse(np.pad(AT_WINO.T, ((0, 0), (0, TILE - WIN))))
+B_C, B_I, B_N = _sparse(BT_WINO.T)
+assert tuple(BT_N) == (5, 4, 4, 4, 4, 5) and tuple(AT_N) == (5, 4, 4, 5)    # the constants at the calls below
+assert tuple(A_N) == (1, 4, 4, 4, 4, 1) and tuple(B_N) == (1, 6, 6, 6, 6, 1)
+
+
 # The transforms work on whole tile rows: in the tile buffers (36, R, C) the T tiles of a tile row are
 # consecutive rows, so each of the 36 positions of a tile row is one contiguous run of T·C numbers. An image
 # row is first split into its WIN phases (padded column WIN·j + φ at φ·(T + 1)·C + j·C), after which column u
 # of every tile of the row is one contiguous run too (phase u mod WIN, from slot u div WIN), and every step of
-# F(4×4, 3×3) along the row is one six-point sum of whole runs (_lin): long loops that vectorise, rather than
+# F(4×4, 3×3) along the row is one sum of up to six whole runs (_lin): long loops that vectorise, rather than
 # 36 loops of C (32) numbers per tile (measured 4-5× slower at C = 32 for F(2×2, 3×3)).
 
 
@@ -178,7 +223,7 @@ def wino_in(h, m, V, lo, hi):
     Tc = T * cin
     R = V.shape[1] * cin
     Vf = V.reshape(TILE * TILE * R)
-    bt = BT_WINO.astype(h.dtype)
+    bt = BT_C.astype(h.dtype)
     buf = np.zeros((WIN * T + 2) * L, h.dtype)
     t = np.empty(TILE * L, h.dtype)
     acc = np.empty(S * cin, h.dtype)
@@ -215,14 +260,19 @@ def wino_in(h, m, V, lo, hi):
         for ti in range(T):
             for v in range(TILE):
                 rows[v] = (WIN * ti + v) * L
-            for a in range(TILE):
-                _lin(t[a * L:(a + 1) * L], buf, rows, bt[a], False)
+            for a in range(0, TILE, TILE - 1):     # Bᵀ's rows 0 and 5 have five points, the others four
+                _lin(t[a * L:(a + 1) * L], buf, rows, bt[a], BT_I[a], 5, False)
+            for a in range(1, TILE - 1):
+                _lin(t[a * L:(a + 1) * L], buf, rows, bt[a], BT_I[a], 4, False)
             r = (i * T * T + ti * T) * cin
             for a in range(TILE):
                 ta = t[a * L:(a + 1) * L]
-                for b in range(TILE):
+                for b in range(0, TILE, TILE - 1):
                     p0 = (TILE * a + b) * R + r
-                    _lin(Vf[p0:p0 + Tc], ta, cols, bt[b], False)
+                    _lin(Vf[p0:p0 + Tc], ta, cols, bt[b], BT_I[b], 5, False)
+                for b in range(1, TILE - 1):
+                    p0 = (TILE * a + b) * R + r
+                    _lin(Vf[p0:p0 + Tc], ta, cols, bt[b], BT_I[b], 4, False)
 
 
 @kernel
@@ -236,7 +286,7 @@ def wino_out(M, bias, coarse, out, lo, hi, final, exact):
     TC = T * C
     R = M.shape[1] * C
     Mf = M.reshape(TILE * TILE * R)
-    at = AT_WINO.astype(out.dtype)
+    at = AT_C.astype(out.dtype)
     s = np.empty(WIN * TILE * TC, out.dtype)
     y = np.empty((WIN, WIN, TC), out.dtype)
     offs, qoffs = np.empty(TILE, np.int64), np.empty(TILE, np.int64)
@@ -249,12 +299,16 @@ def wino_out(M, bias, coarse, out, lo, hi, final, exact):
             for q in range(TILE):
                 for p in range(TILE):
                     offs[p] = (TILE * p + q) * R + r
-                for a in range(WIN):
-                    _lin(s[(a * TILE + q) * TC:(a * TILE + q + 1) * TC], Mf, offs, at[a], False)
+                for a in range(0, WIN, WIN - 1):   # Aᵀ's rows 0 and 3 have five points, the others four
+                    _lin(s[(a * TILE + q) * TC:(a * TILE + q + 1) * TC], Mf, offs, at[a], AT_I[a], 5, False)
+                for a in range(1, WIN - 1):
+                    _lin(s[(a * TILE + q) * TC:(a * TILE + q + 1) * TC], Mf, offs, at[a], AT_I[a], 4, False)
             for a in range(WIN):
                 sa = s[a * TILE * TC:(a + 1) * TILE * TC]
-                for b in range(WIN):
-                    _lin(y[a, b], sa, qoffs, at[b], False)
+                for b in range(0, WIN, WIN - 1):
+                    _lin(y[a, b], sa, qoffs, at[b], AT_I[b], 5, False)
+                for b in range(1, WIN - 1):
+                    _lin(y[a, b], sa, qoffs, at[b], AT_I[b], 4, False)
             for a in range(WIN):
                 Y = WIN * ti + a
                 if Y >= Sm:
@@ -289,8 +343,7 @@ def wino_gout(G, gM, coarse, lo, hi):
     L = WIN * TC                                   # an image row in its phases
     R = gM.shape[1] * C
     gMf = gM.reshape(TILE * TILE * R)
-    a6 = np.zeros((TILE, TILE), G.dtype)           # Aᵀ's columns, each padded to six points with zeros
-    a6[:, :WIN] = AT_WINO.T
+    a6 = A_C.astype(G.dtype)                       # A's rows (Aᵀ's columns): one point in 0 and 5, four between
     rr = np.zeros(TILE * L, G.dtype)               # rows WIN .. TILE − 1 stay zero: the padding's points
     t = np.empty(TILE * L, G.dtype)
     rows, cols = np.empty(TILE, np.int64), np.empty(TILE, np.int64)
@@ -314,14 +367,19 @@ def wino_gout(G, gM, coarse, lo, hi):
                     else:
                         for c in range(C):
                             ra[d0 + c] = 0.0
-            for p in range(TILE):
-                _lin(t[p * L:(p + 1) * L], rr, rows, a6[p], False)
+            for p in range(0, TILE, TILE - 1):
+                _lin(t[p * L:(p + 1) * L], rr, rows, a6[p], A_I[p], 1, False)
+            for p in range(1, TILE - 1):
+                _lin(t[p * L:(p + 1) * L], rr, rows, a6[p], A_I[p], 4, False)
             r = (i * T * T + ti * T) * C
             for p in range(TILE):
                 tp = t[p * L:(p + 1) * L]
-                for q in range(TILE):
+                for q in range(0, TILE, TILE - 1):
                     p0 = (TILE * p + q) * R + r
-                    _lin(gMf[p0:p0 + TC], tp, cols, a6[q], False)
+                    _lin(gMf[p0:p0 + TC], tp, cols, a6[q], A_I[q], 1, False)
+                for q in range(1, TILE - 1):
+                    p0 = (TILE * p + q) * R + r
+                    _lin(gMf[p0:p0 + TC], tp, cols, a6[q], A_I[q], 4, False)
             if has_coarse:
                 for Yc in range(WIN // 2 * ti, min(WIN // 2 * (ti + 1), Sm // 2)):
                     for Xc in range(Sm // 2):
@@ -347,7 +405,7 @@ def wino_gin(gV, coarse, out, h, lo, hi, act):
     Tc = T * cin
     R = gV.shape[1] * cin
     gVf = gV.reshape(TILE * TILE * R)
-    b6 = np.ascontiguousarray(BT_WINO.T).astype(out.dtype)      # B's rows: ∂d = B ∂V Bᵀ
+    b6 = B_C.astype(out.dtype)                     # B's rows (∂d = B ∂V Bᵀ): one point in 0 and 5, six between
     buf = np.zeros((WIN * T + 2) * L, out.dtype)
     w = np.zeros(TILE * L, out.dtype)
     offs, rows = np.empty(TILE, np.int64), np.empty(TILE, np.int64)
@@ -363,13 +421,17 @@ def wino_gin(gV, coarse, out, h, lo, hi, act):
                 for b in range(TILE):
                     offs[b] = (TILE * a + b) * R + r
                 wa = w[a * L:(a + 1) * L]
-                for u in range(TILE):              # slot T of phases 0 and 1 is only reached by u = 4, 5
-                    j0 = (u % WIN) * W + (u // WIN) * cin
-                    if u < WIN:
-                        wa[j0 + Tc:j0 + Tc + cin] = 0.0
-                    _lin(wa[j0:j0 + Tc], gVf, offs, b6[u], u >= WIN)
-            for v in range(TILE):
-                _lin(buf[(WIN * ti + v) * L:(WIN * ti + v + 1) * L], w, rows, b6[v], True)
+                for u in range(WIN):               # slot T of phases 0 and 1 is only reached by u = 4, 5
+                    wa[u * W + Tc:u * W + Tc + cin] = 0.0
+                _lin(wa[:Tc], gVf, offs, b6[0], B_I[0], 1, False)      # B's rows 0 and 5: one point
+                for u in range(1, WIN):
+                    _lin(wa[u * W:u * W + Tc], gVf, offs, b6[u], B_I[u], 6, False)
+                _lin(wa[cin:cin + Tc], gVf, offs, b6[WIN], B_I[WIN], 6, True)          # u = 4, 5: phases 0, 1
+                _lin(wa[W + cin:W + cin + Tc], gVf, offs, b6[WIN + 1], B_I[WIN + 1], 1, True)
+            for v in range(0, TILE, TILE - 1):
+                _lin(buf[(WIN * ti + v) * L:(WIN * ti + v + 1) * L], w, rows, b6[v], B_I[v], 1, True)
+            for v in range(1, TILE - 1):
+                _lin(buf[(WIN * ti + v) * L:(WIN * ti + v + 1) * L], w, rows, b6[v], B_I[v], 6, True)
         for y in range(Sm):
             row, of = buf[(1 + y) * L:(2 + y) * L], out[i, y].reshape(Sm * cin)
             hf = h[i, y].reshape(Sm * cin) if act else of      # h is at the finest scale's size: read where act
