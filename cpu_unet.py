@@ -449,14 +449,17 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
 
         # ∂U = Vᵀ ∂M as a sum of products over blocks of B tiles: with thousands of tiles as the inner dimension
         # and tens of channels, OpenBLAS ran the one long product at half the speed of the blocks (scratch, one
-        # core, AVX-512 kernels: 32 × 32 channels, 1,024 tiles 106 GFLOP/s whole, 196 in two blocks)
+        # core, AVX-512 kernels: 32 × 32 channels, 1,024 tiles 106 GFLOP/s whole, 196 in two blocks); and as
+        # (∂Mᵀ V)ᵀ where Cin > C, the product's rows the fewer channels (48 → 16: 71 → 104 GFLOP/s; 64 → 32: 89 →
+        # 110; the other way round 16 → 32 fell from 119 to 59)
         def filter_grad(k, l):
             R, V, gM = n * tiles(S >> l) ** 2, s["V"][k], s["gM"][k]
             B = max(1, FILTER_MACS // (V.shape[2] * gM.shape[2]))        # tiles per product
-            gU = np.matmul(V[:, :min(R, B)].transpose(0, 2, 1), gM[:, :min(R, B)])
+            x, y = (gM, V) if V.shape[2] > gM.shape[2] else (V, gM)
+            gU = np.matmul(x[:, :min(R, B)].transpose(0, 2, 1), y[:, :min(R, B)])
             for r in range(B, R, B):
-                gU += np.matmul(V[:, r:r + B].transpose(0, 2, 1), gM[:, r:r + B])
-            grads[k][...] = wino_to_filters(gU)
+                gU += np.matmul(x[:, r:r + B].transpose(0, 2, 1), y[:, r:r + B])
+            grads[k][...] = wino_to_filters(np.ascontiguousarray(gU.transpose(0, 2, 1)) if x is gM else gU)
 
         self.run([partial(filter_grad, k, l) for k, l, _, _ in self.convs()])
         t = s["f"]
