@@ -58,13 +58,14 @@ def twin_layer_backward(a, Ks, g):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-# (4, 3): the last scale is 1 × 1; (12, 3): sides 12, 6, 3, several tiles with the last one partial
-@pytest.mark.parametrize("S, N, cin", [(8, 3, 2), (4, 3, 3), (12, 3, 2)])
-def test_layer_kernels_match_net_conv(dtype, S, N, cin):
+# (4, 3): the last scale is 1 × 1; (12, 3): sides 12, 6, 3, several tiles with the last one partial; 16 and 32
+# channels: the transforms move them 16 at a time (_mov16)
+@pytest.mark.parametrize("S, N, cin, C", [(8, 3, 2, 4), (4, 3, 3, 4), (12, 3, 2, 4), (12, 2, 16, 32)])
+def test_layer_kernels_match_net_conv(dtype, S, N, cin, C):
     """wino_in, the products, wino_out (one layer forward) and wino_gout, wino_gin, wino_to_filters (its
     backward) against net_conv.pool, conv3x3, up and their adjoints in float64, on image chunks 1:4 of 5."""
     rng = np.random.default_rng(S + cin)
-    n, C, lo, hi = 5, 4, 1, 4
+    n, lo, hi = 5, 1, 4
     a = np.tanh(rng.standard_normal((n, S, S, cin))).astype(dtype)
     Ks = [rng.standard_normal((3, 3, cin, C)).astype(dtype) for _ in range(N)]
     c = rng.standard_normal((n, C)).astype(dtype)
