@@ -4,8 +4,9 @@ in Numba kernels here, the per-pixel MLP, KL, trainer, evaluate and sample cpu_i
 module registers FastUNet in cpu_image.FAST). Both cores, as cpu_conv: an image's path through the whole
 network is independent of the other images', so the forward is three phases of image chunks (FastUNet.phases:
 the finest level's blocks in chunks of 8 images, the coarser ones in chunks of 32) and the backward three more,
-each chunk keeping its own sums of the weights' gradients, added in chunk order; the
-filters' ∂U = Vᵀ ∂M, each over the whole batch in blocks of tiles, come after the chunks (filter_grad).
+each chunk keeping its own sums of the weights' gradients (each filter's ∂U = Vᵀ ∂M among them, its tiles V
+transformed again from the convolution's input), added in chunk order. A chunk's tiles and products live in its
+thread's own buffers (thread_tiles), used at once and reused by the next chunk and convolution.
 
 Twins and test oracles (tests/test_unet.py): net_unet.py's pieces (group_norm, silu and their backward; pool,
 up and their adjoints; the channel concatenation of the up path) and net_unet.UNetImageNet for the network.
@@ -24,6 +25,7 @@ The cache that forward returns lives in the net's scratch buffers: valid until t
 batch size.
 """
 import math
+import threading
 from functools import partial
 
 import numpy as np
@@ -32,11 +34,10 @@ import cpu_conv
 import cpu_image
 import cpu_train
 import net_unet
-from cpu_conv import conv_chunks, tile_buffer, tiles, filters_to_wino, wino_to_filters
+from cpu_conv import TILE, conv_chunks, tiles, filters_to_wino, wino_to_filters
 from jitopts import kernel, scalar
 
 COARSE_ROWS = 32       # images per chunk of the blocks below the finest level (FastUNet.phases)
-FILTER_MACS = 1 << 19  # multiply-adds per product of a filter's gradient (features_backward's filter_grad)
 
 
 # ---------------------------------------------------------------- kernels
@@ -275,26 +276,54 @@ def _none(dt):
     return np.zeros((0, 0, 0, 0), dt)
 
 
-def conv(a, U, out, V, M, lo, hi, bias=None, exact=False):
+_LOCAL = threading.local()          # each thread's buffers for thread_tiles
+
+
+def thread_tiles(role, rows, c, dt):
+    """A C-contiguous (36, rows + pad, c) view of this thread's own buffer for role (as cpu_conv.tile_buffer, not
+    zeroed): one chunk's tiles or products, which the next kernel reads at once. The batch's buffers they replaced
+    (the tiles V and ∂M of every convolution, 280 MB a step for MNIST at batch 128) went to memory and came back
+    for the filters' gradients after the chunks: MNIST's training process peaks at 540 MB instead of 902, its step
+    on one core runs in 0.94-0.95 of the time, on two in 0.98-1.01 (dead leaves 0.98-1.05; scratch, in-process)."""
+    pad = max(1, 64 // (c * np.dtype(dt).itemsize))
+    size = TILE * TILE * (rows + pad) * c
+    bufs = _LOCAL.__dict__.setdefault("bufs", {})
+    key = (role, np.dtype(dt).str)
+    if key not in bufs or bufs[key].size < size:
+        bufs[key] = np.empty(size, dt)
+    return bufs[key][:size].reshape(TILE * TILE, rows + pad, c)
+
+
+def conv(a, U, out, lo, hi, bias=None, exact=False):
     """Images lo:hi: out = conv3x3(a, K) with U = filters_to_wino(K), or tanh(bias + that) where bias (n, C) is
-    given; V, M the tiles and products (tile_buffer)."""
-    T2 = tiles(a.shape[1]) ** 2
-    rl, rh = lo * T2, hi * T2
-    cpu_conv.wino_in(a, 1, V, lo, hi)
-    np.matmul(V[:, rl:rh], U, out=M[:, rl:rh])
-    cpu_conv.wino_out(M, np.zeros((0, 0), out.dtype) if bias is None else bias, _none(out.dtype), out, lo, hi,
+    given."""
+    k, dt = hi - lo, out.dtype
+    rows = k * tiles(a.shape[1]) ** 2
+    V, M = thread_tiles("V", rows, a.shape[3], dt), thread_tiles("M", rows, U.shape[2], dt)
+    cpu_conv.wino_in(a[lo:hi], 1, V, 0, k)
+    np.matmul(V[:, :rows], U, out=M[:, :rows])
+    cpu_conv.wino_out(M, np.zeros((0, 0), dt) if bias is None else bias[lo:hi], _none(dt), out[lo:hi], 0, k,
                       bias is not None, exact)
 
 
-def conv_backward(g, UT, gM, gV, ga, lo, hi):
-    """Images lo:hi of conv's backward from g = ∂L/∂out (before any tanh): their ∂M (the conv's own gM, kept
-    for its ∂U, which filter_grad takes over the whole batch at once) and ∂L/∂a into ga (set). UT: Uᵀ (36, C,
-    Cin)."""
-    T2 = tiles(g.shape[1]) ** 2
-    rl, rh = lo * T2, hi * T2
-    cpu_conv.wino_gout(g, gM, _none(g.dtype), lo, hi)
-    np.matmul(gM[:, rl:rh], UT, out=gV[:, rl:rh])
-    cpu_conv.wino_gin(gV, _none(g.dtype), ga, ga, lo, hi, False)
+def conv_backward(g, UT, a, gU, ga, lo, hi):
+    """Images lo:hi of conv's backward from g = ∂L/∂out (before any tanh): ∂L/∂a into ga (set), and into gU (set)
+    the chunk's ∂U = Vᵀ ∂M, V transformed again from the convolution's input a, as (∂Mᵀ V) (36, C, Cin) where
+    Cin > C: the product's rows the fewer channels (48 → 16 filters 1.5× faster, 64 → 32 1.2×; the other way
+    round 16 → 32 ran at half speed). UT: Uᵀ (36, C, Cin)."""
+    k, dt = hi - lo, g.dtype
+    rows = k * tiles(g.shape[1]) ** 2
+    C, cin = UT.shape[1], UT.shape[2]
+    gM, gV, V = (thread_tiles("M", rows, C, dt), thread_tiles("gV", rows, cin, dt),
+                 thread_tiles("V", rows, cin, dt))
+    cpu_conv.wino_gout(g[lo:hi], gM, _none(dt), 0, k)
+    np.matmul(gM[:, :rows], UT, out=gV[:, :rows])
+    cpu_conv.wino_gin(gV, _none(dt), ga[lo:hi], ga[lo:hi], 0, k, False)
+    cpu_conv.wino_in(a[lo:hi], 1, V, 0, k)
+    if cin > C:
+        np.matmul(gM[:, :rows].transpose(0, 2, 1), V[:, :rows], out=gU)
+    else:
+        np.matmul(V[:, :rows].transpose(0, 2, 1), gM[:, :rows], out=gU)
 
 
 # ---------------------------------------------------------------- the network
@@ -312,9 +341,8 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
 
     def feature_scratch(self, n, dt):
         """Every block's input (pooled or concatenated), GN inputs' statistics, silu outputs, second
-        convolution's input and output, and its tiles; the products and their gradients per (level, width);
-        the backward's ∂ buffers; each chunk's sums of the weights' gradients; each image's ∂ of each bias (and,
-        made by the first backward, each convolution's ∂M)."""
+        convolution's input and output; the backward's ∂ buffers; each chunk's sums of the weights' gradients
+        (and, made by the first backward, of each filter's ∂U); each image's ∂ of each bias."""
         S, C, L = self.S, self.C, self.levels
         z = lambda *s: np.zeros(s, dt)
         side = lambda l: S >> l
@@ -331,10 +359,6 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
                     "gs2": z(nc, cout)}
         s["f"] = {"st": z(n, net_unet.groups(C), 2), "a": z(n, S, S, C), "out": z(n, S, S, C), "ga": z(n, S, S, C),
                   "gc": z(n, C), "gg": z(nc, C), "gs": z(nc, C)}
-        s["V"] = {k: tile_buffer(n * tiles(side(l)) ** 2, cin, dt) for k, l, cin, _ in self.convs()}
-        for k, l, cin, cout in self.convs():
-            for name, c in (("M", cout), ("gV", cin)):
-                s.setdefault(f"{name}{l}.{c}", tile_buffer(n * tiles(side(l)) ** 2, c, dt))
         return s
 
     def phases(self, n):
@@ -382,9 +406,9 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
                 t = s[b]
                 inp = self.block_input(s, b, l, lo, hi)
                 gn_silu(inp, none, p[f"{b}.g1"], p[f"{b}.s1"], t["a1"], t["st1"], lo, hi, exact)
-                conv(t["a1"], U[f"{b}.K1"], t["z1"], s["V"][f"{b}.K1"], s[f"M{l}.{cout}"], lo, hi)
+                conv(t["a1"], U[f"{b}.K1"], t["z1"], lo, hi)
                 gn_silu(t["z1"], bias1[b], p[f"{b}.g2"], p[f"{b}.s2"], t["a2"], t["st2"], lo, hi, exact)
-                conv(t["a2"], U[f"{b}.K2"], t["out"], s["V"][f"{b}.K2"], s[f"M{l}.{cout}"], lo, hi)
+                conv(t["a2"], U[f"{b}.K2"], t["out"], lo, hi)
                 if f"{b}.W" in p:
                     np.matmul(inp[lo:hi].reshape(-1, cin), p[f"{b}.W"], out=t["skip"][lo:hi].reshape(-1, cout))
                     add_bias_skip(t["out"], p[f"{b}.c2"], t["skip"], lo, hi)
@@ -393,7 +417,7 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
             if "u0" in names:
                 t = s["f"]
                 gn_silu(s["u0"]["out"], none, p["f.g"], p["f.s"], t["a"], t["st"], lo, hi, exact)
-                conv(t["a"], U["f.K"], t["out"], s["V"]["f.K"], s[f"M0.{self.C}"], lo, hi, cf, exact)
+                conv(t["a"], U["f.K"], t["out"], lo, hi, cf, exact)
 
         for names, cuts in self.phases(n):
             self.run([partial(chunk, names, lo, hi) for lo, hi in cuts])
@@ -407,16 +431,16 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         UT = {k: np.ascontiguousarray(u.transpose(0, 2, 1)) for k, u in U.items()}
         exact = p["W1"].dtype == np.float64
         gf = s["gf"].reshape(n, S, S, C)
-        # each convolution's own ∂M, so that its ∂U = Vᵀ ∂M is one product over the whole batch after the
-        # chunks rather than one per chunk of 8 to 128 tiles (made here: forward-only batch sizes never need it)
-        if "gM" not in s:
-            s["gM"] = {k: tile_buffer(n * tiles(S >> l) ** 2, cout, gf.dtype) for k, l, _, cout in self.convs()}
+        if "gU" not in s:                          # each chunk's ∂U of each filter, as conv_backward gives it
+            nc = len(self.phases(n)[0][1])
+            s["gU"] = {k: np.zeros((nc, TILE * TILE) + ((cout, cin) if cin > cout else (cin, cout)), gf.dtype)
+                       for k, _, cin, cout in self.convs()}
 
         def chunk(names, c, lo, hi):
             if "u0" in names:
                 t = s["f"]
                 cpu_conv.image_channel_sums(gf, lo, hi, t["gc"])
-                conv_backward(gf, UT["f.K"], s["gM"]["f.K"], s[f"gV0.{C}"], t["ga"], lo, hi)
+                conv_backward(gf, UT["f.K"], t["a"], s["gU"]["f.K"][c], t["ga"], lo, hi)
                 gh = s["u0"]["gout"]
                 t["gg"][c] = 0.0
                 t["gs"][c] = 0.0
@@ -447,21 +471,9 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         grads["in.K"][...] = s["gK_in"].sum(axis=0).reshape(3, 3, 1, C)
         np.sum(s["gc_in"], axis=0, out=grads["in.c"])
 
-        # ∂U = Vᵀ ∂M as a sum of products over blocks of B tiles: with thousands of tiles as the inner dimension
-        # and tens of channels, OpenBLAS ran the one long product at half the speed of the blocks (scratch, one
-        # core, AVX-512 kernels: 32 × 32 channels, 1,024 tiles 106 GFLOP/s whole, 196 in two blocks); and as
-        # (∂Mᵀ V)ᵀ where Cin > C, the product's rows the fewer channels (48 → 16: 71 → 104 GFLOP/s; 64 → 32: 89 →
-        # 110; the other way round 16 → 32 fell from 119 to 59)
-        def filter_grad(k, l):
-            R, V, gM = n * tiles(S >> l) ** 2, s["V"][k], s["gM"][k]
-            B = max(1, FILTER_MACS // (V.shape[2] * gM.shape[2]))        # tiles per product
-            x, y = (gM, V) if V.shape[2] > gM.shape[2] else (V, gM)
-            gU = np.matmul(x[:, :min(R, B)].transpose(0, 2, 1), y[:, :min(R, B)])
-            for r in range(B, R, B):
-                gU += np.matmul(x[:, r:r + B].transpose(0, 2, 1), y[:, r:r + B])
-            grads[k][...] = wino_to_filters(np.ascontiguousarray(gU.transpose(0, 2, 1)) if x is gM else gU)
-
-        self.run([partial(filter_grad, k, l) for k, l, _, _ in self.convs()])
+        for k, _, cin, cout in self.convs():      # the chunks' ∂U in chunk order (a coarser level's fewer chunks
+            gU = s["gU"][k].sum(axis=0)             # leave the rows after theirs zero)
+            grads[k][...] = wino_to_filters(np.ascontiguousarray(gU.transpose(0, 2, 1)) if cin > cout else gU)
         t = s["f"]
         np.sum(t["gc"], axis=0, out=grads["f.c"])
         np.sum(t["gg"], axis=0, out=grads["f.g"])
@@ -488,13 +500,13 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
             np.matmul(go[lo:hi].reshape(-1, cout), p[f"{b}.W"].T, out=gin[lo:hi].reshape(-1, cin))
         else:
             gin[lo:hi] = go[lo:hi]
-        conv_backward(go, UT[f"{b}.K2"], s["gM"][f"{b}.K2"], s[f"gV{l}.{cout}"], t["ga2"], lo, hi)
+        conv_backward(go, UT[f"{b}.K2"], t["a2"], s["gU"][f"{b}.K2"][c], t["ga2"], lo, hi)
         for k in ("gg1", "gs1", "gg2", "gs2"):
             t[k][c] = 0.0
         gn_silu_backward(t["ga2"], t["z1"], t["st2"], p[f"{b}.g2"], p[f"{b}.s2"], t["gz1"], False, t["gg2"][c],
                          t["gs2"][c], lo, hi, exact)
         cpu_conv.image_channel_sums(t["gz1"], lo, hi, t["gc1"])
-        conv_backward(t["gz1"], UT[f"{b}.K1"], s["gM"][f"{b}.K1"], s[f"gV{l}.{cin}"], t["ga1"], lo, hi)
+        conv_backward(t["gz1"], UT[f"{b}.K1"], t["a1"], s["gU"][f"{b}.K1"][c], t["ga1"], lo, hi)
         gn_silu_backward(t["ga1"], inp, t["st1"], p[f"{b}.g1"], p[f"{b}.s1"], gin, True, t["gg1"][c], t["gs1"][c],
                          lo, hi, exact)
         return gin

@@ -148,13 +148,12 @@ def test_untrained_network_is_the_forward_kernel():
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-4)])
-def test_numba_network_matches_the_twin(dtype, tol, monkeypatch):
+def test_numba_network_matches_the_twin(dtype, tol):
     """cpu_unet.FastUNet's output, ∂x and every gradient against net_unet's, relative to each array's largest
     entry: to rounding in float64, and within float32's (the Winograd transforms and the rational tanh) in
     float32. 16 channels (groups of two, so that the biases before a normalisation have a gradient) at three
     levels of an 8 × 8 image, 13 images in two chunks at the finest level and one below it (FastUNet.phases),
-    each filter's gradient summed over blocks of 20 tiles or fewer (filter_grad); on one thread the same bits."""
-    monkeypatch.setattr(cpu_unet, "FILTER_MACS", 16 * 16 * 20)
+    each filter's ∂U summed over the chunks (conv_backward); on one thread the same bits."""
     cfg = dict(TINY, T=10, D=64, channels=16, unet=3, P=5)
     twin, fast = net_unet.UNetImageNet(cfg), cpu_unet.FastUNet(cfg, threads=2)
     assert cpu_image.fast_class(twin) is cpu_unet.FastUNet
