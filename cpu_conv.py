@@ -370,7 +370,7 @@ def wino_gout(G, gM, coarse, lo, hi):
     R = gM.shape[1] * C
     gMf = gM.reshape(TILE * TILE * R)
     a6 = A_C.astype(G.dtype)                       # A's rows (Aᵀ's columns): one point in 0 and 5, four between
-    rr = np.zeros(TILE * L, G.dtype)               # rows WIN .. TILE − 1 stay zero: the padding's points
+    rr = np.zeros(TILE * L, G.dtype)               # rows WIN .. TILE − 1: never read (A's points are 0 .. 3)
     t = np.empty(TILE * L, G.dtype)
     rows, cols = np.empty(TILE, np.int64), np.empty(TILE, np.int64)
     for u in range(TILE):
@@ -685,8 +685,12 @@ def tile_buffer(rows, c, dt):
     0 .. rows − 1 of each position), each position's rows padded by 64 bytes or more: with rows · c a power
     of two, positions a power of two apart share L1 sets, and F(2×2, 3×3)'s input transform, which touched
     its 16 per tile, ran 9× slower (wino_in 14.5 ms against 1.6 at batch 64)."""
-    pad = max(1, 64 // (c * np.dtype(dt).itemsize))
-    return np.zeros((TILE * TILE, rows + pad, c), dt)
+    return np.zeros((TILE * TILE, rows + tile_pad(c, dt), c), dt)
+
+
+def tile_pad(c, dt):
+    """The rows tile_buffer adds to each position's (64 bytes or more)."""
+    return max(1, 64 // (c * np.dtype(dt).itemsize))
 
 
 class FastConvNet(cpu_image.FastPixelNet, net_conv.ConvImageNet):

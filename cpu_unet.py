@@ -34,7 +34,7 @@ import cpu_conv
 import cpu_image
 import cpu_train
 import net_unet
-from cpu_conv import TILE, conv_chunks, tiles, filters_to_wino, wino_to_filters
+from cpu_conv import TILE, conv_chunks, tile_pad, tiles, filters_to_wino, wino_to_filters
 from jitopts import kernel, scalar
 
 COARSE_ROWS = 32       # images per chunk of the blocks below the finest level (FastUNet.phases)
@@ -285,7 +285,7 @@ def thread_tiles(role, rows, c, dt):
     (the tiles V and ∂M of every convolution, 280 MB a step for MNIST at batch 128) went to memory and came back
     for the filters' gradients after the chunks: MNIST's training process peaks at 540 MB instead of 902, its step
     on one core runs in 0.94-0.95 of the time, on two in 0.98-1.01 (dead leaves 0.98-1.05; scratch, in-process)."""
-    pad = max(1, 64 // (c * np.dtype(dt).itemsize))
+    pad = tile_pad(c, dt)
     size = TILE * TILE * (rows + pad) * c
     bufs = _LOCAL.__dict__.setdefault("bufs", {})
     key = (role, np.dtype(dt).str)
