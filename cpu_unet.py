@@ -38,6 +38,7 @@ from cpu_conv import TILE, conv_chunks, tile_pad, tiles, filters_to_wino, wino_t
 from jitopts import kernel, scalar
 
 COARSE_ROWS = 32       # images per chunk of the blocks below the finest level (FastUNet.phases)
+ROW = 256              # numbers at most in a row of the normalisation kernels (_rows)
 
 
 # ---------------------------------------------------------------- kernels
@@ -86,31 +87,72 @@ def _tanh32(x):
 
 @scalar
 def _sigmoid(z, exact):
-    """sigmoid(z) = (1 + tanh(z/2))/2: libm's tanh for float64 checks (exact), _tanh32 for float32 work."""
-    return 0.5 * (1.0 + (math.tanh(0.5 * z) if exact else _tanh32(0.5 * z)))
+    """sigmoid(z) = (1 + tanh(z/2))/2: libm's tanh for float64 checks (exact), _tanh32 for float32 work; float32
+    constants, so that a float32 loop stays float32 (float64 ones made it convert and halve its vectors)."""
+    f = np.float32
+    y = f(0.5) * z
+    return f(0.5) * (f(1.0) + (math.tanh(y) if exact else _tanh32(y)))
 
 
 @scalar
-def _group_stats(hi_, cg, mean, inv, acc, mc):
-    """Each group's mean and 1/σ of one image's h (P, C) (groups of cg channels) into mean[k], inv[k]: per-channel
-    sums first (loops that vectorise), two passes, in float64; acc, mc scratch (C,)."""
-    P, C = hi_.shape
-    G = C // cg
-    acc[:] = 0.0
-    for q in range(P):
-        for ch in range(C):
-            acc[ch] += hi_[q, ch]
-    for k in range(G):
-        mean[k] = acc[k * cg:(k + 1) * cg].sum() / (P * cg)
-    for ch in range(C):
-        acc[ch] = 0.0
-        mc[ch] = mean[ch // cg]
-    for q in range(P):
-        for ch in range(C):
-            d = hi_[q, ch] - mc[ch]
-            acc[ch] += d * d
-    for k in range(G):
-        inv[k] = 1.0 / math.sqrt(acc[k * cg:(k + 1) * cg].sum() / (P * cg) + net_unet.GN_EPS)
+def _row_pixels(P, C):
+    """k: the normalisation kernels see an image (P, C) as P/k rows of k pixels, k the most (a divisor of P) whose
+    k·C numbers fit in ROW, so that each loop runs over up to ROW numbers with as many independent sums (a loop
+    over one pixel's 16 channels paid its overhead and a chain of dependent sums at every pixel)."""
+    k = max(1, min(P, ROW // C))
+    while P % k:
+        k -= 1
+    return k
+
+
+@scalar
+def _fold(s, sc):
+    """sc[c] = the sum of a row's numbers s (k·C,) of channel c."""
+    C = sc.size
+    sc[:] = 0.0
+    for r in range(s.size // C):
+        for c in range(C):
+            sc[c] += s[r * C + c]
+
+
+@scalar
+def _repeat(v, out):
+    """out (k·C,) = the channels' values v (C,) at each of a row's k pixels."""
+    C = v.size
+    for r in range(out.size // C):
+        out[r * C:(r + 1) * C] = v
+
+
+@scalar
+def _group_stats(x, cg, s, sm, sc, mean, inv):
+    """Each group's mean and 1/σ of one image x (rows, k·C) into mean, inv (G,): two passes, float64 sums (each
+    row position's first); s, sm (k·C,), sc (C,) scratch."""
+    R, L = x.shape
+    C = sc.size
+    n_group = R * (L // C) * cg
+    s[:] = 0.0
+    for r in range(R):
+        for m in range(L):
+            s[m] += x[r, m]
+    _fold(s, sc)
+    mean[:] = 0.0
+    for c in range(C):
+        mean[c // cg] += sc[c]
+    mean /= n_group
+    for c in range(C):
+        sc[c] = mean[c // cg]
+    _repeat(sc, sm)
+    s[:] = 0.0
+    for r in range(R):
+        for m in range(L):
+            d = x[r, m] - sm[m]
+            s[m] += d * d
+    _fold(s, sc)
+    inv[:] = 0.0
+    for c in range(C):
+        inv[c // cg] += sc[c]
+    for g in range(inv.size):
+        inv[g] = 1.0 / math.sqrt(inv[g] / n_group + net_unet.GN_EPS)
 
 
 @kernel
@@ -120,28 +162,31 @@ def gn_silu(h, bias, scale, shift, a, stats, lo, hi, exact):
     into one multiply-add per channel, z = h A + B."""
     n, S, _, C = h.shape
     G = stats.shape[1]
-    cg = C // G
-    P = S * S
-    acc, mc, mean, inv = np.empty(C), np.empty(C), np.empty(G), np.empty(G)
-    A, B = np.empty(C, h.dtype), np.empty(C, h.dtype)
+    P, cg = S * S, C // G
+    L = _row_pixels(P, C) * C
+    R = P * C // L
+    s, sm, sc, mean, inv = np.empty(L, h.dtype), np.empty(L, h.dtype), np.empty(C), np.empty(G), np.empty(G)
+    Ac, Bc = np.empty(C, h.dtype), np.empty(C, h.dtype)
+    A, B = np.empty(L, h.dtype), np.empty(L, h.dtype)
     for i in range(lo, hi):
-        hi_ = h[i].reshape(P, C)
-        ai = a[i].reshape(P, C)
+        x, y = h[i].reshape(R, L), a[i].reshape(R, L)
         if bias.shape[0] > 0:
-            b = bias[i]
-            for q in range(P):
-                for ch in range(C):
-                    hi_[q, ch] += b[ch]
-        _group_stats(hi_, cg, mean, inv, acc, mc)
-        for k in range(G):
-            stats[i, k, 0], stats[i, k, 1] = mean[k], inv[k]
-        for ch in range(C):
-            A[ch] = scale[ch] * inv[ch // cg]
-            B[ch] = shift[ch] - scale[ch] * inv[ch // cg] * mean[ch // cg]
-        for q in range(P):
-            for ch in range(C):
-                z = hi_[q, ch] * A[ch] + B[ch]
-                ai[q, ch] = z * _sigmoid(z, exact)
+            _repeat(bias[i], A)
+            for r in range(R):
+                for m in range(L):
+                    x[r, m] += A[m]
+        _group_stats(x, cg, s, sm, sc, mean, inv)
+        for g in range(G):
+            stats[i, g, 0], stats[i, g, 1] = mean[g], inv[g]
+        for c in range(C):
+            Ac[c] = scale[c] * inv[c // cg]
+            Bc[c] = shift[c] - scale[c] * inv[c // cg] * mean[c // cg]
+        _repeat(Ac, A)
+        _repeat(Bc, B)
+        for r in range(R):
+            for m in range(L):
+                z = x[r, m] * A[m] + B[m]
+                y[r, m] = z * _sigmoid(z, exact)
 
 
 @kernel
@@ -153,48 +198,58 @@ def gn_silu_backward(ga, h, stats, scale, shift, out, add, gscale, gshift, lo, h
     into ∂h = ∂z A + h B' + C' per channel."""
     n, S, _, C = h.shape
     G = stats.shape[1]
-    cg = C // G
-    P = S * S
-    m = P * cg
-    gz = np.empty((P, C), h.dtype)
-    A, B, Xa, Xb = np.empty(C, h.dtype), np.empty(C, h.dtype), np.empty(C, h.dtype), np.empty(C, h.dtype)
-    sz, szx = np.empty(C), np.empty(C)
+    P, cg = S * S, C // G
+    N = P * cg
+    L = _row_pixels(P, C) * C
+    R = P * C // L
+    one = np.float32(1.0)
+    gz = np.empty((R, L), h.dtype)
+    Ac, Bc, Xac, Xbc = np.empty(C, h.dtype), np.empty(C, h.dtype), np.empty(C, h.dtype), np.empty(C, h.dtype)
+    A, B, Xa, Xb = np.empty(L, h.dtype), np.empty(L, h.dtype), np.empty(L, h.dtype), np.empty(L, h.dtype)
+    sz, szx, cz, czx = np.empty(L, h.dtype), np.empty(L, h.dtype), np.empty(C), np.empty(C)
     s1, s2 = np.empty(G), np.empty(G)
     for i in range(lo, hi):
-        hi_, gi, oi = h[i].reshape(P, C), ga[i].reshape(P, C), out[i].reshape(P, C)
-        for ch in range(C):
-            k = ch // cg
-            Xa[ch], Xb[ch] = stats[i, k, 1], -stats[i, k, 0] * stats[i, k, 1]       # x̂ = h Xa + Xb
-            A[ch], B[ch] = scale[ch] * Xa[ch], scale[ch] * Xb[ch] + shift[ch]       # z = h A + B
-            sz[ch] = 0.0
-            szx[ch] = 0.0
-        for q in range(P):
-            for ch in range(C):
-                z = hi_[q, ch] * A[ch] + B[ch]
+        x, gi, o = h[i].reshape(R, L), ga[i].reshape(R, L), out[i].reshape(R, L)
+        for c in range(C):
+            k = c // cg
+            Xac[c], Xbc[c] = stats[i, k, 1], -stats[i, k, 0] * stats[i, k, 1]      # x̂ = h Xa + Xb
+            Ac[c], Bc[c] = scale[c] * Xac[c], scale[c] * Xbc[c] + shift[c]       # z = h A + B
+        for v, w in ((Ac, A), (Bc, B), (Xac, Xa), (Xbc, Xb)):
+            _repeat(v, w)
+        sz[:] = 0.0
+        szx[:] = 0.0
+        for r in range(R):
+            for m in range(L):
+                z = x[r, m] * A[m] + B[m]
                 sg = _sigmoid(z, exact)
-                g = gi[q, ch] * sg * (1.0 + z * (1.0 - sg))
-                gz[q, ch] = g
-                sz[ch] += g
-                szx[ch] += g * (hi_[q, ch] * Xa[ch] + Xb[ch])
+                d = gi[r, m] * sg * (one + z * (one - sg))
+                gz[r, m] = d
+                sz[m] += d
+                szx[m] += d * (x[r, m] * Xa[m] + Xb[m])
+        _fold(sz, cz)
+        _fold(szx, czx)
         s1[:] = 0.0
         s2[:] = 0.0
-        for ch in range(C):
-            gshift[ch] += sz[ch]
-            gscale[ch] += szx[ch]
-            s1[ch // cg] += scale[ch] * sz[ch]
-            s2[ch // cg] += scale[ch] * szx[ch]
-        for ch in range(C):                      # ∂h = inv (scale ∂z − s1/m − x̂ s2/m)
-            k = ch // cg
+        for c in range(C):
+            gshift[c] += cz[c]
+            gscale[c] += czx[c]
+            s1[c // cg] += scale[c] * cz[c]
+            s2[c // cg] += scale[c] * czx[c]
+        for c in range(C):                       # ∂h = inv (scale ∂z − s1/N − x̂ s2/N)
+            k = c // cg
             inv = stats[i, k, 1]
-            Xa[ch], Xb[ch], B[ch] = (inv * scale[ch], -inv * inv * s2[k] / m,
-                                     -inv * s1[k] / m + inv * inv * stats[i, k, 0] * s2[k] / m)
-        for q in range(P):
-            for ch in range(C):
-                v = gz[q, ch] * Xa[ch] + hi_[q, ch] * Xb[ch] + B[ch]
-                if add:
-                    oi[q, ch] += v
-                else:
-                    oi[q, ch] = v
+            Xac[c], Xbc[c], Bc[c] = (inv * scale[c], -inv * inv * s2[k] / N,
+                                     -inv * s1[k] / N + inv * inv * stats[i, k, 0] * s2[k] / N)
+        for v, w in ((Xac, Xa), (Xbc, Xb), (Bc, B)):
+            _repeat(v, w)
+        if add:
+            for r in range(R):
+                for m in range(L):
+                    o[r, m] += gz[r, m] * Xa[m] + x[r, m] * Xb[m] + B[m]
+        else:
+            for r in range(R):
+                for m in range(L):
+                    o[r, m] = gz[r, m] * Xa[m] + x[r, m] * Xb[m] + B[m]
 
 
 @kernel
