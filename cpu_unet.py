@@ -11,8 +11,8 @@ thread's own buffers (thread_tiles), used at once and reused by the next chunk a
 Twins and test oracles (tests/test_unet.py): net_unet.py's pieces (group_norm, silu and their backward; pool,
 up and their adjoints; the channel concatenation of the up path) and net_unet.UNetImageNet for the network.
 
-    conv_in, conv_in_backward   the first convolution (one input channel) as direct loops, as cpu_conv's
-                                thin_layer (its backward is thin_layer_backward with one scale)
+    conv_in, conv_in_backward   the first convolution (one input channel) as whole-row products; twin
+                                net_conv.conv3x3 and its backward
     gn_silu                     a = silu(GN(h + each image's bias)), h updated in place, the groups' means and
                                 1/σ kept; twin net_unet.group_norm, silu
     gn_silu_backward            ∂a → ∂h (set or added), each chunk's ∂scale, ∂shift; twin group_norm_backward,
@@ -43,27 +43,77 @@ ROW = 256              # numbers at most in a row of the normalisation kernels (
 
 # ---------------------------------------------------------------- kernels
 
+@scalar
+def _spread(xi, E):
+    """E[1 + y, (1 + x)·C + ch] = xi[y, x] for every channel ch: image xi (S, S) zero-padded by one pixel (E's
+    first and last rows and pixels stay zero), each pixel repeated over the C channels, so that conv_in's tap
+    (u, v) at output row y is the whole-row product E[y + u, v·C : v·C + S·C] ⊙ K[3u + v] (repeated)."""
+    S = xi.shape[0]
+    C = E.shape[1] // (S + 2)
+    for y in range(S):
+        e = E[1 + y]
+        for xx in range(S):
+            w = xi[y, xx]
+            for ch in range((1 + xx) * C, (2 + xx) * C):
+                e[ch] = w
+
+
 @kernel
 def conv_in(x, K, c, out, lo, hi):
-    """out[i] = conv3x3(x[i], K) + c for images lo:hi: x (n, S, S), K (9, C), zero padding."""
+    """out[i] = conv3x3(x[i], K) + c for images lo:hi: x (n, S, S), K (9, C), zero padding; each output row the
+    sum of nine whole-row products (_spread) in three loops over its S·C numbers, each of three taps (a loop over
+    one pixel's C channels, or one loop of all nine taps, which LLVM does not vectorise, ran 2-3× longer)."""
     n, S, _, C = out.shape
+    SC = S * C
+    E = np.zeros((S + 2, (S + 2) * C), out.dtype)
+    Kr = np.empty((9, SC), out.dtype)
+    cr = np.empty(SC, out.dtype)
+    for xx in range(S):
+        Kr[:, xx * C:(xx + 1) * C] = K
+        cr[xx * C:(xx + 1) * C] = c
     for i in range(lo, hi):
+        _spread(x[i], E)
         for y in range(S):
-            for xx in range(S):
-                o = out[i, y, xx]
-                for ch in range(C):
-                    o[ch] = c[ch]
-                for u in range(3):
-                    yy = y + u - 1
-                    if yy < 0 or yy >= S:
-                        continue
-                    for v in range(3):
-                        xv = xx + v - 1
-                        if xv < 0 or xv >= S:
-                            continue
-                        w, k = x[i, yy, xv], K[3 * u + v]
-                        for ch in range(C):
-                            o[ch] += w * k[ch]
+            o = out[i, y].reshape(SC)
+            for u in range(3):
+                e0, e1, e2 = E[y + u, :SC], E[y + u, C:C + SC], E[y + u, 2 * C:2 * C + SC]
+                k0, k1, k2 = Kr[3 * u], Kr[3 * u + 1], Kr[3 * u + 2]
+                if u == 0:
+                    for m in range(SC):
+                        o[m] = cr[m] + e0[m] * k0[m] + e1[m] * k1[m] + e2[m] * k2[m]
+                else:
+                    for m in range(SC):
+                        o[m] += e0[m] * k0[m] + e1[m] * k1[m] + e2[m] * k2[m]
+
+
+@kernel
+def conv_in_backward(x, g, D, gK, gx, lo, hi):
+    """Images lo:hi of conv_in's backward from g = ∂L/∂out (n, S, S, C): gK (9, C) = ∂L/∂K (set: these images'
+    sum, in whole-row products with _spread's rows) and gx (n, S, S) += ∂L/∂x from D (n, S, S, 9), each pixel's
+    Σ_ch g K[tap] (a BLAS product: g Kᵀ), spread back over the taps."""
+    n, S, _, C = g.shape
+    SC = S * C
+    E = np.zeros((S + 2, (S + 2) * C), g.dtype)
+    acc = np.zeros((9, SC), g.dtype)
+    for i in range(lo, hi):
+        _spread(x[i], E)
+        for y in range(S):
+            gr = g[i, y].reshape(SC)
+            for u in range(3):
+                e0, e1, e2 = E[y + u, :SC], E[y + u, C:C + SC], E[y + u, 2 * C:2 * C + SC]
+                a0, a1, a2 = acc[3 * u], acc[3 * u + 1], acc[3 * u + 2]
+                for m in range(SC):
+                    a0[m] += e0[m] * gr[m]
+                    a1[m] += e1[m] * gr[m]
+                    a2[m] += e2[m] * gr[m]
+                yy = y + u - 1
+                if 0 <= yy < S:
+                    for v in range(3):               # out (y, xx) ← in (yy, xx + v − 1)
+                        for xx in range(max(0, 1 - v), min(S, S + 1 - v)):
+                            gx[i, yy, xx + v - 1] += D[i, y, xx, 3 * u + v]
+    gK[:] = 0.0
+    for xx in range(S):
+        gK += acc[:, xx * C:(xx + 1) * C]
 
 
 @scalar
@@ -315,14 +365,18 @@ def up_concat_adjoint(g, gu, gd, lo, hi):
 
 @kernel
 def add_bias_skip(out, c, skip, lo, hi):
-    """out[i] += c + skip[i], images lo:hi (a block's output: its second convolution, c₂ and the skip path)."""
+    """out[i] += c + skip[i], images lo:hi (a block's output: its second convolution, c₂ and the skip path), in
+    rows of k pixels (_row_pixels)."""
     n, S, _, C = out.shape
+    L = _row_pixels(S * S, C) * C
+    R = S * S * C // L
+    cr = np.empty(L, out.dtype)
+    _repeat(c, cr)
     for i in range(lo, hi):
-        for y in range(S):
-            for x in range(S):
-                o, s = out[i, y, x], skip[i, y, x]
-                for ch in range(C):
-                    o[ch] += c[ch] + s[ch]
+        o, s = out[i].reshape(R, L), skip[i].reshape(R, L)
+        for r in range(R):
+            for m in range(L):
+                o[r, m] += cr[m] + s[r, m]
 
 
 # ---------------------------------------------------------------- one convolution on cpu_conv's kernels
@@ -402,7 +456,7 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         z = lambda *s: np.zeros(s, dt)
         side = lambda l: S >> l
         nc = len(self.phases(n)[0][1])
-        s = {"hin": z(n, S, S, C), "gK_in": z(nc, 1, 9, C), "gc_in": z(n, C), "gx": z(n, S, S)}
+        s = {"hin": z(n, S, S, C), "gK_in": z(nc, 9, C), "gD": z(n, S, S, 9), "gc_in": z(n, C), "gx": z(n, S, S)}
         for b, l, cin, cout in self.blocks:
             q = side(l)
             s[b] = {"inp": z(n, q, q, cin) if b[0] != "m" else None, "st1": z(n, net_unet.groups(cin), 2),
@@ -517,8 +571,9 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
                 else:
                     cpu_conv.image_channel_sums(gin, lo, hi, s["gc_in"])
                     s["gx"][lo:hi] = 0.0
-                    cpu_conv.thin_layer_backward(x.reshape(n, S, S), p["in.K"].reshape(1, 9, C), gin,
-                                                 s["gK_in"][c], s["gx"], lo, hi)
+                    np.matmul(gin[lo:hi].reshape(-1, C), p["in.K"].reshape(9, C).T,
+                              out=s["gD"][lo:hi].reshape(-1, 9))
+                    conv_in_backward(x.reshape(n, S, S), gin, s["gD"], s["gK_in"][c], s["gx"], lo, hi)
 
         for names, cuts in reversed(self.phases(n)):
             self.run([partial(chunk, names, c, lo, hi) for c, (lo, hi) in enumerate(cuts)])
