@@ -581,8 +581,9 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         grads["in.K"][...] = s["gK_in"].sum(axis=0).reshape(3, 3, 1, C)
         np.sum(s["gc_in"], axis=0, out=grads["in.c"])
 
+        chunks = {b: len(cuts) for names, cuts in self.phases(n) for b in names}
         for k, _, cin, cout in self.convs():      # the chunks' ∂U in chunk order (a coarser level's fewer chunks
-            gU = s["gU"][k].sum(axis=0)             # leave the rows after theirs zero)
+            gU = s["gU"][k][:chunks["u0" if k == "f.K" else k.split(".")[0]]].sum(axis=0)    # fill fewer rows)
             grads[k][...] = wino_to_filters(np.ascontiguousarray(gU.transpose(0, 2, 1)) if cin > cout else gU)
         t = s["f"]
         np.sum(t["gc"], axis=0, out=grads["f.c"])
