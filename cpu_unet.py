@@ -456,13 +456,13 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         z = lambda *s: np.zeros(s, dt)
         side = lambda l: S >> l
         nc = len(self.phases(n)[0][1])
-        s = {"hin": z(n, S, S, C), "gK_in": z(nc, 9, C), "gD": z(n, S, S, 9), "gc_in": z(n, C), "gx": z(n, S, S)}
+        s = {"gK_in": z(nc, 9, C), "gD": z(n, S, S, 9), "gc_in": z(n, C), "gx": z(n, S, S)}
         for b, l, cin, cout in self.blocks:
             q = side(l)
             s[b] = {"inp": z(n, q, q, cin) if b[0] != "m" else None, "st1": z(n, net_unet.groups(cin), 2),
                     "a1": z(n, q, q, cin), "z1": z(n, q, q, cout), "st2": z(n, net_unet.groups(cout), 2),
                     "a2": z(n, q, q, cout), "out": z(n, q, q, cout), "skip": z(n, q, q, cout),
-                    "ga2": z(n, q, q, cout), "gz1": z(n, q, q, cout), "ga1": z(n, q, q, cin), "gin": z(n, q, q, cin),
+                    "ga2": z(n, q, q, cout), "gz1": z(n, q, q, cout), "ga1": z(n, q, q, cin), "gin": z(n, q, q, cin) if cin != cout else None,
                     "gout": z(n, q, q, cout), "gc1": z(n, cout), "gc2": z(n, cout),
                     "gW": z(nc, cin, cout), "gg1": z(nc, cin), "gs1": z(nc, cin), "gg2": z(nc, cout),
                     "gs2": z(nc, cout)}
@@ -481,14 +481,15 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         return [(names[:1], fine), (names[1:-1], coarse), (names[-1:], fine)]
 
     def block_input(self, s, b, l, lo, hi):
-        """Block b's input for images lo:hi (written into its buffer, except the middle block's: d_{L−1})."""
+        """Block b's input for images lo:hi (written into its buffer, except the middle block's: d_{L−1}, and d0's,
+        which conv_in writes)."""
         L = self.levels
         if b == "m":
             return s[f"d{L - 1}"]["out"]
         inp = s[b]["inp"]
         if b == "d0":
-            inp[lo:hi] = s["hin"][lo:hi]
-        elif b[0] == "d":
+            return inp
+        if b[0] == "d":
             pool2(s[f"d{l - 1}"]["out"], inp, lo, hi)
         else:
             up_concat(s["m"]["out"] if l == L - 1 else s[f"u{l + 1}"]["out"], s[f"d{l}"]["out"], inp, lo, hi)
@@ -508,7 +509,7 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
 
         def chunk(names, lo, hi):
             if "d0" in names:
-                conv_in(x.reshape(n, S, S), p["in.K"].reshape(9, self.C), p["in.c"], s["hin"], lo, hi)
+                conv_in(x.reshape(n, S, S), p["in.K"].reshape(9, self.C), p["in.c"], s["d0"]["inp"], lo, hi)
             for b, l, cin, cout in self.blocks:
                 if b not in names:
                     continue
@@ -609,8 +610,8 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         if f"{b}.W" in p:
             np.matmul(inp[lo:hi].reshape(-1, cin).T, go[lo:hi].reshape(-1, cout), out=t["gW"][c])
             np.matmul(go[lo:hi].reshape(-1, cout), p[f"{b}.W"].T, out=gin[lo:hi].reshape(-1, cin))
-        else:
-            gin[lo:hi] = go[lo:hi]
+        else:                           # ∂ of the identity skip: go itself, no longer read after conv_backward
+            gin = go
         conv_backward(go, UT[f"{b}.K2"], t["a2"], s["gU"][f"{b}.K2"][c], t["ga2"], lo, hi)
         for k in ("gg1", "gs1", "gg2", "gs2"):
             t[k][c] = 0.0
