@@ -8,6 +8,7 @@ import cpu_image
 import cpu_unet
 import dpm
 import gaussian
+import net_conv
 import net_unet
 from conftest import run_sample, run_train
 
@@ -58,6 +59,27 @@ def test_group_norm_and_silu_gradients(C):
     G = net_unet.groups(C)                  # each group of each image standardised, before scale and shift
     xhat = cache[0].reshape(2, 9, G, C // G)
     assert np.allclose(xhat.mean(axis=(1, 3)), 0) and np.allclose(xhat.var(axis=(1, 3)), 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("S, C", [(5, 3), (8, 16)])
+def test_first_convolution_kernels_match_the_twin(S, C):
+    """cpu_unet.conv_in and conv_in_backward (∂K set, ∂x added to, ∂x's per-pixel Σ_ch g K from the product D)
+    against net_conv.conv3x3 and conv3x3_backward in float64, on images 1:4 of 5: the others untouched."""
+    rng = np.random.default_rng(S)
+    n, lo, hi = 5, 1, 4
+    x, K, c = rng.standard_normal((n, S, S)), rng.standard_normal((3, 3, 1, C)), rng.standard_normal(C)
+    out = np.zeros((n, S, S, C))
+    cpu_unet.conv_in(x, K.reshape(9, C), c, out, lo, hi)
+    want = net_conv.conv3x3(x[lo:hi, ..., None], K) + c
+    assert np.abs(out[lo:hi] - want).max() <= 1e-13 * np.abs(want).max() and not out[:lo].any() and not out[hi:].any()
+    g = rng.standard_normal((n, S, S, C))
+    gK, gx = np.full((9, C), 7.0), np.ones((n, S, S))
+    D = (g.reshape(-1, C) @ K.reshape(9, C).T).reshape(n, S, S, 9)
+    cpu_unet.conv_in_backward(x, g, D, gK, gx, lo, hi)
+    ga, gK_twin = net_conv.conv3x3_backward(x[lo:hi, ..., None], K, g[lo:hi])
+    assert np.abs(gK - gK_twin.reshape(9, C)).max() <= 1e-13 * np.abs(gK_twin).max()
+    assert np.abs(gx[lo:hi] - 1 - ga[..., 0]).max() <= 1e-13 * np.abs(ga).max()
+    assert np.all(gx[:lo] == 1) and np.all(gx[hi:] == 1)
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 7, 32), (2, 5, 5, 16), (2, 2, 2, 64)])   # blocks of R pixels and tails
