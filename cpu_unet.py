@@ -6,7 +6,9 @@ network is independent of the other images', so the forward is three phases of i
 the finest level's blocks in chunks of 8 images, the coarser ones in chunks of 32) and the backward three more,
 each chunk keeping its own sums of the weights' gradients (each filter's ∂U = Vᵀ ∂M among them, its tiles V
 transformed again from the convolution's input), added in chunk order. A chunk's tiles and products live in its
-thread's own buffers (thread_tiles), used at once and reused by the next chunk and convolution.
+thread's own buffers (thread_tiles), used at once and reused by the next chunk and convolution. The kernels
+below that treat every pixel alike see each image as rows of k pixels (_row_pixels: up to ROW numbers a loop,
+with as many independent sums), not as pixels of C channels.
 
 Twins and test oracles (tests/test_unet.py): net_unet.py's pieces (group_norm, silu and their backward; pool,
 up and their adjoints; the channel concatenation of the up path) and net_unet.UNetImageNet for the network.
@@ -585,9 +587,9 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
         grads["in.K"][...] = s["gK_in"].sum(axis=0).reshape(3, 3, 1, C)
         np.sum(s["gc_in"], axis=0, out=grads["in.c"])
 
-        chunks = {b: len(cuts) for names, cuts in self.phases(n) for b in names}
+        n_chunks = {b: len(cuts) for names, cuts in self.phases(n) for b in names}
         for k, _, cin, cout in self.convs():      # the chunks' ∂U in chunk order (a coarser level's fewer chunks
-            gU = s["gU"][k][:chunks["u0" if k == "f.K" else k.split(".")[0]]].sum(axis=0)    # fill fewer rows)
+            gU = s["gU"][k][:n_chunks["u0" if k == "f.K" else k.split(".")[0]]].sum(axis=0)    # fill fewer rows)
             grads[k][...] = wino_to_filters(np.ascontiguousarray(gU.transpose(0, 2, 1)) if cin > cout else gU)
         t = s["f"]
         np.sum(t["gc"], axis=0, out=grads["f.c"])
