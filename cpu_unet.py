@@ -388,22 +388,28 @@ def _none(dt):
     return np.zeros((0, 0, 0, 0), dt)
 
 
-_LOCAL = threading.local()          # each thread's buffers for thread_tiles
+_LOCAL = threading.local()          # each thread's buffers for thread_buffer
 
 
-def thread_tiles(role, rows, c, dt):
-    """A C-contiguous (36, rows + pad, c) view of this thread's own buffer for role (as cpu_conv.tile_buffer, not
-    zeroed): one chunk's tiles or products, which the next kernel reads at once. The batch's buffers they replaced
-    (the tiles V and ∂M of every convolution, 280 MB a step for MNIST at batch 128) went to memory and came back
-    for the filters' gradients after the chunks: MNIST's training process peaks at 540 MB instead of 902, its step
-    on one core runs in 0.94-0.95 of the time, on two in 0.98-1.01 (dead leaves 0.98-1.05; scratch, in-process)."""
-    pad = tile_pad(c, dt)
-    size = TILE * TILE * (rows + pad) * c
+def thread_buffer(role, shape, dt):
+    """A C-contiguous view of the given shape on this thread's own buffer for role (not zeroed), for what one
+    chunk makes and uses at once: each reuse finds it in cache, where rows lo:hi of a batch-sized array were new
+    memory for every chunk, written back to memory though never read again."""
+    size = math.prod(shape)
     bufs = _LOCAL.__dict__.setdefault("bufs", {})
     key = (role, np.dtype(dt).str)
     if key not in bufs or bufs[key].size < size:
         bufs[key] = np.empty(size, dt)
-    return bufs[key][:size].reshape(TILE * TILE, rows + pad, c)
+    return bufs[key][:size].reshape(shape)
+
+
+def thread_tiles(role, rows, c, dt):
+    """A (36, rows + pad, c) thread_buffer (as cpu_conv.tile_buffer): one chunk's tiles or products, which the
+    next kernel reads at once. The batch's buffers they replaced (the tiles V and ∂M of every convolution, 280 MB
+    a step for MNIST at batch 128) went to memory and came back for the filters' gradients after the chunks:
+    MNIST's training process peaks at 540 MB instead of 902, its step on one core runs in 0.94-0.95 of the time,
+    on two in 0.98-1.01 (dead leaves 0.98-1.05; scratch, in-process)."""
+    return thread_buffer(role, (TILE * TILE, rows + tile_pad(c, dt), c), dt)
 
 
 def conv(a, U, out, lo, hi, bias=None, exact=False):
@@ -453,26 +459,22 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
 
     def feature_scratch(self, n, dt):
         """Every block's input (pooled or concatenated), GN inputs' statistics, silu outputs, second
-        convolution's input and output; the backward's ∂ buffers; each chunk's sums of the weights' gradients
-        (and, made by the first backward, of each filter's ∂U); each image's ∂ of each bias."""
+        convolution's input and output; the ∂ of each block's output; each chunk's sums of the weights' gradients
+        (and, made by the first backward, of each filter's ∂U); each image's ∂ of each bias. What a chunk makes
+        and uses at once (the skip path's output, the ∂ inside a block) is in thread_buffer."""
         S, C, L = self.S, self.C, self.levels
         z = lambda *s: np.zeros(s, dt)
         side = lambda l: S >> l
         nc = len(self.phases(n)[0][1])
-        s = {"gK_in": z(nc, 9, C), "gD": z(n, S, S, 9), "gc_in": z(n, C), "gx": z(n, S, S)}
+        s = {"gK_in": z(nc, 9, C), "gc_in": z(n, C), "gx": z(n, S, S)}
         for b, l, cin, cout in self.blocks:
             q = side(l)
             s[b] = {"inp": z(n, q, q, cin) if b[0] != "m" else None, "st1": z(n, net_unet.groups(cin), 2),
                     "a1": z(n, q, q, cin), "z1": z(n, q, q, cout), "st2": z(n, net_unet.groups(cout), 2),
-                    "a2": z(n, q, q, cout), "out": z(n, q, q, cout),
-                    "skip": z(n, q, q, cout) if cin != cout else None,        # the W path's (an identity's: none)
-                    "ga2": z(n, q, q, cout), "gz1": z(n, q, q, cout), "ga1": z(n, q, q, cin),
-                    "gin": z(n, q, q, cin) if cin != cout else None,
-                    "gout": z(n, q, q, cout), "gc1": z(n, cout), "gc2": z(n, cout),
+                    "a2": z(n, q, q, cout), "out": z(n, q, q, cout), "gout": z(n, q, q, cout), "gc1": z(n, cout), "gc2": z(n, cout),
                     "gW": z(nc, cin, cout), "gg1": z(nc, cin), "gs1": z(nc, cin), "gg2": z(nc, cout),
                     "gs2": z(nc, cout)}
-        s["f"] = {"st": z(n, net_unet.groups(C), 2), "a": z(n, S, S, C), "out": z(n, S, S, C), "ga": z(n, S, S, C),
-                  "gc": z(n, C), "gg": z(nc, C), "gs": z(nc, C)}
+        s["f"] = {"st": z(n, net_unet.groups(C), 2), "a": z(n, S, S, C), "out": z(n, S, S, C), "gc": z(n, C), "gg": z(nc, C), "gs": z(nc, C)}
         return s
 
     def phases(self, n):
@@ -525,8 +527,9 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
                 gn_silu(t["z1"], bias1[b], p[f"{b}.g2"], p[f"{b}.s2"], t["a2"], t["st2"], lo, hi, exact)
                 conv(t["a2"], U[f"{b}.K2"], t["out"], lo, hi)
                 if f"{b}.W" in p:
-                    np.matmul(inp[lo:hi].reshape(-1, cin), p[f"{b}.W"], out=t["skip"][lo:hi].reshape(-1, cout))
-                    add_bias_skip(t["out"], p[f"{b}.c2"], t["skip"], lo, hi)
+                    skip = thread_buffer("skip", (hi - lo,) + t["out"].shape[1:], dt)
+                    np.matmul(inp[lo:hi].reshape(-1, cin), p[f"{b}.W"], out=skip.reshape(-1, cout))
+                    add_bias_skip(t["out"][lo:hi], p[f"{b}.c2"], skip, 0, hi - lo)
                 else:
                     add_bias_skip(t["out"], p[f"{b}.c2"], inp, lo, hi)
             if "u0" in names:
@@ -555,31 +558,32 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
             if "u0" in names:
                 t = s["f"]
                 cpu_conv.image_channel_sums(gf, lo, hi, t["gc"])
-                conv_backward(gf, UT["f.K"], t["a"], s["gU"]["f.K"][c], t["ga"], lo, hi)
-                gh = s["u0"]["gout"]
+                ga = thread_buffer("ga2", (hi - lo, S, S, C), gf.dtype)
+                conv_backward(gf[lo:hi], UT["f.K"], t["a"][lo:hi], s["gU"]["f.K"][c], ga, 0, hi - lo)
                 t["gg"][c] = 0.0
                 t["gs"][c] = 0.0
-                gn_silu_backward(t["ga"], s["u0"]["out"], t["st"], p["f.g"], p["f.s"], gh, False, t["gg"][c],
-                                 t["gs"][c], lo, hi, exact)
+                gn_silu_backward(ga, s["u0"]["out"][lo:hi], t["st"][lo:hi], p["f.g"], p["f.s"],
+                                 s["u0"]["gout"][lo:hi], False, t["gg"][c], t["gs"][c], 0, hi - lo, exact)
                 for l in range(L):
                     s[f"d{l}"]["gout"][lo:hi] = 0.0
             for b, l, cin, cout in reversed(self.blocks):
                 if b not in names:
                     continue
-                gin = self.block_backward_chunk(p, s, b, l, cin, cout, UT, c, lo, hi, exact)
+                gin = self.block_backward_chunk(p, s, b, l, cin, cout, UT, c, lo, hi, exact)   # images lo:hi
+                k = hi - lo
                 if b[0] == "u":                    # gin → the path from below (set) and d_l's ∂ (added)
                     below = s["m"] if l == L - 1 else s[f"u{l + 1}"]
-                    up_concat_adjoint(gin, below["gout"], s[f"d{l}"]["gout"], lo, hi)
+                    up_concat_adjoint(gin, below["gout"][lo:hi], s[f"d{l}"]["gout"][lo:hi], 0, k)
                 elif b == "m":
-                    s[f"d{L - 1}"]["gout"][lo:hi] += gin[lo:hi]
+                    s[f"d{L - 1}"]["gout"][lo:hi] += gin
                 elif l > 0:
-                    pool2_adjoint_add(gin, s[f"d{l - 1}"]["gout"], lo, hi)
+                    pool2_adjoint_add(gin, s[f"d{l - 1}"]["gout"][lo:hi], 0, k)
                 else:
-                    cpu_conv.image_channel_sums(gin, lo, hi, s["gc_in"])
+                    cpu_conv.image_channel_sums(gin, 0, k, s["gc_in"][lo:hi])
                     s["gx"][lo:hi] = 0.0
-                    np.matmul(gin[lo:hi].reshape(-1, C), p["in.K"].reshape(9, C).T,
-                              out=s["gD"][lo:hi].reshape(-1, 9))
-                    conv_in_backward(x.reshape(n, S, S), gin, s["gD"], s["gK_in"][c], s["gx"], lo, hi)
+                    gD = thread_buffer("gD", (k, S, S, 9), gin.dtype)
+                    np.matmul(gin.reshape(-1, C), p["in.K"].reshape(9, C).T, out=gD.reshape(-1, 9))
+                    conv_in_backward(x.reshape(n, S, S)[lo:hi], gin, gD, s["gK_in"][c], s["gx"][lo:hi], 0, k)
 
         for names, cuts in reversed(self.phases(n)):
             self.run([partial(chunk, names, c, lo, hi) for c, (lo, hi) in enumerate(cuts)])
@@ -607,25 +611,29 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
 
     def block_backward_chunk(self, p, s, b, l, cin, cout, UT, c, lo, hi, exact):
         """Images lo:hi of block b's backward from s[b]["gout"]: its gradients into chunk c's sums and each
-        image's bias sums; returns the buffer whose rows lo:hi hold ∂L/∂(the block's input)."""
-        t = s[b]
-        inp = s[f"d{self.levels - 1}"]["out"] if b == "m" else t["inp"]
-        go, gin = t["gout"], t["gin"]
-        cpu_conv.image_channel_sums(go, lo, hi, t["gc2"])
+        image's bias sums; returns ∂L/∂(the block's input) for these images (this thread's buffer, or where the
+        skip is the identity gout's rows lo:hi)."""
+        t, k, dt, q = s[b], hi - lo, s[b]["gout"].dtype, self.S >> l
+        inp = (s[f"d{self.levels - 1}"]["out"] if b == "m" else t["inp"])[lo:hi]
+        go = t["gout"][lo:hi]
+        ga2, gz1, ga1 = (thread_buffer(role, (k, q, q, ch), dt) for role, ch in (("ga2", cout), ("gz1", cout),
+                                                                                  ("ga1", cin)))
+        cpu_conv.image_channel_sums(go, 0, k, t["gc2"][lo:hi])
         if f"{b}.W" in p:
-            np.matmul(inp[lo:hi].reshape(-1, cin).T, go[lo:hi].reshape(-1, cout), out=t["gW"][c])
-            np.matmul(go[lo:hi].reshape(-1, cout), p[f"{b}.W"].T, out=gin[lo:hi].reshape(-1, cin))
+            gin = thread_buffer("gin", (k, q, q, cin), dt)
+            np.matmul(inp.reshape(-1, cin).T, go.reshape(-1, cout), out=t["gW"][c])
+            np.matmul(go.reshape(-1, cout), p[f"{b}.W"].T, out=gin.reshape(-1, cin))
         else:                           # ∂ of the identity skip: go itself, no longer read after conv_backward
             gin = go
-        conv_backward(go, UT[f"{b}.K2"], t["a2"], s["gU"][f"{b}.K2"][c], t["ga2"], lo, hi)
-        for k in ("gg1", "gs1", "gg2", "gs2"):
-            t[k][c] = 0.0
-        gn_silu_backward(t["ga2"], t["z1"], t["st2"], p[f"{b}.g2"], p[f"{b}.s2"], t["gz1"], False, t["gg2"][c],
-                         t["gs2"][c], lo, hi, exact)
-        cpu_conv.image_channel_sums(t["gz1"], lo, hi, t["gc1"])
-        conv_backward(t["gz1"], UT[f"{b}.K1"], t["a1"], s["gU"][f"{b}.K1"][c], t["ga1"], lo, hi)
-        gn_silu_backward(t["ga1"], inp, t["st1"], p[f"{b}.g1"], p[f"{b}.s1"], gin, True, t["gg1"][c], t["gs1"][c],
-                         lo, hi, exact)
+        conv_backward(go, UT[f"{b}.K2"], t["a2"][lo:hi], s["gU"][f"{b}.K2"][c], ga2, 0, k)
+        for key in ("gg1", "gs1", "gg2", "gs2"):
+            t[key][c] = 0.0
+        gn_silu_backward(ga2, t["z1"][lo:hi], t["st2"][lo:hi], p[f"{b}.g2"], p[f"{b}.s2"], gz1, False,
+                         t["gg2"][c], t["gs2"][c], 0, k, exact)
+        cpu_conv.image_channel_sums(gz1, 0, k, t["gc1"][lo:hi])
+        conv_backward(gz1, UT[f"{b}.K1"], t["a1"][lo:hi], s["gU"][f"{b}.K1"][c], ga1, 0, k)
+        gn_silu_backward(ga1, inp, t["st1"][lo:hi], p[f"{b}.g1"], p[f"{b}.s1"], gin, True, t["gg1"][c],
+                         t["gs1"][c], 0, k, exact)
         return gin
 
 
