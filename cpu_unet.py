@@ -471,10 +471,11 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
             q = side(l)
             s[b] = {"inp": z(n, q, q, cin) if b[0] != "m" else None, "st1": z(n, net_unet.groups(cin), 2),
                     "a1": z(n, q, q, cin), "z1": z(n, q, q, cout), "st2": z(n, net_unet.groups(cout), 2),
-                    "a2": z(n, q, q, cout), "out": z(n, q, q, cout), "gout": z(n, q, q, cout), "gc1": z(n, cout), "gc2": z(n, cout),
-                    "gW": z(nc, cin, cout), "gg1": z(nc, cin), "gs1": z(nc, cin), "gg2": z(nc, cout),
+                    "a2": z(n, q, q, cout), "out": z(n, q, q, cout), "gout": z(n, q, q, cout), "gc1": z(n, cout),
+                    "gc2": z(n, cout), "gW": z(nc, cin, cout), "gg1": z(nc, cin), "gs1": z(nc, cin), "gg2": z(nc, cout),
                     "gs2": z(nc, cout)}
-        s["f"] = {"st": z(n, net_unet.groups(C), 2), "a": z(n, S, S, C), "out": z(n, S, S, C), "gc": z(n, C), "gg": z(nc, C), "gs": z(nc, C)}
+        s["f"] = {"st": z(n, net_unet.groups(C), 2), "a": z(n, S, S, C), "out": z(n, S, S, C), "gc": z(n, C),
+                  "gg": z(nc, C), "gs": z(nc, C)}
         return s
 
     def phases(self, n):
