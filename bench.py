@@ -158,6 +158,7 @@ MNIST_CONV = dict(datasets.MNIST.model, **datasets.BEFORE_UNET)
 # dead leaves' network before the U-Net (the same flags): 4 multi-scale layers told t, β learned
 DEADLEAVES_CONV = dict(datasets.DEADLEAVES.model, **datasets.BEFORE_UNET)
 
+UNET_SAMPLE_T, UNET_SAMPLE_REPEAT = 20, (3, 1)        # the *_unet_sample_64 rows: T, (timed runs, warm-up runs)
 CUDA_SIZES = {"cfg": datasets.SWISSROLL.model, "train": (512, 65_536), "repeat": (300, 100), "sample": 1_000_000,
               "eval": 20_000, "timed": 5, "hb_cfg": None, "hb_train": 512, "hb_sample": 10_000,
               "images": (("mnist", MNIST_CONV, (128, 512), 1000),
@@ -315,10 +316,10 @@ def unet_bench(backend, a, want, emit):
         params = consts.init(rng)
         params["W3"] += (0.05 * rng.standard_normal(params["W3"].shape)).astype(params["W3"].dtype)
         if want(sname):
-            scfg = dict(cfg, T=20 if backend == "numba" else 4)   # a reverse step costs the same whatever T is
+            scfg = dict(cfg, T=UNET_SAMPLE_T if backend == "numba" else 4)   # a reverse step costs the same at any T
             sconsts = gaussian.Gaussian(scfg, net_unet.UNetImageNet)
             sm = cpu_image.sample if backend == "numba" else gaussian.sample
-            s = timed(lambda: sm(params, sconsts, 64, np.random.default_rng(0)), 3, 1)
+            s = timed(lambda: sm(params, sconsts, 64, np.random.default_rng(0)), *UNET_SAMPLE_REPEAT)
             emit(stats(sname, s / (scfg["T"] - 1) * 1e3, "ms", backend=backend, images=64,
                        what=f"one reverse step of 64 images (sample with T = {scfg['T']}, per step)"))
         if not (want(name) or want(gname)):
