@@ -559,7 +559,7 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
             if "u0" in names:
                 t = s["f"]
                 cpu_conv.image_channel_sums(gf, lo, hi, t["gc"])
-                ga = thread_buffer("ga2", (hi - lo, S, S, C), gf.dtype)
+                ga = thread_buffer("ga2", (hi - lo, S, S, C), gf.dtype)     # u0's ga2 buffer, free until u0 runs
                 conv_backward(gf[lo:hi], UT["f.K"], t["a"][lo:hi], s["gU"]["f.K"][c], ga, 0, hi - lo)
                 t["gg"][c] = 0.0
                 t["gs"][c] = 0.0
