@@ -22,9 +22,9 @@ ranges (col_tasks), so that BLAS keeps all the batch's rows in one call; backwar
 does the layer's weight gradient and the ∂ below. tanh and its derivative are kernels (bias_tanh,
 dtanh_mul).
 
-Threads: the tasks of a phase are shared by two Python threads (cpu_train._share), BLAS held to one thread
-(cpu_train._BlasHeld), rather than OpenBLAS's own threads, which spin-wait for each other and stall
-beside a busy core (issue 14; bench.py's mnist rows). Row chunks keep their own gradient sums, added in
+Threads: the tasks of a phase (or of a run of phases: run_phases) are shared by two Python threads
+(cpu_train._share), BLAS held to one thread (cpu_train._BlasHeld), rather than OpenBLAS's own threads, which
+spin-wait for each other and stall beside a busy core (issue 14; bench.py's mnist rows). Row chunks keep their own gradient sums, added in
 chunk order, and column tasks write disjoint columns, so the numbers never depend on the threads.
 """
 import math
@@ -496,9 +496,28 @@ class FastPixelNet:
 
     # ---------------------------------------------------------- the pieces
 
-    def run(self, tasks):
-        """Every task (a function of no arguments), shared by the threads (call with BLAS held to one thread)."""
-        _share(lambda k, i: tasks[i](), len(tasks), self.threads)
+    def run(self, tasks, after=None):
+        """Every task (a function of no arguments), shared by the threads (call with BLAS held to one thread);
+        after: as cpu_train._share."""
+        _share(lambda k, i: tasks[i](), len(tasks), self.threads, after)
+
+    def run_phases(self, phases):
+        """Phases [(tasks, cuts), ...] in one go, task c of a phase on rows cuts[c] = (lo, hi): a task waits only
+        for the tasks of the phase before that hold its rows (an image's path through the network is its own),
+        not for that whole phase, so that a thread with nothing left in a phase starts on the next."""
+        tasks, after, before = [], [], []
+        for ts, cuts in phases:
+            after += [tuple(j for j, (a, b) in before if a < hi and lo < b) for lo, hi in cuts]
+            before = list(zip(range(len(tasks), len(tasks) + len(ts)), cuts))
+            tasks += ts
+        self.run(tasks, after)
+
+    def train_pass(self, p, x, g, s, gx, grads, rows):
+        """A training step's pass through the network (called with BLAS held to one thread): features_forward,
+        then rows(d, f) → (tasks, cuts), the per-pixel phase, then features_backward."""
+        d, f = self.features_forward(p, x, g)
+        self.run(rows(d, f)[0])
+        self.features_backward(p, d, s, gx, grads)
 
     def scratch(self, n, dt):
         """Buffers for a batch of n in dtype dt that never leave the net: the ∂ before f's tanh (gf), each row
@@ -724,16 +743,18 @@ class Trainer:
         g = np.ascontiguousarray(net.basis[:, t].T, self.dtype)
         pp, exact = net._pp(p), self.dtype == np.float64
 
-        def rows(c, lo, hi):                           # the per-pixel MLP, the KL and back, for rows lo:hi
+        def row(d, f, c, lo, hi):                      # the per-pixel MLP, the KL and back, for rows lo:hi
             pixel_train_k(d[0][lo:hi], f[lo:hi], g[lo:hi], *pp, exact, b["gx"][lo:hi], s["gf"][lo:hi],
                           *(s[k][c] for k in PIXEL_NAMES), x0[lo:hi], b["xt"][lo:hi], rc[lo:hi], w,
                           1.0 / math.sqrt(T), b["g_xt"][lo:hi], b["kl"][lo:hi], b["sums"][lo:hi])
 
+        def rows(d, f):
+            cuts = chunks(n)
+            return [partial(row, d, f, c, lo, hi) for c, (lo, hi) in enumerate(cuts)], cuts
+
         with _BlasHeld():
             noised_k(x0, eps, rc, b["xt"], b["x_net"])
-            d, f = net.features_forward(p, b["x_net"], g)
-            net.run([partial(rows, c, lo, hi) for c, (lo, hi) in enumerate(chunks(n))])
-            net.features_backward(p, d, s, b["gx"], grads)
+            net.train_pass(p, b["x_net"], g, s, b["gx"], grads, rows)
             gx = np.zeros_like(b["gx"]) if hybrid else b["gx"]     # hybrid: the network's outputs held fixed
             net.run([partial(lambda lo, hi: ab_rows_k(x0[lo:hi], eps[lo:hi], rc[lo:hi], b["g_xt"][lo:hi],
                                                       gx[lo:hi], b["sums"][lo:hi]), lo, hi)

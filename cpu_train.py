@@ -93,21 +93,40 @@ class _BlasHeld:
 
 
 class _Share:
-    """Chunks 0 .. n-1 of one job, handed out from a shared counter: a thread takes the next chunk when it
-    has finished its last, so a thread on a busy core simply does fewer chunks."""
+    """Chunks 0 .. n-1 of one job, handed out under a lock: a thread takes the lowest chunk that is free to
+    run when it has finished its last, so a thread on a busy core simply does fewer chunks. Chunk i is free
+    once every chunk in after[i] (all below i) has finished (after None: every chunk is free)."""
 
-    def __init__(self, fn, n):
+    def __init__(self, fn, n, after=None):
         self.fn, self.n, self.next, self.running, self.error = fn, n, 0, 0, None
+        self.after = after
+        self.taken, self.done = [False] * n, [False] * n
         self.lock = threading.Lock()
-        self.idle = threading.Condition(self.lock)
+        self.changed = threading.Condition(self.lock)
+
+    def _free(self):
+        """The lowest chunk not taken whose after have all finished, or None (call holding the lock)."""
+        if self.after is None:
+            return self.next
+        for i in range(self.next, self.n):
+            if not self.taken[i] and all(self.done[j] for j in self.after[i]):
+                return i
+        return None
 
     def loop(self, k):
         """Runs chunks as thread k (its scratch buffers) until none is left."""
         while True:
             with self.lock:
-                if self.next >= self.n:
-                    return
-                i, self.next, self.running = self.next, self.next + 1, self.running + 1
+                while True:
+                    if self.next >= self.n:
+                        return
+                    i = self._free()
+                    if i is not None:
+                        break
+                    self.changed.wait()     # a running chunk's end frees the next
+                self.taken[i], self.running = True, self.running + 1
+                while self.next < self.n and self.taken[self.next]:
+                    self.next += 1
             try:
                 self.fn(k, i)
             except BaseException as e:      # stop handing out chunks; the caller raises it
@@ -116,8 +135,8 @@ class _Share:
             finally:
                 with self.lock:
                     self.running -= 1
-                    if self.running == 0:
-                        self.idle.notify_all()
+                    self.done[i] = True
+                    self.changed.notify_all()
 
     def wait(self):
         """Until no chunk is running, handing out none after this (nothing still runs when the caller moves
@@ -125,16 +144,16 @@ class _Share:
         with self.lock:
             self.next = self.n
             while self.running:
-                self.idle.wait()
+                self.changed.wait()
 
 
-def _share(fn, n, threads):
+def _share(fn, n, threads, after=None):
     """fn(k, i) for every chunk i in range(n), on this thread (k = 0) and on the worker thread (k = 1 ..
-    threads − 1, one after another: one worker, tuned on 2 cores), each taking chunks as they come free.
-    fn must give the same result whichever k runs chunk i. A worker that starts late finds nothing left,
-    and the caller does not wait for it."""
+    threads − 1, one after another: one worker, tuned on 2 cores), each taking chunks as they come free
+    (after: as _Share). fn must give the same result whichever k runs chunk i. A worker that starts late
+    finds nothing left, and the caller does not wait for it."""
     global _POOL
-    job = _Share(fn, n)
+    job = _Share(fn, n, after)
     if threads > 1 and n > 1:
         if _POOL is None:
             _POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dpm")

@@ -183,6 +183,41 @@ def test_a_failing_chunk_raises_and_nothing_still_runs():
     assert sorted(out) == [0, 1, 2, 3, 4]
 
 
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), n=st.integers(1, 24), threads=st.integers(1, 3))
+def test_chunks_wait_for_the_chunks_they_come_after(data, n, threads):
+    """_share with after: every chunk runs once, and only once each chunk of its after has finished (chunks
+    of random lengths, so that a thread often finds nothing free and waits)."""
+    after = [tuple(data.draw(st.sets(st.integers(0, i - 1), max_size=3)) if i else ()) for i in range(n)]
+    sleep = data.draw(st.lists(st.sampled_from([0, 0.0005, 0.002]), min_size=n, max_size=n))
+    lock, events = threading.Lock(), []
+
+    def fn(k, i):
+        with lock:
+            events.append(("start", i))
+        time.sleep(sleep[i])
+        with lock:
+            events.append(("end", i))
+    cpu_train._share(fn, n, threads, after)
+    assert sorted(i for e, i in events if e == "start") == list(range(n))
+    when = {e: k for k, e in enumerate(events)}
+    assert all(when["end", j] < when["start", i] for i in range(n) for j in after[i])
+
+
+def test_a_failing_chunk_wakes_the_chunks_waiting_on_it():
+    """A chunk that raises stops the job: a thread waiting for it to finish returns, and nothing after runs."""
+    ran = []
+
+    def fn(k, i):
+        ran.append(i)
+        if i == 0:
+            time.sleep(0.01)
+            raise ValueError("chunk 0")
+    with pytest.raises(ValueError, match="chunk 0"):
+        cpu_train._share(fn, 4, 2, [(), (0,), (0,), (1, 2)])
+    assert ran == [0]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
 def test_a_forked_child_gets_its_own_worker():
     """A child forked after the worker thread started has no such thread: its chunks must still run."""

@@ -1,6 +1,8 @@
 """net_unet.py's U-Net: group normalisation and silu against central differences, the whole network's gradients
 (through Eq. 14's bound) and ∂out/∂x⁽ᵗ⁾ against central differences in float64, the untrained model as the
 forward kernel; cpu_unet.py's Numba network against it; and short train.py runs."""
+import time
+
 import numpy as np
 import pytest
 
@@ -192,6 +194,40 @@ def test_numba_network_matches_the_twin(dtype, tol):
     o3, c3 = one.forward(p, x, t)
     g3, gx3 = one.backward(p, c3, w)
     assert np.array_equal(o3, o2) and np.array_equal(gx3, gx2) and all(np.array_equal(g3[k], g2[k]) for k in g2)
+
+
+def test_trainer_matches_the_twin_and_threads_give_the_same_bits():
+    """cpu_image.Trainer on the U-Net (FastUNet.train_pass: the forward's, the per-pixel and the backward's tasks
+    shared by the threads as one job, each waiting only for the tasks that hold its images) against
+    gaussian.loss_and_grads on the twin in float64; two threads, also with the worker slowed in the per-pixel
+    tasks (so that they interleave with the other thread's forward and backward), give one thread's bits."""
+    import threading
+    cfg = dict(TINY, T=10, D=64, channels=16, unet=3, P=5)
+    consts = gaussian.Gaussian(cfg, net_unet.UNetImageNet)
+    rng = np.random.default_rng(4)
+    p = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in consts.init(rng).items()}      # float64
+    x0, eps, t = rng.standard_normal((17, 64)), rng.standard_normal((17, 64)), rng.integers(2, 11, 17)
+    loss, grads = gaussian.loss_and_grads({k: v.copy() for k, v in p.items()}, consts, x0, eps, t)
+    pixel = cpu_image.pixel_train_k
+
+    def slowed(*args):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.003)
+        pixel(*args)
+    out = []
+    for threads, slow in ((1, False), (2, False), (2, True)):
+        tr = cpu_image.Trainer(consts, 17, dtype=np.float64, threads=threads)
+        tr.load(p)
+        with pytest.MonkeyPatch.context() as mp:
+            if slow:
+                mp.setattr(cpu_image, "pixel_train_k", slowed)
+            out.append((tr.loss_and_grads(x0, eps, t), {k: v.copy() for k, v in tr.grads.items()}))
+    assert isinstance(tr.net, cpu_unet.FastUNet) and len(cpu_image.chunks(17)) == 2
+    assert abs(out[0][0] - loss) <= 1e-10 * abs(loss)
+    for k in grads:
+        assert np.abs(out[0][1][k] - grads[k]).max() <= 1e-9 * np.abs(grads[k]).max(), k
+    for other in out[1:]:
+        assert other[0] == out[0][0] and all(np.array_equal(other[1][k], out[0][1][k]) for k in grads)
 
 
 def test_entropy_check_on_the_numba_network_is_the_twins():
