@@ -24,8 +24,9 @@ dtanh_mul).
 
 Threads: the tasks of a phase (or of a run of phases: run_phases) are shared by two Python threads
 (cpu_train._share), BLAS held to one thread (cpu_train._BlasHeld), rather than OpenBLAS's own threads, which
-spin-wait for each other and stall beside a busy core (issue 14; bench.py's mnist rows). Row chunks keep their own gradient sums, added in
-chunk order, and column tasks write disjoint columns, so the numbers never depend on the threads.
+spin-wait for each other and stall beside a busy core (issue 14; bench.py's mnist rows). Row chunks keep their
+own gradient sums, added in chunk order, and column tasks write disjoint columns, so the numbers never depend on
+the threads.
 """
 import math
 from functools import partial
@@ -672,10 +673,10 @@ class Trainer:
     reference; grads likewise. n: Adam's step count. threads: how many threads share the work (default
     cpu_train.team_size(); the numbers do not depend on it).
 
-    A step: the schedule and x⁽ᵗ⁾ (noised_k); the feature pathway (Fast.features_forward: the dense layers);
-    then for each row chunk the per-pixel MLP, the KL and its backward and the per-pixel backward in one pass (pixel_train_k);
-    the feature pathway's backward; ∂x⁽ᵗ⁾ chained to ᾱ_t (ab_rows_k); the schedule's backward (NumPy, per row and
-    per t, as gaussian.loss_and_grads); Adam."""
+    A step: the schedule and x⁽ᵗ⁾ (noised_k); Fast.train_pass: the feature pathway, then for each row chunk the
+    per-pixel MLP, the KL and its backward and the per-pixel backward in one pass (pixel_train_k), then the feature
+    pathway's backward; ∂x⁽ᵗ⁾ chained to ᾱ_t (ab_rows_k); the schedule's backward (NumPy, per row and per t, as
+    gaussian.loss_and_grads); Adam."""
 
     ADAM_CHUNK = 1 << 18      # entries of the flat vectors per Adam task
 

@@ -8,10 +8,10 @@ each chunk keeping its own sums of the weights' gradients (each filter's ∂U = 
 transformed again from the convolution's input), added in chunk order. A training step's phases, the per-pixel
 MLP's between them, are one job for the threads (FastUNet.train_pass, cpu_image.FastPixelNet.run_phases): a
 chunk waits only for the chunks of the phase before that hold its images, so no thread idles at a phase's end
-(MNIST's step in 0.91-0.97 of the time on two threads; in-process A/B, scratch). A chunk's tiles and products live in its
-thread's own buffers (thread_tiles), used at once and reused by the next chunk and convolution. The kernels
-below that treat every pixel alike see each image as rows of k pixels (_row_pixels: up to ROW numbers a loop,
-with as many independent sums), not as pixels of C channels.
+(MNIST's step in 0.965 of the time at the median on two threads; README "A seventh period"). A chunk's tiles and
+products live in its thread's own buffers (thread_tiles), used at once and reused by the next chunk and
+convolution. The kernels below that treat every pixel alike see each image as rows of k pixels (_row_pixels: up
+to ROW numbers a loop, with as many independent sums), not as pixels of C channels.
 
 Twins and test oracles (tests/test_unet.py): net_unet.py's pieces (group_norm, silu and their backward; pool,
 up and their adjoints; the channel concatenation of the up path) and net_unet.UNetImageNet for the network.
@@ -604,8 +604,9 @@ class FastUNet(cpu_image.FastPixelNet, net_unet.UNetImageNet):
                     np.matmul(gin.reshape(-1, C), p["in.K"].reshape(9, C).T, out=gD.reshape(-1, 9))
                     conv_in_backward(x.reshape(n, S, S)[lo:hi], gin, gD, s["gK_in"][c], s["gx"][lo:hi], 0, k)
 
-        return ([([partial(chunk, names, c, lo, hi) for c, (lo, hi) in enumerate(cuts)], cuts)
-                 for names, cuts in reversed(self.phases(n))] + [([partial(self.chunk_sums, s, g_t, gx, grads)], [(0, n)])])
+        last = ([partial(self.chunk_sums, s, g_t, gx, grads)], [(0, n)])
+        return [([partial(chunk, names, c, lo, hi) for c, (lo, hi) in enumerate(cuts)], cuts)
+                for names, cuts in reversed(self.phases(n))] + [last]
 
     def chunk_sums(self, s, g_t, gx, grads):
         """The backward's last task: the chunks' sums of each gradient, in chunk order, into grads; ∂x into gx."""
