@@ -205,8 +205,9 @@ def test_chunks_wait_for_the_chunks_they_come_after(data, n, threads):
 
 
 def test_a_failing_chunk_wakes_the_chunks_waiting_on_it():
-    """A chunk that raises stops the job: a thread waiting for it to finish returns, and nothing after runs."""
-    ran = []
+    """A chunk that raises stops the job: the worker, waiting for it to finish, returns (and serves the next job),
+    and nothing after it runs."""
+    ran, who = [], []
 
     def fn(k, i):
         ran.append(i)
@@ -216,6 +217,8 @@ def test_a_failing_chunk_wakes_the_chunks_waiting_on_it():
     with pytest.raises(ValueError, match="chunk 0"):
         cpu_train._share(fn, 4, 2, [(), (0,), (0,), (1, 2)])
     assert ran == [0]
+    cpu_train._share(lambda k, i: (time.sleep(0.05), who.append(k)), 2, 2)
+    assert sorted(who) == [0, 1]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")

@@ -1,6 +1,7 @@
 """net_unet.py's U-Net: group normalisation and silu against central differences, the whole network's gradients
 (through Eq. 14's bound) and ∂out/∂x⁽ᵗ⁾ against central differences in float64, the untrained model as the
 forward kernel; cpu_unet.py's Numba network against it; and short train.py runs."""
+import threading
 import time
 
 import numpy as np
@@ -201,7 +202,6 @@ def test_trainer_matches_the_twin_and_threads_give_the_same_bits():
     shared by the threads as one job, each waiting only for the tasks that hold its images) against
     gaussian.loss_and_grads on the twin in float64; two threads, also with the worker slowed in the per-pixel
     tasks (so that they interleave with the other thread's forward and backward), give one thread's bits."""
-    import threading
     cfg = dict(TINY, T=10, D=64, channels=16, unet=3, P=5)
     consts = gaussian.Gaussian(cfg, net_unet.UNetImageNet)
     rng = np.random.default_rng(4)
